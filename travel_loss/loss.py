@@ -1,0 +1,316 @@
+r"""The transformation-vector (TraVeL) loss of TraVeLGAN and CLIPTraVeLGAN, as pure functions.
+
+For a batch of N source images with embeddings :math:`s_i = E(x_i)` and their translations with
+embeddings :math:`g_i = E(G(x_i))`, the transformation vectors of an ordered pair :math:`i \ne j` are
+
+.. math::  v_{ij} = s_i - s_j, \qquad z_{ij} = g_i - g_j,
+
+and the loss is a distance between them summed or averaged over all :math:`N(N-1)` ordered pairs
+(equation 2 of the CLIPTraVeLGAN paper, with the cosine distance):
+
+.. math::  L_\mathrm{travel} = \frac{1}{N(N-1)} \sum_{i \ne j} \bigl(1 - \cos(v_{ij}, z_{ij})\bigr).
+
+Nothing of size :math:`N \times N \times D` is ever built. Every pairwise quantity comes from
+:math:`N \times N` Gram matrices, e.g. :math:`\|v_{ij}\|^2 = K_{ii} + K_{jj} - 2K_{ij}` with
+:math:`K = S S^\top`, and :math:`\langle v_{ij}, z_{ij}\rangle = C_{ii} + C_{jj} - C_{ij} - C_{ji}`
+with :math:`C = S G^\top`: :math:`O(N^2 D)` flops and :math:`O(N^2)` memory. Each set is centred
+over the batch first (differences do not change, so the loss is exactly translation invariant, and
+a large common offset cannot cause cancellation), and the Gram matrices are formed in float64
+(float32 on devices without float64: MPS, XLA), so the closed form agrees with the per-pair
+definition to float32 precision even where :math:`1 - \cos` is tiny.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TravelLoss", "siamese_margin_loss", "travel_loss", "pairwise_squared_norms"]
+
+Distance = Literal["cosine", "squared_euclidean", "travelgan"]
+Reduction = Literal["mean", "sum", "none"]
+Embeddings = Union[Tensor, Sequence[Tensor]]
+
+DISTANCES: tuple[str, ...] = ("cosine", "squared_euclidean", "travelgan")
+REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
+
+# A pair whose squared transformation-vector length is below this fraction of the two
+# embeddings' squared (centred) norms is a zero-length vector: its cosine is 0.  In float64 the
+# Gram-form round-off of an exact duplicate is ~1e-16 relative, so 1e4 * eps leaves a wide margin.
+_ZERO_LENGTH_RTOL_IN_EPS = 1e4
+
+
+def travel_loss(
+    emb_src: Embeddings,
+    emb_gen: Embeddings,
+    *,
+    distance: Distance = "cosine",
+    reduction: Reduction = "mean",
+    check_finite: bool = True,
+) -> Tensor:
+    r"""TraVeL loss between the transformation vectors of a batch and of its translations.
+
+    Args:
+        emb_src: (N, D) embeddings :math:`E(x_i)` of N source images (compute them under
+            ``torch.no_grad()``: the encoder is frozen). (N, \*) inputs are flattened to (N, D).
+        emb_gen: (N, D) embeddings :math:`E(G(x_i))` of their translations; row i belongs to row i
+            of ``emb_src``. Same shape as ``emb_src``.
+            Both arguments may instead be equally long sequences of tensors, one per encoder (for
+            example a ViT and a ResNet CLIP); the result is then the mean of the per-encoder losses.
+        distance: the distance between :math:`v_{ij} = s_i - s_j` and :math:`z_{ij} = g_i - g_j`:
+
+            - ``"cosine"`` (the paper): :math:`1 - \cos(v_{ij}, z_{ij})`, in [0, 2]. A zero-length
+              vector (duplicate embeddings) has cosine 0, i.e. distance 1, as in
+              :func:`torch.nn.functional.cosine_similarity`, and a finite gradient.
+            - ``"squared_euclidean"``: :math:`\|v_{ij} - z_{ij}\|^2 / D` (TraVeLGAN's second term,
+              the mean over pairs and dimensions).
+            - ``"travelgan"``: the sum of the two, the original TraVeLGAN generator objective up
+              to a constant.
+        reduction: ``"mean"`` over the :math:`N(N-1)` ordered pairs (independent of the batch
+            size; the default), ``"sum"`` over them (the paper's :math:`\sum_{i \ne j}`, the
+            convention of its lambda values: ``sum = mean * N * (N - 1)``), or ``"none"`` for the
+            (N, N) matrix of pair distances with a zero diagonal.
+        check_finite: raise ``ValueError`` on NaN or infinite inputs. It costs one reduction over
+            the inputs and one device-to-host synchronisation; pass ``False`` in a hot training
+            loop that checks its losses elsewhere. Skipped inside ``torch.compile``.
+
+    Returns:
+        A scalar (``"mean"``, ``"sum"``) or an (N, N) tensor (``"none"``), float32 for
+        float16/bfloat16/float32 inputs and float64 for float64 inputs.
+
+    Raises:
+        TypeError: an argument is not a tensor.
+        ValueError: N < 2, 0-D or 1-D inputs, mismatched shapes, integer/bool/complex dtypes,
+            different devices, non-finite values, or an unknown ``distance``/``reduction``.
+
+    Example:
+        >>> with torch.no_grad():
+        ...     emb_src = encoder(x)
+        >>> loss = adversarial + lam * travel_loss(emb_src, encoder(generator(x)))
+    """
+    _check_option("distance", distance, DISTANCES)
+    _check_option("reduction", reduction, REDUCTIONS)
+    if isinstance(emb_src, (list, tuple)) or isinstance(emb_gen, (list, tuple)):
+        return _travel_loss_over_encoders(
+            emb_src, emb_gen, distance=distance, reduction=reduction, check_finite=check_finite
+        )
+    src, gen = _validated_pair(emb_src, emb_gen, "emb_src", "emb_gen", check_finite)
+    pair_distances = _pair_distances(src, gen, distance)
+    return _reduce(pair_distances, reduction).to(_result_dtype(src.dtype))
+
+
+def siamese_margin_loss(emb: Tensor, margin: float = 10.0, *, check_finite: bool = True) -> Tensor:
+    r"""TraVeLGAN's margin term that keeps a *trainable* Siamese embedder from collapsing.
+
+    .. math::  L_\mathrm{margin} = \frac{1}{N(N-1)} \sum_{i \ne j} \max(0, m - \|e_i - e_j\|^2)
+
+    Only needed when the embedder is trained together with the generator (the TraVeLGAN
+    baseline); a frozen CLIP encoder cannot collapse.
+
+    Args:
+        emb: (N, D) embeddings ((N, \*) inputs are flattened) of N images, N >= 2.
+        margin: m >= 0, the squared distance below which pairs are pushed apart (10 in TraVeLGAN).
+        check_finite: as in :func:`travel_loss`.
+
+    Returns:
+        A scalar, float32 (float64 for float64 input).
+    """
+    if not isinstance(margin, (int, float)) or not margin >= 0:
+        raise ValueError(f"margin: expected a non-negative number, got {margin!r}")
+    (flat,) = _validated_embeddings(("emb", emb), check_finite=check_finite)
+    centred = _centred(flat.to(_compute_dtype(flat.device)))
+    squared = pairwise_squared_norms(centred @ centred.mT)
+    hinge = torch.relu(margin - squared)
+    return _reduce(_zero_diagonal(hinge), "mean").to(_result_dtype(flat.dtype))
+
+
+class TravelLoss(nn.Module):
+    r"""Module form of :func:`travel_loss` that holds its options; no parameters, no state.
+
+    ``TravelLoss(distance="cosine", reduction="mean")(emb_src, emb_gen)`` equals
+    ``travel_loss(emb_src, emb_gen, distance="cosine", reduction="mean")``.
+    """
+
+    def __init__(
+        self, distance: Distance = "cosine", reduction: Reduction = "mean", check_finite: bool = True
+    ) -> None:
+        super().__init__()
+        _check_option("distance", distance, DISTANCES)
+        _check_option("reduction", reduction, REDUCTIONS)
+        self.distance = distance
+        self.reduction = reduction
+        self.check_finite = check_finite
+
+    def forward(self, emb_src: Embeddings, emb_gen: Embeddings) -> Tensor:
+        return travel_loss(
+            emb_src,
+            emb_gen,
+            distance=self.distance,
+            reduction=self.reduction,
+            check_finite=self.check_finite,
+        )
+
+    def extra_repr(self) -> str:
+        return f"distance={self.distance!r}, reduction={self.reduction!r}"
+
+
+def pairwise_squared_norms(gram: Tensor) -> Tensor:
+    r"""(N, N) squared lengths :math:`\|a_i - a_j\|^2 = K_{ii} + K_{jj} - 2K_{ij}` from the Gram
+    matrix :math:`K = A A^\top` of (N, D) rows; clamped at 0 against round-off."""
+    diagonal = gram.diagonal()
+    return (diagonal[:, None] + diagonal[None, :] - 2 * gram).clamp_min(0)
+
+
+# --------------------------------------------------------------------------------------------
+# internals
+
+
+def _pair_distances(src: Tensor, gen: Tensor, distance: str) -> Tensor:
+    """(N, N) distances between transformation vectors, zero diagonal, in the compute dtype."""
+    compute_dtype = _compute_dtype(src.device)
+    s = _centred(src.to(compute_dtype))
+    g = _centred(gen.to(compute_dtype))
+    result = torch.zeros((), dtype=compute_dtype, device=s.device)
+    if distance in ("cosine", "travelgan"):
+        result = result + 1 - _pair_cosines(s, g)
+    if distance in ("squared_euclidean", "travelgan"):
+        # v_ij - z_ij = w_i - w_j with w = s - g, so one Gram matrix of w suffices, and it is
+        # exactly zero when the two sets agree.
+        w = s - g
+        result = result + pairwise_squared_norms(w @ w.mT) / s.shape[1]
+    return _zero_diagonal(result)
+
+
+def _pair_cosines(s: Tensor, g: Tensor) -> Tensor:
+    r"""(N, N) cosines between :math:`v_{ij}` and :math:`z_{ij}`; 0 where either has zero length."""
+    gram_s, gram_g, cross = s @ s.mT, g @ g.mT, s @ g.mT
+    squared_v, squared_z = pairwise_squared_norms(gram_s), pairwise_squared_norms(gram_g)
+    cross_diagonal = cross.diagonal()
+    dot = cross_diagonal[:, None] + cross_diagonal[None, :] - cross - cross.mT
+    zero_length = (squared_v <= _zero_length_threshold(gram_s)) | (
+        squared_z <= _zero_length_threshold(gram_g)
+    )
+    # Zero-length pairs get a harmless denominator of 1 before the division, so that neither
+    # branch of the final `where` has an infinite gradient that could leak through it as NaN.
+    ones = torch.ones_like(squared_v)
+    denominator = torch.sqrt(torch.where(zero_length, ones, squared_v)) * torch.sqrt(
+        torch.where(zero_length, ones, squared_z)
+    )
+    cosine = (dot / denominator).clamp(-1.0, 1.0)
+    return torch.where(zero_length, torch.zeros_like(cosine), cosine)
+
+
+def _zero_length_threshold(gram: Tensor) -> Tensor:
+    diagonal = gram.diagonal()
+    rtol = _ZERO_LENGTH_RTOL_IN_EPS * torch.finfo(gram.dtype).eps
+    return rtol * (diagonal[:, None] + diagonal[None, :])
+
+
+def _centred(x: Tensor) -> Tensor:
+    return x - x.mean(dim=0, keepdim=True)
+
+
+def _zero_diagonal(matrix: Tensor) -> Tensor:
+    eye = torch.eye(matrix.shape[0], dtype=torch.bool, device=matrix.device)
+    return matrix.masked_fill(eye, 0)
+
+
+def _reduce(pair_values: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return pair_values
+    total = pair_values.sum()
+    if reduction == "sum":
+        return total
+    n = pair_values.shape[0]
+    return total / (n * (n - 1))
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type in ("mps", "xla") else torch.float64
+
+
+def _result_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if input_dtype == torch.float64 else torch.float32
+
+
+def _travel_loss_over_encoders(
+    emb_src: Embeddings, emb_gen: Embeddings, **options: object
+) -> Tensor:
+    if not (isinstance(emb_src, (list, tuple)) and isinstance(emb_gen, (list, tuple))):
+        raise TypeError(
+            "emb_src, emb_gen: expected two tensors or two equally long sequences of tensors "
+            f"(one per encoder), got {type(emb_src).__name__} and {type(emb_gen).__name__}"
+        )
+    if len(emb_src) != len(emb_gen) or not emb_src:
+        raise ValueError(
+            "emb_src, emb_gen: expected equally long, non-empty sequences (one tensor per "
+            f"encoder), got lengths {len(emb_src)} and {len(emb_gen)}"
+        )
+    losses = [travel_loss(s, g, **options) for s, g in zip(emb_src, emb_gen)]  # type: ignore[arg-type]
+    return torch.stack(losses).mean(dim=0)
+
+
+def _check_option(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _validated_pair(
+    emb_src: Tensor, emb_gen: Tensor, name_src: str, name_gen: str, check_finite: bool
+) -> tuple[Tensor, Tensor]:
+    src, gen = _validated_embeddings((name_src, emb_src), (name_gen, emb_gen), check_finite=False)
+    if emb_src.shape != emb_gen.shape:
+        raise ValueError(
+            f"{name_src}, {name_gen}: expected the same shape (row i of one belongs to row i of "
+            f"the other), got {tuple(emb_src.shape)} and {tuple(emb_gen.shape)}"
+        )
+    if src.device != gen.device:
+        raise ValueError(
+            f"{name_src}, {name_gen}: expected tensors on one device, got {src.device} and "
+            f"{gen.device}"
+        )
+    if check_finite:
+        _check_all_finite((name_src, src), (name_gen, gen))
+    return src, gen
+
+
+def _validated_embeddings(*named: tuple[str, Tensor], check_finite: bool) -> list[Tensor]:
+    """Checks type, rank, batch size and dtype of each (name, tensor); returns them as (N, D)."""
+    flattened = []
+    for name, tensor in named:
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() < 2:
+            raise ValueError(
+                f"{name}: expected an (N, D) tensor of N embeddings, got a {tensor.dim()}-D "
+                f"tensor of shape {tuple(tensor.shape)}"
+            )
+        if tensor.shape[0] < 2:
+            raise ValueError(
+                f"{name}: expected at least 2 embeddings (transformation vectors need pairs), "
+                f"got N = {tensor.shape[0]}"
+            )
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point tensor, got dtype {tensor.dtype}")
+        flattened.append(tensor.flatten(1))
+    if check_finite:
+        _check_all_finite(*zip((name for name, _ in named), flattened))
+    return flattened
+
+
+def _check_all_finite(*named: tuple[str, Tensor]) -> None:
+    if torch.compiler.is_compiling():
+        return
+    finite = torch.stack([torch.isfinite(tensor).all() for _, tensor in named])
+    if bool(finite.all()):
+        return
+    for (name, tensor), ok in zip(named, finite.tolist()):
+        if not ok:
+            count = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"{name}: expected finite values, got {count} NaN or infinite entries of "
+                f"{tensor.numel()}"
+            )
