@@ -19,10 +19,13 @@ DISTANCES = ("cosine", "squared_euclidean", "travelgan")
 # ------------------------------------------------------------------------------------------
 # The oracle: the definition, one pair at a time, in float64, with no tricks.
 
+ZERO_LENGTH_RTOL = 1e4 * torch.finfo(torch.float64).eps
+
 
 def pair_distance_oracle(src: torch.Tensor, gen: torch.Tensor, distance: str) -> torch.Tensor:
     src, gen = src.double().flatten(1), gen.double().flatten(1)
     n, d = src.shape
+    centred_src, centred_gen = src - src.mean(0), gen - gen.mean(0)
     out = torch.zeros(n, n, dtype=torch.float64)
     for i in range(n):
         for j in range(n):
@@ -30,7 +33,11 @@ def pair_distance_oracle(src: torch.Tensor, gen: torch.Tensor, distance: str) ->
                 continue
             v, z = src[i] - src[j], gen[i] - gen[j]
             norm_v, norm_z = v.norm(), z.norm()
-            cosine = 0.0 if norm_v == 0 or norm_z == 0 else float(v @ z / (norm_v * norm_z))
+            # The documented convention: a vector is zero-length when its squared length is at
+            # most ZERO_LENGTH_RTOL times the squared norms of the two centred embeddings.
+            zero_v = norm_v**2 <= ZERO_LENGTH_RTOL * (centred_src[i].norm() ** 2 + centred_src[j].norm() ** 2)
+            zero_z = norm_z**2 <= ZERO_LENGTH_RTOL * (centred_gen[i].norm() ** 2 + centred_gen[j].norm() ** 2)
+            cosine = 0.0 if zero_v or zero_z else float(v @ z / (norm_v * norm_z))
             squared = float(((v - z) ** 2).sum()) / d
             out[i, j] = {
                 "cosine": 1 - cosine,

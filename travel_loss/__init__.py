@@ -1,6 +1,22 @@
-"""travel-loss: the CLIPTraVeLGAN transformation-vector loss and a frozen CLIP encoder."""
+"""travel-loss: the CLIPTraVeLGAN transformation-vector loss and a frozen CLIP encoder.
 
+- :func:`travel_loss` / :class:`TravelLoss`: the loss between (N, D) embeddings of a batch and
+  of its translations; :func:`siamese_margin_loss` for a trainable (TraVeLGAN) embedder.
+- :class:`FrozenCLIPEncoder`: a frozen CLIP image encoder that takes generator images and
+  crops, resizes and normalises them differentiably; :class:`EncoderEnsemble` for several.
+- :mod:`travel_loss.distributed`: the global-batch loss under DDP.
+- :mod:`travel_loss.testing`: ``check_embedder`` and hypothesis strategies for your own embedders.
+"""
+
+from travel_loss.encoder import CheckpointNotFoundError, EncoderEnsemble, FrozenCLIPEncoder
 from travel_loss.loss import TravelLoss, siamese_margin_loss, travel_loss
 
-__all__ = ["TravelLoss", "siamese_margin_loss", "travel_loss"]
+__all__ = [
+    "CheckpointNotFoundError",
+    "EncoderEnsemble",
+    "FrozenCLIPEncoder",
+    "TravelLoss",
+    "siamese_margin_loss",
+    "travel_loss",
+]
 __version__ = "0.1.0"

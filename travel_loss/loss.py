@@ -64,7 +64,10 @@ def travel_loss(
 
             - ``"cosine"`` (the paper): :math:`1 - \cos(v_{ij}, z_{ij})`, in [0, 2]. A zero-length
               vector (duplicate embeddings) has cosine 0, i.e. distance 1, as in
-              :func:`torch.nn.functional.cosine_similarity`, and a finite gradient.
+              :func:`torch.nn.functional.cosine_similarity`, and a finite gradient. "Zero
+              length" is relative to the batch: :math:`\|v_{ij}\|^2 \le 10^4 \epsilon_{64}
+              (\|c_i\|^2 + \|c_j\|^2)` with :math:`c` the batch-centred embeddings, i.e. a
+              difference below float64 round-off of the embeddings themselves.
             - ``"squared_euclidean"``: :math:`\|v_{ij} - z_{ij}\|^2 / D` (TraVeLGAN's second term,
               the mean over pairs and dimensions).
             - ``"travelgan"``: the sum of the two, the original TraVeLGAN generator objective up
