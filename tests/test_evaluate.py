@@ -1,0 +1,460 @@
+"""reference.evaluate: distances against closed forms and loops, consistency, toy streets, I/O."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from reference import evaluate
+from reference.data import PALETTE_A, PALETTE_B, ToyStreets, classify_pixels, paint_labels
+from reference.evaluate import (
+    embed_images,
+    evaluate_folders,
+    evaluate_toy_streets,
+    format_table,
+    frechet_distance,
+    frechet_distance_from_statistics,
+    inception_metrics,
+    kernel_distance,
+    mmd_squared_unbiased,
+    plot_lambda_sweep,
+    travel_consistency,
+    write_toy_streets,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Fréchet distance
+
+
+def _trace_sqrt_product_by_eigh(sigma_a: np.ndarray, sigma_b: np.ndarray) -> float:
+    """tr((S_a S_b)^{1/2}) = sum of sqrt of the eigenvalues of S_a^{1/2} S_b S_a^{1/2} (symmetric PSD)."""
+    values, vectors = np.linalg.eigh(sigma_a)
+    root_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ sigma_b @ root_a), 0, None)).sum())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dim=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_frechet_distance_of_diagonal_gaussians_has_the_closed_form(dim, seed):
+    rng = np.random.default_rng(seed)
+    mu_a, mu_b = rng.normal(size=dim), rng.normal(size=dim)
+    var_a, var_b = rng.uniform(0.01, 4, size=dim), rng.uniform(0.01, 4, size=dim)
+    expected = np.sum((mu_a - mu_b) ** 2) + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2)
+    got = frechet_distance_from_statistics(mu_a, np.diag(var_a), mu_b, np.diag(var_b))
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("count, dim", [(200, 5), (40, 8), (10, 30)])  # the last: fewer samples than dimensions
+def test_frechet_distance_agrees_with_an_eigendecomposition_oracle(count, dim):
+    rng = np.random.default_rng(count + dim)
+    a = rng.normal(size=(count, dim)) @ rng.normal(size=(dim, dim))
+    b = rng.normal(size=(count + 3, dim)) * 2 + 1
+    sigma_a, sigma_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = (
+        np.sum((a.mean(0) - b.mean(0)) ** 2)
+        + np.trace(sigma_a)
+        + np.trace(sigma_b)
+        - 2 * _trace_sqrt_product_by_eigh(sigma_a, sigma_b)
+    )
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), shift=st.lists(st.floats(-5, 5), min_size=4, max_size=4))
+def test_frechet_distance_properties(seed, shift):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(50, 4)) @ rng.normal(size=(4, 4))
+    y = rng.normal(size=(60, 4)) + rng.normal(size=4)
+    c = np.array(shift)
+    scale = np.trace(np.cov(x, rowvar=False))
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6 * scale)
+    assert frechet_distance(x, y) == pytest.approx(frechet_distance(y, x), rel=1e-6, abs=1e-9)
+    assert frechet_distance(x + c, x) == pytest.approx(float(c @ c), rel=1e-6, abs=1e-6 * scale)
+    assert frechet_distance(x, y) >= 0
+
+
+def test_frechet_distance_accepts_tensors_and_matches_arrays():
+    torch.manual_seed(0)
+    a, b = torch.randn(30, 3), torch.randn(25, 3) + 1
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(a.numpy(), b.numpy()), rel=1e-12)
+
+
+def test_frechet_distance_rejects_indefinite_covariances_with_a_clear_message():
+    with pytest.raises(ValueError, match="imaginary part"):
+        frechet_distance_from_statistics(np.zeros(2), -np.eye(2), np.zeros(2), np.eye(2))
+
+
+def test_frechet_distance_guard_handles_identical_constant_features():
+    constant = np.ones((5, 3))
+    assert frechet_distance(constant, constant + 1) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize(
+    "a, b, error, match",
+    [
+        (np.zeros((1, 3)), np.zeros((4, 3)), ValueError, "feats_a.*N >= 2"),
+        (np.zeros((4, 3)), np.zeros((4, 2)), ValueError, "feature dimension"),
+        (np.zeros(4), np.zeros((4, 2)), ValueError, "feats_a"),
+        (np.full((4, 3), np.nan), np.zeros((4, 3)), ValueError, "finite"),
+        ([[1.0, 2.0]], np.zeros((4, 2)), TypeError, "feats_a"),
+    ],
+)
+def test_frechet_distance_rejects_bad_features(a, b, error, match):
+    with pytest.raises(error, match=match):
+        frechet_distance(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# KID
+
+
+def _mmd_by_loops(a: np.ndarray, b: np.ndarray, degree: int = 3, coef: float = 1.0) -> float:
+    dim = a.shape[1]
+
+    def kernel(x, y):
+        return (float(np.dot(x, y)) / dim + coef) ** degree
+
+    m, n = len(a), len(b)
+    within_a = sum(kernel(a[i], a[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    within_b = sum(kernel(b[i], b[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    cross = sum(kernel(a[i], b[j]) for i in range(m) for j in range(n)) / (m * n)
+    return within_a + within_b - 2 * cross
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(2, 9), n=st.integers(2, 9), dim=st.integers(1, 5), seed=st.integers(0, 2**31 - 1))
+def test_unbiased_mmd_matches_a_loop(m, n, dim, seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(m, dim)), rng.normal(size=(n, dim)) + 0.5
+    assert mmd_squared_unbiased(a, b) == pytest.approx(_mmd_by_loops(a, b), rel=1e-9, abs=1e-12)
+
+
+def test_kernel_distance_over_full_subsets_is_the_full_mmd():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(12, 4)), rng.normal(size=(12, 4)) + 1
+    mean, std = kernel_distance(a, b, subsets=5, subset_size=50)
+    assert mean == pytest.approx(_mmd_by_loops(a, b), rel=1e-9)
+    assert std == pytest.approx(0.0, abs=1e-12)  # every subset is a permutation of all rows
+
+
+def test_kernel_distance_separates_distributions():
+    rng = np.random.default_rng(2)
+    same_mean, _ = kernel_distance(rng.normal(size=(300, 8)), rng.normal(size=(300, 8)), subsets=20, subset_size=100)
+    shifted_mean, _ = kernel_distance(rng.normal(size=(300, 8)), rng.normal(size=(300, 8)) + 1, subsets=20, subset_size=100)
+    assert abs(same_mean) < 0.1 and shifted_mean > 2.0  # shift 1 in 8 dims: MMD^2 about 8
+
+
+def test_kernel_distance_rejects_bad_subsets():
+    with pytest.raises(ValueError, match="subsets"):
+        kernel_distance(np.zeros((4, 2)), np.ones((4, 2)), subsets=0)
+    with pytest.raises(ValueError, match="subset_size"):
+        kernel_distance(np.zeros((4, 2)), np.ones((4, 2)), subset_size=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding and travel consistency
+
+
+class LinearEmbedder(nn.Module):
+    """A fixed random linear map of the flattened image: (N, 3, H, W) -> (N, D)."""
+
+    def __init__(self, size: int = 8, dim: int = 6, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("weight", torch.randn(3 * size * size, dim, generator=generator))
+
+    def forward(self, images):
+        return images.flatten(1) @ self.weight
+
+
+class PairEmbedder(LinearEmbedder):
+    def forward(self, images):
+        embedding = super().forward(images)
+        return embedding, embedding[:, :2] * 3
+
+
+def _cosine_mean_by_loops(src: torch.Tensor, gen: torch.Tensor) -> float:
+    values = []
+    for i in range(len(src)):
+        for j in range(len(src)):
+            if i != j:
+                values.append(float(nn.functional.cosine_similarity(src[i] - src[j], gen[i] - gen[j], dim=0)))
+    return float(np.mean(values))
+
+
+def test_embed_images_is_independent_of_batch_size_and_accepts_datasets():
+    encoder = LinearEmbedder(size=16)
+    dataset = ToyStreets("A", size=16, length=7, seed=3)
+    images = torch.stack([dataset[i][0] for i in range(7)])
+    one_batch = embed_images(encoder, images, batch_size=64)
+    small_batches = embed_images(encoder, dataset, batch_size=3)
+    assert one_batch.shape == (7, 6)
+    torch.testing.assert_close(small_batches, one_batch)
+    pair = embed_images(PairEmbedder(size=16), images, batch_size=2)
+    assert isinstance(pair, tuple) and [p.shape for p in pair] == [(7, 6), (7, 2)]
+
+
+def test_embed_images_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="batch_size"):
+        embed_images(LinearEmbedder(), torch.zeros(2, 3, 8, 8), batch_size=0)
+    with pytest.raises(TypeError, match="images"):
+        embed_images(LinearEmbedder(), [torch.zeros(3, 8, 8)])
+    with pytest.raises(ValueError, match="images"):
+        embed_images(LinearEmbedder(), torch.zeros(3, 8, 8))
+
+
+def test_travel_consistency_matches_the_per_pair_cosine_mean():
+    torch.manual_seed(0)
+    encoder = LinearEmbedder()
+    sources = torch.rand(9, 3, 8, 8) * 2 - 1
+    translations = torch.tanh(sources * 2 + torch.randn_like(sources))
+    expected = _cosine_mean_by_loops(encoder(sources), encoder(translations))
+    assert travel_consistency(encoder, sources, translations, batch_size=4) == pytest.approx(expected, abs=1e-5)
+
+
+def test_travel_consistency_of_affine_and_reversing_maps():
+    torch.manual_seed(1)
+    encoder = LinearEmbedder()
+    sources = torch.rand(6, 3, 8, 8)
+    # E is linear, so x -> 2x + c keeps every transformation vector's direction and x -> -x reverses it
+    assert travel_consistency(encoder, sources, 2 * sources + 0.3) == pytest.approx(1.0, abs=1e-6)
+    assert travel_consistency(encoder, sources, -sources) == pytest.approx(-1.0, abs=1e-6)
+    ensemble = travel_consistency(PairEmbedder(), sources, 2 * sources + 0.3)
+    assert ensemble == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="one translation per source"):
+        travel_consistency(encoder, sources, sources[:4])
+
+
+# ---------------------------------------------------------------------------------------------
+# Toy streets
+
+
+class PaletteOracle(nn.Module):
+    """The ideal translator: classify pixels by A's palette, repaint them in B's."""
+
+    def forward(self, images):
+        classes, _ = classify_pixels(images, PALETTE_A)
+        return paint_labels(classes, PALETTE_B)
+
+
+def test_toy_streets_scores_of_the_oracle_and_of_the_identity():
+    ideal = evaluate_toy_streets(PaletteOracle(), count=6, size=32, batch_size=4)
+    assert ideal["semantic_flip_rate"] == pytest.approx(0.0)
+    assert ideal["lane_accuracy"] == pytest.approx(1.0)
+    assert ideal["input_distance"] > 0.02
+    unchanged = evaluate_toy_streets(nn.Identity(), count=6, size=32)
+    assert unchanged["input_distance"] == 0.0
+    assert unchanged["semantic_flip_rate"] < 0.01  # A's colours are nearest to B's of the same class
+    assert unchanged["lane_accuracy"] < 0.1  # but yellow lanes are not white lanes
+    assert ideal["realism"] == pytest.approx(1.0) and unchanged["realism"] < 0.1
+    assert unchanged["palette_distance"] > ideal["palette_distance"]
+
+
+def test_toy_streets_with_an_encoder_adds_distribution_and_consistency_metrics():
+    scores = evaluate_toy_streets(nn.Identity(), count=8, size=16, encoder=LinearEmbedder(size=16))
+    assert scores["travel_consistency"] == pytest.approx(1.0, abs=1e-6)
+    assert scores["encoder_frechet_distance"] > 0
+    assert set(scores) >= {"encoder_kernel_distance", "encoder_kernel_distance_std"}
+
+
+def test_translate_images_restores_training_mode():
+    generator = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Dropout(0.5))
+    generator.train()
+    evaluate.translate_images(generator, torch.zeros(2, 3, 8, 8))
+    assert generator.training
+
+
+def _write_translations(source_folder, output_folder, translator):
+    from PIL import Image
+
+    from reference.data import ImageFolder
+
+    output_folder.mkdir()
+    sources = ImageFolder(source_folder, size=32)
+    for index, path in enumerate(sources.paths):
+        with torch.no_grad():
+            image = translator(sources[index][None])[0]
+        pixels = ((image + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(output_folder / f"{path.stem}.png")
+
+
+def test_toy_street_folders_round_trip_through_the_command_line(tmp_path, capsys):
+    write_toy_streets(tmp_path / "testA", "A", count=5, size=32)
+    write_toy_streets(tmp_path / "testB", "B", count=5, size=32)
+    _write_translations(tmp_path / "testA", tmp_path / "fakeB", PaletteOracle())
+    (tmp_path / "fakeB" / "00002.png").unlink()  # a missing translation is fine
+    out = tmp_path / "metrics.json"
+    code = evaluate.main(
+        [
+            "--translations", str(tmp_path / "fakeB"),
+            "--target", str(tmp_path / "testB"),
+            "--sources", str(tmp_path / "testA"),
+            "--toy-streets",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["metrics"]["semantic_flip_rate"] == pytest.approx(0.0)
+    assert result["metrics"]["lane_accuracy"] == pytest.approx(1.0)
+    assert result["details"]["count_translations"] == 4
+    printed = capsys.readouterr().out
+    assert "semantic_flip_rate" in printed and "cannot work offline" in printed
+
+
+def test_evaluate_folders_with_an_encoder_and_orphan_translations(tmp_path):
+    write_toy_streets(tmp_path / "testA", "A", count=4, size=32)
+    write_toy_streets(tmp_path / "testB", "B", count=4, size=32)
+    _write_translations(tmp_path / "testA", tmp_path / "fakeB", nn.Identity())
+    result = evaluate_folders(
+        tmp_path / "fakeB", tmp_path / "testB", sources=tmp_path / "testA", encoder=LinearEmbedder(size=32), size=32
+    )
+    assert result["metrics"]["travel_consistency"] == pytest.approx(1.0, abs=1e-5)
+    assert result["metrics"]["encoder_frechet_distance"] > 0
+    (tmp_path / "fakeB" / "extra.png").write_bytes((tmp_path / "fakeB" / "00000.png").read_bytes())
+    with pytest.raises(ValueError, match="no source of the same name"):
+        evaluate_folders(tmp_path / "fakeB", tmp_path / "testB", sources=tmp_path / "testA", size=32)
+    with pytest.raises(FileNotFoundError, match="toy_streets.json is missing"):
+        evaluate_folders(tmp_path / "fakeB", tmp_path / "testB", sources=tmp_path / "fakeB", toy_streets=True)
+    with pytest.raises(ValueError, match="expected toy-street domain A"):
+        evaluate_folders(tmp_path / "fakeB", tmp_path / "testB", sources=tmp_path / "testB", toy_streets=True)
+    with pytest.raises(ValueError, match="sources"):
+        evaluate_folders(tmp_path / "fakeB", tmp_path / "testB", toy_streets=True)
+
+
+def test_command_line_reports_missing_arguments_and_files(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--translations", str(tmp_path)])
+    assert "--target" in capsys.readouterr().err
+    write_toy_streets(tmp_path / "a", "A", count=2, size=16)
+    code = evaluate.main(
+        ["--translations", str(tmp_path / "a"), "--target", str(tmp_path / "a"), "--inception-weights",
+         str(tmp_path / "missing.pth"), "--out", str(tmp_path / "r.json")]
+    )  # fmt: skip
+    assert code == 2
+    assert "missing.pth" in capsys.readouterr().err
+
+
+def test_command_line_with_a_clip_checkpoint_on_disk(tmp_path, tiny_clip_dir, capsys):
+    write_toy_streets(tmp_path / "testA", "A", count=4, size=32)
+    write_toy_streets(tmp_path / "testB", "B", count=4, size=32)
+    _write_translations(tmp_path / "testA", tmp_path / "fakeB", PaletteOracle())
+    out = tmp_path / "metrics.json"
+    arguments = ["--translations", str(tmp_path / "fakeB"), "--target", str(tmp_path / "testB"),
+                 "--sources", str(tmp_path / "testA"), "--size", "32", "--batch-size", "3", "--out", str(out)]  # fmt: skip
+    assert evaluate.main([*arguments, "--encoder", str(tiny_clip_dir)]) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    assert -1.0 <= metrics["travel_consistency"] <= 1.0
+    assert metrics["encoder_frechet_distance"] > 0
+    assert evaluate.main([*arguments, "--encoder", str(tmp_path / "no-such-checkpoint")]) == 2
+    assert "no-such-checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception metrics through torch-fidelity
+
+
+def test_inception_metrics_explain_the_offline_problem(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="cannot work offline.*--inception-weights"):
+        inception_metrics(tmp_path, tmp_path, None)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        inception_metrics(tmp_path, tmp_path, tmp_path / "nope.pth")
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"weights")
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed
+    with pytest.raises(ImportError, match="torch-fidelity is not installed.*torchvision"):
+        inception_metrics(tmp_path, tmp_path, weights)
+
+
+def test_inception_metrics_pass_the_local_weights_to_torch_fidelity(tmp_path, monkeypatch):
+    write_toy_streets(tmp_path / "fake", "A", count=3, size=16)
+    write_toy_streets(tmp_path / "real", "B", count=5, size=16)
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"weights")
+    calls = []
+
+    def calculate_metrics(**kwargs):
+        calls.append(kwargs)
+        return {
+            "frechet_inception_distance": 12.5,
+            "kernel_inception_distance_mean": 0.01,
+            "kernel_inception_distance_std": 0.002,
+        }
+
+    monkeypatch.setitem(sys.modules, "torch_fidelity", types.SimpleNamespace(calculate_metrics=calculate_metrics))
+    result = inception_metrics(tmp_path / "fake", tmp_path / "real", weights, kid_subset_size=1000)
+    assert result == {"inception_fid": 12.5, "inception_kid_mean": 0.01, "inception_kid_std": 0.002}
+    (kwargs,) = calls
+    assert kwargs["feature_extractor_weights_path"] == str(weights)
+    assert kwargs["fid"] and kwargs["kid"]
+    assert kwargs["kid_subset_size"] == 3  # no more than the smaller folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _sweep_rows():
+    rows = []
+    for name, lam, flip in (("lambda 0", 0.0, 0.5), ("small", 0.1, 0.4), ("medium", 1.0, 0.1), ("large", 10.0, 0.05), ("auto", "auto", 0.12)):
+        rows.append({"name": name, "lambda_travel": lam, "semantic_flip_rate": flip, "lane_accuracy": 0.5, "realism": 0.9})
+    rows[-1]["lambda_final"] = 0.7
+    return rows
+
+
+def test_plot_lambda_sweep_writes_a_png(tmp_path):
+    path = plot_lambda_sweep(_sweep_rows(), tmp_path / "plots" / "sweep.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 5000
+    with pytest.raises(ValueError, match="rows"):
+        plot_lambda_sweep([], tmp_path / "empty.png")
+
+
+def test_plot_lambda_sweep_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        plot_lambda_sweep(_sweep_rows(), tmp_path / "sweep.png")
+
+
+def test_format_table_text_and_markdown():
+    rows = [{"name": "a", "x": 0.123456, "y": None}, {"name": "bb", "x": float("nan"), "y": 3}]
+    text = format_table(rows, ["name", "x", "y"])
+    lines = text.splitlines()
+    assert lines[0].split() == ["name", "x", "y"] and set(lines[1]) <= {"-", " "}
+    assert lines[2].split() == ["a", "0.1235", "-"] and lines[3].split() == ["bb", "nan", "3"]
+    markdown = format_table(rows, ["name", "x"], markdown=True).splitlines()
+    assert markdown[0] == "| name | x |" and markdown[2] == "| a | 0.1235 |"
+
+
+def test_sweep_trains_scores_and_reports_each_run(tmp_path):
+    from reference.sweep import PooledPixels, run_sweep, sweep_settings
+
+    names = [run["name"] for run in sweep_settings([0.0, 0.5])]
+    assert names == ["lambda 0", "lambda 0.5", "lambda auto", "TraVeLGAN (Siamese)", "random CLIP (ablation)"]
+    with pytest.raises(ValueError, match="lambdas"):
+        sweep_settings([-1.0])
+    assert PooledPixels(4)(torch.zeros(2, 3, 16, 16)).shape == (2, 48)
+
+    tiny = {"g_width": 4, "g_blocks": 1, "d_width": 4}
+    options = dict(lambdas=[], steps=1, size=32, batch_size=2, baselines=False, eval_count=4, judge=PooledPixels(2))
+    rows = run_sweep(tmp_path, **options, encoder_mode="siamese", train_options=tiny, progress=False)
+    (row,) = rows
+    assert row["name"] == "lambda auto" and row["lambda_final"] > 0
+    assert 0 <= row["semantic_flip_rate"] <= 1 and -1 <= row["judge_travel_consistency"] <= 1
+    assert json.loads((tmp_path / "sweep.json").read_text())["rows"][0]["name"] == "lambda auto"
+    assert (tmp_path / "sweep.md").read_text().startswith("| name |")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    # a finished sweep resumes from its checkpoints without training again: the same scores
+    (again,) = run_sweep(tmp_path, **options, encoder_mode="siamese", train_options=tiny, progress=False)
+    assert again["semantic_flip_rate"] == row["semantic_flip_rate"] and again["steps"] == 1
