@@ -333,6 +333,7 @@ def generator_step(
     scaler: torch.amp.GradScaler | None = None,
     encoder_optimizer: torch.optim.Optimizer | None = None,
     adaptive_lambda: Any | None = None,
+    emb_src: Tensor | None = None,
 ) -> dict[str, Any]:
     r"""One generator update on a batch ``real_a`` (n, 3, H, W) of source images in [-1, 1].
 
@@ -348,7 +349,12 @@ def generator_step(
     here. ``adaptive_lambda`` (``reference.adaptive_lambda.GradientBalancedLambda``) replaces
     ``options.lambda_travel`` by a gradient-balanced value. Returns detached losses, the lambda
     used and the translations ``"fake"`` (detached) for the discriminator step.
+
+    ``emb_src``: precomputed (n, D) source embeddings E(x) (a frozen encoder's embeddings of a
+    fixed data set can be computed once); the step then skips the source forward.
     """
+    if emb_src is not None and encoder_optimizer is not None:
+        raise ValueError("emb_src: precomputed source embeddings cannot be used with a trainable encoder (encoder_optimizer)")
     optimizers = [optimizer] if encoder_optimizer is None else [optimizer, encoder_optimizer]
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
@@ -358,8 +364,9 @@ def generator_step(
         if encoder_optimizer is not None:  # one forward of the trainable embedder (one DDP call)
             emb_src, emb_gen = encoder(torch.cat([real_a, fake])).chunk(2)
         else:
-            with torch.no_grad():
-                emb_src = encoder(real_a)
+            if emb_src is None:
+                with torch.no_grad():
+                    emb_src = encoder(real_a)
             emb_gen = encoder(fake)
     adversarial = generator_adversarial_loss(fake_logits, options.gan_loss)
     emb_src, emb_gen = all_gather_with_grad(emb_src.float()), all_gather_with_grad(emb_gen.float())
@@ -393,7 +400,7 @@ def discriminator_step(
     statistics, so this equals two calls), each augmented by the same policy.
     """
     optimizer.zero_grad(set_to_none=True)
-    fake_b = fake_b.detach()
+    fake_b = fake_b.detach().to(real_b.dtype)  # an autocast G(x) would otherwise recompile a compiled D
     if options.augment:
         real_b, fake_b = diff_augment(real_b, options.augment), diff_augment(fake_b, options.augment)
     with options.autocast():
