@@ -360,7 +360,8 @@ def generator_step(
         opt.zero_grad(set_to_none=True)
     with options.autocast():
         fake = generator(real_a)
-        fake_logits = discriminator(diff_augment(fake, options.augment) if options.augment else fake)
+        judged = fake.to(real_a.dtype)  # D sees one input dtype in both steps: one compiled graph
+        fake_logits = discriminator(diff_augment(judged, options.augment) if options.augment else judged)
         if encoder_optimizer is not None:  # one forward of the trainable embedder (one DDP call)
             emb_src, emb_gen = encoder(torch.cat([real_a, fake])).chunk(2)
         else:
