@@ -1,0 +1,231 @@
+r"""A small frozen encoder for the toy streets that needs no weights from anywhere.
+
+The travel loss needs an embedder E under which the transformation vector between two images,
+:math:`E(x_i) - E(x_j)`, says how their *content* differs, not their style. A pretrained CLIP
+gives that for photographs. For the toy streets (:class:`reference.data.ToyStreets`) the same
+property is obtained in a few seconds by pretraining a small convolutional network, once, on a
+proxy task built from toy scenes of *both* domains:
+
+    predict, for each cell of an 8 x 8 grid, the fraction of the cell's pixels in each class
+    (sky, road, lane, car, tree, hood),
+
+from scenes painted with a random palette per image, interpolated (and extrapolated a little)
+between domain A's and domain B's colours, jittered per class, with pixel noise, half of them
+with a band of stripes or speckle of random classes (so that the network counts class pixels
+in patterned regions too, rather than trusting that a region is uniform). Colour is thus a
+nuisance the network must ignore: yellow and white lane lines are both "lane", A's and
+B's skies both "sky". What it must see is *where* each class is. The embedding is the grid of
+predicted class distributions, :math:`E(x) \in [0, 1]^{K \times 8 \times 8}` flattened to
+:math:`D = 6 \cdot 64 = 384`: an image and its ideal translation (its label map repainted in
+B's palette) embed almost the same, while two scenes with different layouts embed far apart.
+
+The network is the analogue of the paper's frozen CLIP, not a copy of it: it is a semantic
+segmenter pretrained on toy-street layouts, so the travel loss it drives protects exactly the
+layout (sky stays sky, cars stay where they are) and leaves the palette free to change.
+
+Shapes: input (N, 3, size, size) in [-1, 1] (``size`` fixed at construction; other sizes are
+resampled bilinearly to the native 64 px before the network), output (N, 384).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reference.data import CLASSES, PALETTE_A, PALETTE_B, ToyStreets
+
+__all__ = [
+    "GRID",
+    "NATIVE_SIZE",
+    "ToyLayoutEncoder",
+    "build_toy_encoder",
+    "cell_class_fractions",
+    "pretrain_layout_encoder",
+    "random_palette_images",
+    "scramble_labels",
+]
+
+NATIVE_SIZE = 64  # the resolution the network is pretrained and run at
+GRID = NATIVE_SIZE // 8  # cells per side of the predicted layout (three stride-2 convolutions)
+
+
+class ToyLayoutEncoder(nn.Module):
+    """Images (N, 3, size, size) in [-1, 1] -> per-cell class distributions (N, len(CLASSES) * GRID * GRID).
+
+    Layers (at the native 64 px)::
+
+        conv3 s2 3 -> width/2, ReLU        (32 x 32)
+        conv3 s2 -> width, ReLU            (16 x 16)
+        conv3 s2 -> width, ReLU            (8 x 8)
+        conv3 s1 -> width, ReLU            (8 x 8)
+        conv1 -> len(CLASSES) logits, softmax over classes, flatten
+
+    There is no normalisation layer, so each embedding depends on its own image only. The
+    module is inert on its own: :func:`build_toy_encoder` pretrains and freezes it.
+    """
+
+    def __init__(self, size: int = NATIVE_SIZE, width: int = 32) -> None:
+        super().__init__()
+        for name, value, minimum in (("size", size, 8), ("width", width, 2)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        self.size = size
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width // 2, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width // 2, width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=1, padding=1),
+            nn.ReLU(),
+        )
+        self.head = nn.Conv2d(width, len(CLASSES), 1)
+
+    @property
+    def embedding_dim(self) -> int:
+        return len(CLASSES) * GRID * GRID
+
+    def logits(self, images: Tensor) -> Tensor:
+        """Class logits per cell: (N, 3, size, size) -> (N, len(CLASSES), GRID, GRID)."""
+        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (self.size, self.size):
+            raise ValueError(
+                f"ToyLayoutEncoder expects images of shape (N, 3, {self.size}, {self.size}), got {tuple(images.shape)}"
+            )
+        if self.size != NATIVE_SIZE:
+            images = F.interpolate(images, size=(NATIVE_SIZE, NATIVE_SIZE), mode="bilinear", align_corners=False)
+        return self.head(self.body(images))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(N, 3, size, size) in [-1, 1] -> (N, embedding_dim): softmax over classes in each cell, flattened."""
+        return self.logits(images).softmax(dim=1).flatten(1)
+
+
+def _palette_matrix(palette: dict[str, tuple[float, float, float]], fallback: dict[str, tuple[float, float, float]]) -> Tensor:
+    """(len(CLASSES), 3) RGB in [0, 1]; classes missing from ``palette`` take ``fallback``'s colour."""
+    return torch.tensor([palette.get(name, fallback[name]) for name in CLASSES], dtype=torch.float32)
+
+
+def random_palette_images(labels: Tensor, generator: torch.Generator, jitter: float = 0.1, noise: float = 0.1) -> Tensor:
+    r"""Paint label maps (N, H, W) with one random palette per image: (N, 3, H, W) in [-1, 1].
+
+    Each image's palette is :math:`(1 - t) P_A + t P_B + u` with :math:`t \sim U(-0.2, 1.2)`
+    (A's colours, B's colours and everything between and a little beyond) and a per-class,
+    per-channel offset :math:`u \sim U(-\text{jitter}, \text{jitter})`, clipped to [0, 1]; then
+    Gaussian pixel noise of a per-image standard deviation drawn from :math:`U(0, \text{noise})`.
+    Classes A lacks (the hood) take B's colour.
+    """
+    n = labels.shape[0]
+    palette_a, palette_b = _palette_matrix(PALETTE_A, PALETTE_B), _palette_matrix(PALETTE_B, PALETTE_B)
+    t = torch.rand(n, 1, 1, generator=generator) * 1.4 - 0.2
+    offsets = (torch.rand(n, len(CLASSES), 3, generator=generator) * 2 - 1) * jitter
+    palettes = ((1 - t) * palette_a + t * palette_b + offsets).clamp(0, 1) * 2 - 1  # (n, K, 3)
+    images = torch.stack([palettes[i][labels[i]] for i in range(n)]).permute(0, 3, 1, 2)  # (n, 3, H, W)
+    sigma = torch.rand(n, 1, 1, 1, generator=generator) * noise
+    return images + sigma * torch.randn(images.shape, generator=generator)
+
+
+def scramble_labels(labels: Tensor, generator: torch.Generator, fraction: float = 0.5) -> Tensor:
+    """Overwrite parts of label maps (N, H, W) with random classes: a copy, for about ``fraction`` of the images.
+
+    Each chosen image gets one of: random rows, random columns (stripes) or random pixels
+    (speckle) within a random band, set to random classes. Trained on these, the encoder counts
+    the pixels of each class in a cell also where a region is striped or speckled, the patterns
+    a generator produces when it tries to fool a network that has only seen clean scenes.
+    """
+    labels = labels.clone()
+    n, height, width = labels.shape
+    for i in range(n):
+        if float(torch.rand((), generator=generator)) >= fraction:
+            continue
+        top, left = (int(torch.randint(0, side // 2, (), generator=generator)) for side in (height, width))
+        bottom, right = (
+            int(torch.randint(start + side // 4, side + 1, (), generator=generator))
+            for start, side in ((top, height), (left, width))
+        )
+        band = labels[i, top:bottom, left:right]
+        density = float(torch.rand((), generator=generator)) * 0.6
+        pattern = int(torch.randint(0, 3, (), generator=generator))
+        if pattern == 0:  # rows
+            mask = (torch.rand(band.shape[0], 1, generator=generator) < density).expand_as(band)
+        elif pattern == 1:  # columns
+            mask = (torch.rand(1, band.shape[1], generator=generator) < density).expand_as(band)
+        else:  # pixels
+            mask = torch.rand(band.shape, generator=generator) < density
+        band[mask] = torch.randint(0, len(CLASSES), band.shape, generator=generator)[mask]
+    return labels
+
+
+def cell_class_fractions(labels: Tensor) -> Tensor:
+    """The proxy task's target: (N, H, W) class ids -> (N, len(CLASSES), GRID, GRID) class fractions per cell."""
+    one_hot = F.one_hot(labels.long(), len(CLASSES)).permute(0, 3, 1, 2).float()
+    return F.adaptive_avg_pool2d(one_hot, GRID)
+
+
+def pretrain_layout_encoder(
+    encoder: ToyLayoutEncoder, *, steps: int = 300, batch_size: int = 32, scenes: int = 512, seed: int = 0, lr: float = 3e-3
+) -> list[float]:
+    r"""Train ``encoder`` in place on the proxy task; returns the loss of every step.
+
+    Data: the label maps of ``scenes`` toy scenes of each domain (64 px, seeds derived from
+    ``seed``), half of them scrambled in a random band by :func:`scramble_labels`, repainted
+    on the fly by :func:`random_palette_images`. Loss: cross-entropy of
+    the predicted cell distributions against the true class fractions :math:`q`,
+    :math:`-\frac{1}{N\,G^2} \sum_{n,\text{cell}} \sum_k q_k \log \mathrm{softmax}(z)_k`.
+    Adam with learning rate ``lr``. Deterministic for a given seed on a given machine.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.stack(
+        [ToyStreets(domain, NATIVE_SIZE, scenes, seed=seed)[i][1] for domain in ("A", "B") for i in range(scenes)]
+    )
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=lr)
+    device = next(encoder.parameters()).device
+    native = encoder.size
+    encoder.size = NATIVE_SIZE  # train at the native resolution whatever size the encoder serves
+    losses = []
+    try:
+        for _ in range(steps):
+            index = torch.randint(0, labels.shape[0], (batch_size,), generator=generator)
+            batch = scramble_labels(labels[index], generator)
+            images = random_palette_images(batch, generator).to(device)
+            log_probabilities = encoder.logits(images).log_softmax(dim=1)
+            loss = -(cell_class_fractions(batch).to(device) * log_probabilities).sum(dim=1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        encoder.size = native
+    return losses
+
+
+@functools.lru_cache(maxsize=4)
+def _pretrained_state(seed: int) -> dict[str, Tensor]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = ToyLayoutEncoder(NATIVE_SIZE)
+        pretrain_layout_encoder(encoder, seed=seed)
+    return {name: value.detach().clone() for name, value in encoder.state_dict().items()}
+
+
+def build_toy_encoder(size: int, seed: int = 0, *, pretrained: bool = True) -> ToyLayoutEncoder:
+    """A frozen :class:`ToyLayoutEncoder` for (N, 3, size, size) images, pretrained on the toy streets.
+
+    The first call for a ``seed`` pretrains the network (a few seconds on a CPU, no download,
+    global RNG untouched); later calls in the same process reuse the weights. The result has
+    no parameter that requires grad and is in eval mode; gradients flow to its input.
+    ``pretrained=False`` gives the same network with its random initial weights (seeded by
+    ``seed``): the toy version of the paper's random-CLIP ablation.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = ToyLayoutEncoder(size)
+    if pretrained:
+        encoder.load_state_dict(_pretrained_state(seed))
+    encoder.requires_grad_(False)
+    return encoder.eval()
