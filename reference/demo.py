@@ -7,8 +7,10 @@ generator per value of lambda, and scores each on held-out A scenes against thei
 
 - **semantic flip rate** (0 is ideal): the fraction of non-lane pixels whose class changed;
 - **lane accuracy** (1 is ideal): the fraction of lane pixels that became white lane;
-- **realism**: the mean RGB distance of output pixels to B's palette (about 0.035 for real B
-  scenes, about 0.27 for A scenes left unchanged; lower is more B-like);
+- **realism** (1 is ideal): the fraction of output pixels whose colour B's jitter could have
+  produced (1 for real B scenes, 0 for A scenes left unchanged), and its graded companion
+  **palette distance**, the mean RGB distance to B's palette (about 0.04 for real B scenes,
+  about 0.27 for unchanged A scenes; lower is more B-like);
 - **travel**: the travel loss :math:`\frac{1}{N(N-1)}\sum_{i \ne j} 1 - \cos(v_{ij}, z_{ij})`
   over the whole evaluation set, with the training encoder.
 
@@ -142,7 +144,8 @@ def _score(translated: Tensor, labels: Tensor, sources: Tensor, encoder: nn.Modu
     return {
         "semantic_flip_rate": scores["semantic_flip_rate"],
         "lane_accuracy": scores["lane_accuracy"],
-        "realism": scores["palette_distance"],
+        "realism": scores["realism"],
+        "palette_distance": scores["palette_distance"],
         "travel": float(travel),
         "flipped_into": scores["flipped_into"],
         "flip_rate_by_class": scores["flip_rate_by_class"],
@@ -199,7 +202,7 @@ def _run_name(run: dict[str, Any]) -> str:
 
 def format_table(runs: Sequence[dict[str, Any]], references: dict[str, dict[str, Any]] | None = None) -> str:
     """A plain-text table: one row per run (and per reference translation), the scores side by side."""
-    header = f"{'':>26} {'flip rate':>10} {'lane acc':>9} {'realism':>8} {'travel':>7} {'seconds':>8}"
+    header = f"{'':>26} {'flip rate':>10} {'lane acc':>9} {'realism':>8} {'pal.dist':>8} {'travel':>7} {'seconds':>8}"
     lines = [header, "-" * len(header)]
 
     def number(value: Any, width: int, digits: int = 3) -> str:
@@ -208,17 +211,18 @@ def format_table(runs: Sequence[dict[str, Any]], references: dict[str, dict[str,
     for run in runs:
         lines.append(
             f"{_run_name(run):>26} {number(run['semantic_flip_rate'], 10)} "
-            f"{number(run['lane_accuracy'], 9)} {number(run['realism'], 8)} {number(run['travel'], 7)} "
+            f"{number(run['lane_accuracy'], 9)} {number(run['realism'], 8)} {number(run['palette_distance'], 8)} "
+            f"{number(run['travel'], 7)} "
             f"{number(run.get('seconds'), 8, 1)}"
         )
     for name, row in (references or {}).items():
         lines.append(
             f"{name:>26} {number(row['semantic_flip_rate'], 10)} {number(row['lane_accuracy'], 9)} "
-            f"{number(row['realism'], 8)} {number(row['travel'], 7)} {number(None, 8)}"
+            f"{number(row['realism'], 8)} {number(row['palette_distance'], 8)} {number(row['travel'], 7)} {number(None, 8)}"
         )
     lines.append(
         "flip rate: lower is better (0 ideal); lane acc: higher is better (1 ideal); "
-        "realism: distance to B's palette, lower is more B-like"
+        "realism: fraction of B-coloured pixels (1 ideal); pal.dist: mean distance to B's palette (lower is more B-like)"
     )
     return "\n".join(lines)
 

@@ -208,9 +208,9 @@ def test_quick_demo_writes_a_valid_report(tmp_path) -> None:
     for run in written["runs"]:
         assert 0 <= run["semantic_flip_rate"] <= 1
         assert 0 <= run["lane_accuracy"] <= 1
-        assert run["realism"] >= 0 and 0 <= run["travel"] <= 2
+        assert 0 <= run["realism"] <= 1 and run["palette_distance"] >= 0 and 0 <= run["travel"] <= 2
     ideal = written["references"]["ideal"]
-    assert ideal["semantic_flip_rate"] == 0 and ideal["lane_accuracy"] == 1 and ideal["realism"] < 1e-6
+    assert ideal["semantic_flip_rate"] == 0 and ideal["lane_accuracy"] == 1 and ideal["realism"] == 1 and ideal["palette_distance"] < 1e-6
     unchanged = written["references"]["input unchanged"]
     assert unchanged["semantic_flip_rate"] == 0 and unchanged["lane_accuracy"] == 0
     with Image.open(tmp_path / written["grid"]) as grid:
