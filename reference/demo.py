@@ -60,6 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from reference.adaptive_lambda import GradientBalancedLambda, last_layer_weight
 from reference.data import PALETTE_B, ToyStreets, paint_labels, score_translations
 from reference.models import PatchDiscriminator, ResnetGenerator
 from reference.toy_encoder import build_toy_encoder
@@ -161,24 +162,40 @@ def _train_one(
     settings: DemoSettings,
     seed: int,
     progress: bool,
+    *,
+    adaptive_lambda_scale: float | None = None,
+    encoder_optimizer: torch.optim.Optimizer | None = None,
+    travel_distance: str = "cosine",
 ) -> tuple[nn.Module, dict[str, float]]:
-    """Train a copy of ``start`` against a fresh discriminator for ``settings.steps`` updates."""
+    """Train a copy of ``start`` against a fresh discriminator for ``settings.steps`` updates.
+
+    ``adaptive_lambda_scale``: replace ``lambda_travel`` by
+    :class:`reference.adaptive_lambda.GradientBalancedLambda` at the copy's last layer weight with
+    this scale (the returned dict then holds ``lambda_final``). ``encoder_optimizer``: ``encoder``
+    is trainable (TraVeLGAN's Siamese embedder) and is updated in place with this optimizer.
+    """
     generator = copy.deepcopy(start)
+    adaptive = None
+    if adaptive_lambda_scale is not None:
+        adaptive = GradientBalancedLambda(last_layer_weight(generator), scale=adaptive_lambda_scale)
     torch.manual_seed(seed + 1)  # the same discriminator for every lambda
     discriminator = PatchDiscriminator(3, width=settings.d_width, n_layers=settings.d_layers)
     optimizer_g = torch.optim.Adam(generator.parameters(), lr=settings.lr, betas=(0.5, 0.999))
     optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=2 * settings.lr, betas=(0.5, 0.999))
     options = StepOptions(
-        lambda_travel=lambda_travel, gan_loss=settings.gan_loss, travel_distance="cosine", travel_reduction="mean"
+        lambda_travel=lambda_travel, gan_loss=settings.gan_loss, travel_distance=travel_distance, travel_reduction="mean"
     )
     batches = torch.Generator().manual_seed(seed + 2)  # the same batches for every lambda
-    bar = _progress(settings.steps, f"lambda {lambda_travel:g}", progress)
+    bar = _progress(settings.steps, "lambda auto" if adaptive else f"lambda {lambda_travel:g}", progress)
     sums = {"loss_adv": 0.0, "loss_travel": 0.0, "loss_d": 0.0}
     tail = max(1, settings.steps // 5)  # losses are reported as means over the last fifth of the run
     for step in range(settings.steps):
         real_a = _batch(images_a, settings.batch_size, batches)
         real_b = _batch(images_b, settings.batch_size, batches)
-        g_out = generator_step(generator, discriminator, encoder, optimizer_g, real_a, options)
+        g_out = generator_step(
+            generator, discriminator, encoder, optimizer_g, real_a, options,
+            encoder_optimizer=encoder_optimizer, adaptive_lambda=adaptive,
+        )  # fmt: skip
         d_out = discriminator_step(discriminator, optimizer_d, real_b, g_out["fake"], options)
         if step >= settings.steps - tail:
             for key, out in (("loss_adv", g_out), ("loss_travel", g_out), ("loss_d", d_out)):
@@ -186,7 +203,10 @@ def _train_one(
         bar.set_postfix(adv=f"{float(g_out['loss_adv']):.3f}", travel=f"{float(g_out['loss_travel']):.3f}")
         bar.update(1)
     bar.close()
-    return generator, {f"train_{key}": value / tail for key, value in sums.items()}
+    losses = {f"train_{key}": value / tail for key, value in sums.items()}
+    if adaptive is not None:
+        losses["lambda_final"] = adaptive.value
+    return generator, losses
 
 
 def _progress(total: int, description: str, enabled: bool) -> Any:

@@ -1,28 +1,47 @@
-"""The lambda sweep on toy streets, on CPU: how much does the travel loss preserve semantics, at what cost.
+r"""The lambda sweep on toy streets, on CPU: how much does the travel loss preserve semantics, at what cost.
 
-Trains one generator per setting with :func:`reference.train.train` on toy streets and scores
-each on held-out A scenes with :func:`reference.evaluate.evaluate_toy_streets`:
+Every run uses the recipe of the toy-street study :mod:`reference.demo` (its functions, not a
+copy): the same identity warm start of a small generator, the same discriminator
+initialisation, the same batches, ``settings.steps`` updates of
+:func:`reference.train.generator_step` then :func:`reference.train.discriminator_step`, and the
+same 128 held-out A scenes to score. Runs:
 
-- lambda_travel in ``--lambdas`` (0 and small / medium / large values) with the training
-  encoder ``--encoder-mode`` (default ``toy``, the demo's frozen encoder that needs no weights);
-- ``auto``: the gradient-balanced lambda of :mod:`reference.adaptive_lambda`;
-- the TraVeLGAN baseline (a trainable Siamese embedder, TraVeLGAN's objective and weight 10);
-- the random-encoder ablation: a small CLIP vision transformer with random weights
-  (``encoder_mode="random-clip"``; its config is written to ``OUT/random_clip/``).
+- ``lambda X`` for X in ``--lambdas``: :math:`L_G = L_\mathrm{adv} + \lambda L_\mathrm{travel}`
+  with the frozen toy layout encoder (:func:`reference.toy_encoder.build_toy_encoder`), cosine
+  distance averaged over pairs;
+- ``lambda auto``: the gradient-balanced lambda of :mod:`reference.adaptive_lambda` at the
+  generator's last convolution weight :math:`\theta`,
+  :math:`r_t = s\,\|\nabla_\theta L_\mathrm{adv}\| / \|\nabla_\theta L_\mathrm{travel}\|`,
+  :math:`\lambda_t` = the bias-corrected moving average of :math:`r_t` (momentum 0.9), scale
+  :math:`s` = ``--auto-scale`` (1: both terms pull on the last layer equally hard); the row
+  reports where :math:`\lambda_t` ended (``lambda_final``);
+- ``TraVeLGAN (Siamese)``: the baseline, as ``reference.train``'s ``siamese`` mode: a trainable
+  :class:`reference.train.SiameseEmbedder` updated with its own Adam optimizer, TraVeLGAN's
+  distance (``"travelgan"``: squared Euclidean plus cosine), its margin loss, lambda 10;
+- ``random encoder (ablation)``: the toy encoder at its random initial weights, lambda 100.
 
-The judge for the Fréchet distance and the travel consistency is a fixed 8 x 8 average pool of
-the pixels (192 numbers per image), an embedder no run trains with, so no model is graded by
-its own teacher. Runs live in ``OUT/runs/NAME`` and resume from their ``latest.pt``, so an
-interrupted sweep continues where it stopped. Output: ``OUT/sweep.json``, ``OUT/sweep.md`` (a
-markdown table) and ``OUT/sweep.png`` (flip rate, lane accuracy and realism against lambda)::
+Columns: the toy-street scores of :func:`reference.data.score_translations` (flip rate, lane
+accuracy, realism, palette distance), and two measures in a *judge* space that no run trains
+with (:class:`PooledPixels`, the image average-pooled to 4 x 4 pixels: 48 numbers, fewer than
+the 128 scored scenes, so the covariances are full rank): the Fréchet distance between the
+translations and 128 held-out real B scenes (:func:`reference.evaluate.frechet_distance`) and
+the travel consistency, the mean cosine between :math:`J(x_i) - J(x_j)` and
+:math:`J(G(x_i)) - J(G(x_j))` (:func:`reference.evaluate.travel_consistency`). ``toy_travel``
+is the travel loss with the training toy encoder (the lambda runs' own teacher). Reference rows
+(input unchanged, warm start, ideal translation) give the scale of every column.
 
-    python reference/sweep.py --out runs/sweep                       # the README's table
-    python reference/sweep.py --out /tmp/smoke --steps 20 --eval-count 32 --lambdas 0 1   # a smoke run
+Output in ``--out``: ``sweep.json``, ``sweep.md`` (a markdown table) and ``sweep.png`` (flip
+rate, lane accuracy and realism against lambda)::
+
+    python reference/sweep.py --out runs/sweep                 # about 5 minutes on two CPU cores
+    python reference/sweep.py --out /tmp/smoke --steps 20 --lambdas 0 100
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import math
 import sys
@@ -37,26 +56,34 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from reference.evaluate import evaluate_toy_streets, format_table, plot_lambda_sweep  # noqa: E402
+from reference import demo  # noqa: E402
+from reference.data import PALETTE_B, paint_labels  # noqa: E402
+from reference.evaluate import format_table, frechet_distance, plot_lambda_sweep, travel_consistency  # noqa: E402
+from reference.models import ResnetGenerator  # noqa: E402
+from reference.toy_encoder import build_toy_encoder  # noqa: E402
+from reference.train import SiameseEmbedder  # noqa: E402
 
-__all__ = ["PooledPixels", "SWEEP_COLUMNS", "run_sweep", "sweep_settings"]
+__all__ = ["DEFAULT_LAMBDAS", "PooledPixels", "SWEEP_COLUMNS", "run_sweep", "sweep_settings"]
 
-# A small ViT for the random-encoder ablation at toy sizes (a random ViT-L/14 needs 224 px inputs).
-RANDOM_CLIP_CONFIG = dict(
-    image_size=64, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, projection_dim=64
-)
+DEFAULT_LAMBDAS = (0.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+SIAMESE_LAMBDA = 10.0  # TraVeLGAN's weight of its travel and margin terms
+RANDOM_ENCODER_LAMBDA = 100.0  # the demo's ablation
+JUDGE_SIDE = 4
 
 SWEEP_COLUMNS = (
     "name", "lambda_travel", "lambda_final", "semantic_flip_rate", "lane_accuracy", "realism", "palette_distance",
-    "input_distance", "judge_frechet_distance", "judge_travel_consistency", "seconds",
+    "judge_frechet_distance", "judge_travel_consistency", "toy_travel", "seconds",
 )  # fmt: skip
+REPORT_NAME, TABLE_NAME, PLOT_NAME = "sweep.json", "sweep.md", "sweep.png"
 
 
 class PooledPixels(nn.Module):
     """The judge: (N, 3, H, W) -> (N, 3 * side * side), the image average-pooled to side x side."""
 
-    def __init__(self, side: int = 8) -> None:
+    def __init__(self, side: int = JUDGE_SIDE) -> None:
         super().__init__()
+        if not isinstance(side, int) or isinstance(side, bool) or side < 1:
+            raise ValueError(f"side: expected an int >= 1, got {side!r}")
         self.side = side
 
     def forward(self, images: Tensor) -> Tensor:
@@ -66,123 +93,178 @@ class PooledPixels(nn.Module):
         return f"side={self.side}"
 
 
-def sweep_settings(
-    lambdas: Sequence[float], *, encoder_mode: str = "toy", auto: bool = True, baselines: bool = True
-) -> list[dict[str, Any]]:
-    """One dict per run: ``name`` plus the TrainConfig fields that set the run apart."""
+def sweep_settings(lambdas: Sequence[float], *, auto: bool = True, baselines: bool = True) -> list[dict[str, Any]]:
+    """The plan: one dict per run with ``name``, ``lambda_travel`` (a number or ``"auto"``) and ``encoder``
+    (``"toy"``, ``"siamese"`` or ``"toy-random"``)."""
     runs: list[dict[str, Any]] = []
     for lam in lambdas:
-        if not lam >= 0 or not math.isfinite(lam):
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or not math.isfinite(lam):
             raise ValueError(f"lambdas: expected finite numbers >= 0, got {lam!r}")
-        runs.append({"name": f"lambda {lam:g}", "lambda_travel": float(lam), "encoder_mode": encoder_mode})
+        runs.append({"name": f"lambda {lam:g}", "lambda_travel": float(lam), "encoder": "toy"})
     if auto:
-        runs.append({"name": "lambda auto", "lambda_travel": "auto", "encoder_mode": encoder_mode})
+        runs.append({"name": "lambda auto", "lambda_travel": "auto", "encoder": "toy"})
     if baselines:
-        runs.append(
-            {"name": "TraVeLGAN (Siamese)", "lambda_travel": 10.0, "encoder_mode": "siamese", "travel_distance": "travelgan"}
-        )
-        runs.append({"name": "random CLIP (ablation)", "lambda_travel": 1.0, "encoder_mode": "random-clip"})
+        runs.append({"name": "TraVeLGAN (Siamese)", "lambda_travel": SIAMESE_LAMBDA, "encoder": "siamese"})
+        runs.append({"name": "random encoder (ablation)", "lambda_travel": RANDOM_ENCODER_LAMBDA, "encoder": "toy-random"})
     return runs
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in ".-" else "_" for c in name.lower()).strip("_")
-
-
-def _write_random_clip_config(folder: Path) -> Path:
-    from transformers import CLIPVisionConfig
-
-    folder.mkdir(parents=True, exist_ok=True)
-    CLIPVisionConfig(**RANDOM_CLIP_CONFIG).save_pretrained(folder)
-    return folder
-
-
-def _final_lambda(checkpoint_path: Path) -> float | None:
-    """Where an adaptive lambda ended: the bias-corrected average stored in the checkpoint."""
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True).get("adaptive_lambda")
-    if not state or not state.get("count"):
-        return None
-    return state["average"] / (1.0 - state["momentum"] ** state["count"])
 
 
 def run_sweep(
     out: str | Path,
     *,
-    lambdas: Sequence[float] = (0.0, 0.1, 1.0, 10.0),
-    steps: int = 600,
-    size: int = 64,
-    batch_size: int = 8,
-    encoder_mode: str = "toy",
-    auto: bool = True,
-    baselines: bool = True,
-    eval_count: int = 256,
+    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    steps: int | None = None,
     seed: int = 0,
-    train_options: dict[str, Any] | None = None,
+    settings: demo.DemoSettings | None = None,
+    auto: bool = True,
+    auto_scale: float = 1.0,
+    baselines: bool = True,
     judge: nn.Module | None = None,
+    encoder: nn.Module | None = None,
     progress: bool = True,
-) -> list[dict[str, Any]]:
+) -> dict[str, Any]:
     """Train and score every run of :func:`sweep_settings`; write sweep.json, sweep.md, sweep.png under ``out``.
 
-    ``train_options`` are extra TrainConfig fields for every run (e.g. ``{"g_width": 16}``);
-    ``judge`` is the embedder of the Fréchet distance and the travel consistency (default
-    :class:`PooledPixels` with an 8 x 8 pool). Returns the rows (one dict per run).
+    ``settings``: the recipe (default :data:`reference.demo.FULL`); ``steps`` overrides its GAN
+    updates per run. ``judge``: the embedder of the Fréchet distance and the travel consistency
+    (default :class:`PooledPixels`). ``encoder``: the frozen training encoder of the lambda runs
+    and of ``toy_travel`` (default :func:`reference.toy_encoder.build_toy_encoder` for the seed,
+    which pretrains on first use). Deterministic for a seed on a given machine and thread
+    count; the global random state is restored afterwards. Returns the report also written
+    as ``sweep.json``: ``{"rows": [...], "references": [...], "settings": ..., "judge": ...}``.
     """
-    from reference.train import TrainConfig, train
-    from reference.translate import load_generator
-
+    plan = sweep_settings(lambdas, auto=auto, baselines=baselines)
+    if not plan:
+        raise ValueError("lambdas: expected at least one run (give lambdas, or leave auto or baselines on)")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+    if isinstance(auto_scale, bool) or not isinstance(auto_scale, (int, float)) or not auto_scale > 0 or not math.isfinite(auto_scale):
+        raise ValueError(f"auto_scale: expected a finite number > 0, got {auto_scale!r}")
+    settings = demo.FULL if settings is None else settings
+    if not isinstance(settings, demo.DemoSettings):
+        raise ValueError(f"settings: expected a reference.demo.DemoSettings, got {type(settings).__name__}")
+    if steps is not None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+        settings = dataclasses.replace(settings, steps=steps)
+    judge = PooledPixels() if judge is None else judge
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shared = dict(
-        toy_streets=True, size=size, batch_size=batch_size, steps=steps, seed=seed, g_width=32, g_blocks=4, d_width=32,
-        log_every=max(1, min(50, steps)), sample_every=steps, checkpoint_every=steps, resume=True, device="cpu",
-    )  # fmt: skip
-    shared.update(train_options or {})
-    judge = PooledPixels(8) if judge is None else judge
-    rows: list[dict[str, Any]] = []
-    for run in sweep_settings(lambdas, encoder_mode=encoder_mode, auto=auto, baselines=baselines):
-        name = run.pop("name")
-        fields = {**shared, **run, "out": str(out / "runs" / _slug(name))}
-        if fields["encoder_mode"] == "random-clip":
-            fields["encoder"] = str(_write_random_clip_config(out / "random_clip"))
-        if progress:
-            print(f"== {name}", flush=True)
-        started = time.perf_counter()
-        summary = train(TrainConfig(**fields), progress=progress)
-        seconds = time.perf_counter() - started
-        checkpoint = Path(summary["checkpoint"])
-        generator = load_generator(checkpoint)
-        scores = evaluate_toy_streets(generator, count=eval_count, size=size, encoder=judge)
-        row = {
-            "name": name,
-            "lambda_travel": run["lambda_travel"],
-            "encoder_mode": run["encoder_mode"],
-            "steps": summary["step"],
-            "lambda_final": _final_lambda(checkpoint) if run["lambda_travel"] == "auto" else None,
-            "seconds": seconds,
-            "judge_frechet_distance": scores.pop("encoder_frechet_distance"),
-            "judge_kernel_distance": scores.pop("encoder_kernel_distance"),
-            "judge_travel_consistency": scores.pop("travel_consistency"),
-            **{k: v for k, v in scores.items() if not k.startswith("encoder_")},
+    with torch.random.fork_rng(devices=[]):
+        if encoder is None:
+            encoder = build_toy_encoder(settings.size, seed=seed)
+        return _run(out, plan, seed, settings, float(auto_scale), judge, encoder, progress)
+
+
+def _run(
+    out: Path,
+    plan: list[dict[str, Any]],
+    seed: int,
+    settings: demo.DemoSettings,
+    auto_scale: float,
+    judge: nn.Module,
+    encoder: nn.Module,
+    progress: bool,
+) -> dict[str, Any]:
+    say = functools.partial(print, flush=True) if progress else (lambda *args, **kwargs: None)
+    started = time.perf_counter()
+    size = settings.size
+    images_a, _ = demo._scenes("A", settings.train_scenes, size, seed)
+    images_b, _ = demo._scenes("B", settings.train_scenes, size, seed)
+    eval_images, eval_labels = demo._scenes("A", settings.eval_scenes, size, seed + demo.EVAL_SEED_OFFSET)
+    eval_targets, _ = demo._scenes("B", settings.eval_scenes, size, seed + demo.EVAL_SEED_OFFSET)
+    with torch.no_grad():
+        target_features = judge(eval_targets)
+
+    def score(translated: Tensor) -> dict[str, Any]:
+        scores = demo._score(translated, eval_labels, eval_images, encoder)
+        with torch.no_grad():
+            features = judge(translated)
+        return {
+            "semantic_flip_rate": scores["semantic_flip_rate"],
+            "lane_accuracy": scores["lane_accuracy"],
+            "realism": scores["realism"],
+            "palette_distance": scores["palette_distance"],
+            "judge_frechet_distance": frechet_distance(features, target_features),
+            "judge_travel_consistency": travel_consistency(judge, eval_images, translated),
+            "toy_travel": scores["travel"],
         }
-        rows.append(row)
-        _write_tables(out, rows, shared, judge)  # after every run: a partial sweep is readable
-    _write_tables(out, rows, shared, judge)
-    _write_plot(out, rows, progress=progress)
-    if progress:
-        print(format_table(rows, SWEEP_COLUMNS))
-        print(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'sweep.png'}")
-    return rows
+
+    torch.manual_seed(seed)
+    start = ResnetGenerator(3, 3, width=settings.g_width, n_blocks=settings.g_blocks)
+    warm_losses = demo._identity_warm_start(start, images_a, images_b, settings, seed)
+    say(f"identity warm start: {settings.warm_start_steps} steps, last L1 {warm_losses[-1] if warm_losses else math.nan:.3f}")
+    references = [
+        {"name": "input unchanged", **score(eval_images)},
+        {"name": "warm start", **score(demo._translate(start, eval_images))},
+        {"name": "ideal translation", **score(paint_labels(eval_labels, PALETTE_B))},
+    ]
+    payload = {
+        "settings": {**dataclasses.asdict(settings), "seed": seed, "auto_scale": auto_scale, "auto_momentum": 0.9},
+        "judge": repr(judge),
+        "rows": [],
+        "references": references,
+    }
+    bar = demo._progress(len(plan), "sweep", progress)
+    for run in plan:
+        bar.set_description(run["name"])
+        run_started = time.perf_counter()
+        train_encoder, extra = _training_encoder(run["encoder"], encoder, settings, seed)
+        lam = run["lambda_travel"]
+        generator, losses = demo._train_one(
+            0.0 if lam == "auto" else lam, start, train_encoder, images_a, images_b, settings, seed, progress,
+            adaptive_lambda_scale=auto_scale if lam == "auto" else None, **extra,
+        )  # fmt: skip
+        row = {
+            **run,
+            "lambda_final": losses.pop("lambda_final", None),
+            **score(demo._translate(generator, eval_images)),
+            **losses,
+            "steps": settings.steps,
+            "seconds": time.perf_counter() - run_started,
+        }
+        payload["rows"].append(row)
+        _write_tables(out, payload)  # after every run: a partial sweep is readable
+        bar.update(1)
+        if progress:
+            bar.write(f"{row['name']}: flip rate {row['semantic_flip_rate']:.3f}, realism {row['realism']:.3f} ({row['seconds']:.0f} s)")
+    bar.close()
+    payload["seconds"] = time.perf_counter() - started
+    _write_tables(out, payload)
+    _write_plot(out, payload["rows"], progress=progress)
+    say(format_table(payload["rows"] + references, SWEEP_COLUMNS))
+    say(f"wrote {out / REPORT_NAME}, {out / TABLE_NAME}, {out / PLOT_NAME} in {payload['seconds']:.0f} s")
+    return payload
 
 
-def _write_tables(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any], judge: nn.Module) -> None:
-    payload = {"settings": settings, "judge": repr(judge), "rows": rows}
-    (out / "sweep.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (out / "sweep.md").write_text(format_table(rows, SWEEP_COLUMNS, markdown=True) + "\n")
+def _training_encoder(
+    kind: str, toy_encoder: nn.Module, settings: demo.DemoSettings, seed: int
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The encoder a run trains with, and the extra keyword arguments of ``demo._train_one`` it needs."""
+    if kind == "toy":
+        return toy_encoder, {}
+    if kind == "toy-random":
+        return build_toy_encoder(settings.size, seed=seed, pretrained=False), {}
+    if kind == "siamese":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 3)
+            siamese = SiameseEmbedder(settings.size)
+        optimizer = torch.optim.Adam(siamese.parameters(), lr=settings.lr, betas=(0.5, 0.999))
+        return siamese, {"encoder_optimizer": optimizer, "travel_distance": "travelgan"}
+    raise ValueError(f"encoder: expected 'toy', 'toy-random' or 'siamese', got {kind!r}")
+
+
+def _write_tables(out: Path, payload: dict[str, Any]) -> None:
+    (out / REPORT_NAME).write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    table = format_table(payload["rows"] + payload["references"], SWEEP_COLUMNS, markdown=True)
+    (out / TABLE_NAME).write_text(table + "\n")
 
 
 def _write_plot(out: Path, rows: list[dict[str, Any]], *, progress: bool) -> None:
+    # baselines are drawn as horizontal lines, not as points of the lambda curve
+    plotted = [row if row["encoder"] == "toy" else {**row, "lambda_travel": None} for row in rows]
     try:
-        plot_lambda_sweep(rows, out / "sweep.png")
+        plot_lambda_sweep(plotted, out / PLOT_NAME)
     except ImportError as error:
         if progress:
             print(f"note: no plot: {error}")
@@ -190,21 +272,17 @@ def _write_plot(out: Path, rows: list[dict[str, Any]], *, progress: bool) -> Non
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reference/sweep.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder for the runs, sweep.json, sweep.md and sweep.png")
-    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.1, 1.0, 10.0])
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--encoder-mode", default="toy", help="training encoder of the lambda runs (TrainConfig.encoder_mode)")
+    parser.add_argument("--out", required=True, help="folder for sweep.json, sweep.md and sweep.png")
+    parser.add_argument("--lambdas", type=float, nargs="*", default=list(DEFAULT_LAMBDAS))
+    parser.add_argument("--steps", type=int, default=demo.FULL.steps, help="GAN updates per run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--auto-scale", type=float, default=1.0, help="s of the adaptive lambda (travel / adversarial gradient norm)")
     parser.add_argument("--no-auto", action="store_true", help="skip the adaptive-lambda run")
     parser.add_argument("--no-baselines", action="store_true", help="skip the Siamese baseline and the random-encoder ablation")
-    parser.add_argument("--eval-count", type=int, default=256, help="held-out A scenes to score")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     run_sweep(
-        args.out, lambdas=args.lambdas, steps=args.steps, size=args.size, batch_size=args.batch_size,
-        encoder_mode=args.encoder_mode, auto=not args.no_auto, baselines=not args.no_baselines,
-        eval_count=args.eval_count, seed=args.seed,
+        args.out, lambdas=args.lambdas, steps=args.steps, seed=args.seed, auto=not args.no_auto,
+        auto_scale=args.auto_scale, baselines=not args.no_baselines,
     )  # fmt: skip
     return 0
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny CLIP checkpoints on disk, and no network for any test.
+"""Shared fixtures: tiny CLIP checkpoints on disk, no network for any test, hypothesis profiles.
 
 The checkpoints are built from a small ``CLIPVisionConfig`` with random weights and written with
 ``save_pretrained`` (safetensors), so tests load them exactly as users load real ones, by path.
@@ -11,6 +11,12 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI runs the property tests derandomized (the same examples on every run), so that a red CI
+# always reproduces; locally they explore new examples every run.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 # Before anything imports huggingface_hub, which reads these once at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import types
 
@@ -438,23 +439,49 @@ def test_format_table_text_and_markdown():
 
 
 def test_sweep_trains_scores_and_reports_each_run(tmp_path):
+    import dataclasses
+
+    from reference import demo
     from reference.sweep import PooledPixels, run_sweep, sweep_settings
+    from reference.toy_encoder import build_toy_encoder
 
     names = [run["name"] for run in sweep_settings([0.0, 0.5])]
-    assert names == ["lambda 0", "lambda 0.5", "lambda auto", "TraVeLGAN (Siamese)", "random CLIP (ablation)"]
+    assert names == ["lambda 0", "lambda 0.5", "lambda auto", "TraVeLGAN (Siamese)", "random encoder (ablation)"]
     with pytest.raises(ValueError, match="lambdas"):
         sweep_settings([-1.0])
-    assert PooledPixels(4)(torch.zeros(2, 3, 16, 16)).shape == (2, 48)
+    images = torch.rand(2, 3, 16, 16)
+    assert PooledPixels(4)(images).shape == (2, 48)
+    torch.testing.assert_close(PooledPixels(1)(images), images.mean((2, 3)))
 
-    tiny = {"g_width": 4, "g_blocks": 1, "d_width": 4}
-    options = dict(lambdas=[], steps=1, size=32, batch_size=2, baselines=False, eval_count=4, judge=PooledPixels(2))
-    rows = run_sweep(tmp_path, **options, encoder_mode="siamese", train_options=tiny, progress=False)
-    (row,) = rows
-    assert row["name"] == "lambda auto" and row["lambda_final"] > 0
-    assert 0 <= row["semantic_flip_rate"] <= 1 and -1 <= row["judge_travel_consistency"] <= 1
-    assert json.loads((tmp_path / "sweep.json").read_text())["rows"][0]["name"] == "lambda auto"
-    assert (tmp_path / "sweep.md").read_text().startswith("| name |")
-    assert (tmp_path / "sweep.png").stat().st_size > 0
-    # a finished sweep resumes from its checkpoints without training again: the same scores
-    (again,) = run_sweep(tmp_path, **options, encoder_mode="siamese", train_options=tiny, progress=False)
-    assert again["semantic_flip_rate"] == row["semantic_flip_rate"] and again["steps"] == 1
+    # the demo's recipe, tiny; an untrained toy encoder skips the pretraining (the plumbing is under test)
+    tiny = dataclasses.replace(demo.QUICK, steps=2, warm_start_steps=2, train_scenes=8, eval_scenes=16)
+    options = dict(settings=tiny, judge=PooledPixels(2), encoder=build_toy_encoder(32, seed=0, pretrained=False), progress=False)
+    for bad, match in ((dict(auto_scale=0.0), "auto_scale"), (dict(steps=0), "steps"), (dict(lambdas=[], auto=False, baselines=False), "lambdas")):
+        with pytest.raises(ValueError, match=match):
+            run_sweep(tmp_path / "bad", **{**options, **bad})
+    rng_before = torch.get_rng_state()
+    report = run_sweep(tmp_path, lambdas=[0.0, 1.0], **options)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == ["lambda 0", "lambda 1", "lambda auto", "TraVeLGAN (Siamese)", "random encoder (ablation)"]
+    assert math.isfinite(rows["lambda auto"]["lambda_final"]) and rows["lambda auto"]["lambda_final"] > 0
+    assert all(row["lambda_final"] is None for name, row in rows.items() if name != "lambda auto")
+    for row in report["rows"] + report["references"]:
+        assert 0 <= row["semantic_flip_rate"] <= 1 and 0 <= row["realism"] <= 1 and row["judge_frechet_distance"] >= 0
+        assert -1 <= row["judge_travel_consistency"] <= 1 + 1e-9
+    unchanged, _, ideal = report["references"]
+    assert unchanged["semantic_flip_rate"] == 0 and unchanged["judge_travel_consistency"] == pytest.approx(1.0)
+    assert ideal["realism"] == 1 and ideal["lane_accuracy"] == 1
+    # the judge sees the palette: B-coloured scenes are nearer real B scenes than the A inputs are
+    assert ideal["judge_frechet_distance"] < unchanged["judge_frechet_distance"]
+
+    # every run starts from the same warm start, D and batches: a run alone scores as it did in the sweep
+    (alone,) = run_sweep(tmp_path / "alone", lambdas=[1.0], auto=False, baselines=False, **options)["rows"]
+    assert alone["semantic_flip_rate"] == rows["lambda 1"]["semantic_flip_rate"]
+    assert alone["judge_frechet_distance"] == rows["lambda 1"]["judge_frechet_distance"]
+
+    written = json.loads((tmp_path / "sweep.json").read_text())
+    assert [row["name"] for row in written["rows"]] == list(rows)
+    table = (tmp_path / "sweep.md").read_text().splitlines()
+    assert table[0].startswith("| name |") and len(table) == 2 + len(rows) + len(report["references"])
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
