@@ -33,7 +33,7 @@ is the travel loss with the training toy encoder (the lambda runs' own teacher).
 Output in ``--out``: ``sweep.json``, ``sweep.md`` (a markdown table) and ``sweep.png`` (flip
 rate, lane accuracy and realism against lambda)::
 
-    python reference/sweep.py --out runs/sweep                 # about 5 minutes on two CPU cores
+    python reference/sweep.py --out runs/sweep   # 9 runs of about 30 s each, plus the encoder pretraining and warm start
     python reference/sweep.py --out /tmp/smoke --steps 20 --lambdas 0 100
 """
 
