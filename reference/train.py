@@ -101,23 +101,23 @@ class TrainConfig:
     """Every option of a run; the command line maps one flag to each field (``--g-width`` -> g_width)."""
 
     # data: a CycleGAN-layout root (trainA/, trainB/), two folders, or the toy streets
-    data: str | None = None
-    data_a: str | None = None
-    data_b: str | None = None
-    toy_streets: bool = False
+    data: str | None = None  # a CycleGAN-layout root with trainA/ and trainB/
+    data_a: str | None = None  # a folder of source-domain images (with --data-b)
+    data_b: str | None = None  # a folder of target-domain images
+    toy_streets: bool = False  # train on the generated toy streets (reference.data.ToyStreets)
     toy_length: int = 10_000  # training scenes per toy domain (generated on the fly)
     toy_seed: int = 0  # the toy training set; evaluate on other seeds
-    size: int = 256
+    size: int = 256  # images are resized to size x size
     flip: bool = True  # random horizontal flips of training images
     num_workers: int | None = None  # None: 0 for the toy streets, min(4, cpus) for folders
 
     # objective
     lambda_travel: float | str = 1.0  # a number, or "auto" (reference.adaptive_lambda)
     lambda_auto_scale: float = 1.0  # "auto": wanted ratio of travel to adversarial gradient norm
-    lambda_auto_momentum: float = 0.9
+    lambda_auto_momentum: float = 0.9  # "auto": moving-average momentum of the gradient ratio
     travel_objective: str = "paper"  # "paper": equation 2; "notebook": the original code's variant
     travel_distance: str = "cosine"  # travel_loss distance: cosine | squared_euclidean | travelgan
-    travel_reduction: str = "mean"  # over the N(N-1) pairs: mean | sum (the paper's lambda scale)
+    travel_reduction: str = "mean"  # mean | sum over the N(N-1) pairs (lambda conventions: README)
     gan_loss: str = "bce"  # bce (non-saturating) | lsgan | hinge
     augment: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"
 
@@ -126,40 +126,40 @@ class TrainConfig:
     encoder_mode: str = "clip"  # clip | random-clip (the ablation) | siamese (TraVeLGAN) | toy
     crop: str = "center"  # FrozenCLIPEncoder crop policy: center | resize | full
     features: str = "pooled"  # FrozenCLIPEncoder features: pooled | projected
-    siamese_width: int = 32
-    siamese_dim: int = 1000
-    siamese_margin: float = 10.0
+    siamese_width: int = 32  # siamese mode: the embedder's first conv width
+    siamese_dim: int = 1000  # siamese mode: embedding size (TraVeLGAN's 1000)
+    siamese_margin: float = 10.0  # siamese mode: margin of siamese_margin_loss
 
     # networks
-    g_width: int = 64
+    g_width: int = 64  # generator width (channels after the stem)
     g_blocks: int | None = None  # None: 9 above 128 px, else 6
-    d_width: int = 64
-    d_layers: int = 3
+    d_width: int = 64  # discriminator width
+    d_layers: int = 3  # stride-2 layers of the PatchGAN (3: 70 x 70 patches)
 
     # optimisation
-    steps: int = 20_000
+    steps: int = 20_000  # training iterations (one G and one D update each)
     batch_size: int = 16  # per process; the travel loss sees batch_size * world_size images
-    lr: float = 2e-4
+    lr: float = 2e-4  # generator learning rate
     lr_d: float | None = None  # None: 2 * lr
-    beta1: float = 0.5
+    beta1: float = 0.5  # Adam betas of both optimizers
     beta2: float = 0.999
     decay_steps: int = 0  # linear decay of both learning rates to 0 over the last decay_steps
 
     # engineering
     device: str = "auto"  # auto | cpu | cuda | xla
     amp: str = "off"  # off | bf16 | fp16 (CUDA only)
-    compile: bool = False
+    compile: bool = False  # torch.compile G, D and the encoder forward
     compile_backend: str = "inductor"
-    channels_last: bool = False
+    channels_last: bool = False  # channels-last memory format (pays under --compile on CUDA)
     seed: int = 0
 
     # output
-    out: str = "runs/cliptravelgan"
-    resume: bool = False
-    log_every: int = 50
-    sample_every: int = 500
+    out: str = "runs/cliptravelgan"  # run folder: latest.pt, metrics.jsonl, samples/
+    resume: bool = False  # continue from OUT/latest.pt
+    log_every: int = 50  # steps between metric lines (the only host syncs)
+    sample_every: int = 500  # steps between input | translation PNG grids
     sample_count: int = 8
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 1000  # steps between atomic checkpoints
     keep_checkpoints: int = 0  # also keep the last K checkpoints as step_XXXXXX.pt
 
     @property
@@ -1088,6 +1088,19 @@ def _lambda_value(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
+def _field_comments(cls: type) -> dict[str, str]:
+    """The ``# comment`` after each field of a dataclass, as command-line help (empty if no source)."""
+    import inspect  # noqa: PLC0415
+    import re  # noqa: PLC0415
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    pattern = re.compile(r"^\s+(\w+):[^=]+=[^#]*#\s*(.+)$")
+    return {match[1]: match[2].strip() for match in map(pattern.match, source.splitlines()) if match}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One flag per :class:`TrainConfig` field (``--g-width`` for g_width), plus --demo and --quick."""
     parser = argparse.ArgumentParser(
@@ -1109,19 +1122,21 @@ def build_parser() -> argparse.ArgumentParser:
         "device": dict(choices=DEVICES),
         "amp": dict(choices=AMP_MODES),
     }
+    comments = _field_comments(TrainConfig)
     for item in dataclasses.fields(TrainConfig):
         flag = "--" + item.name.replace("_", "-")
         default = getattr(defaults, item.name)
+        text = comments.get(item.name, "").replace("%", "%%")
         if item.name in special:
-            parser.add_argument(flag, default=default, **special[item.name])
+            parser.add_argument(flag, default=default, help=text, **special[item.name])
         elif isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif item.type in ("int", "int | None"):
-            parser.add_argument(flag, type=int, default=default)
+            parser.add_argument(flag, type=int, default=default, help=text)
         elif item.type in ("float", "float | None"):
-            parser.add_argument(flag, type=float, default=default)
+            parser.add_argument(flag, type=float, default=default, help=text)
         else:
-            parser.add_argument(flag, default=default)
+            parser.add_argument(flag, default=default, help=text)
     parser.add_argument("--demo", action="store_true", help="run the toy-street study (reference.demo) into --out")
     parser.add_argument("--quick", action="store_true", help="with --demo: a shorter study")
     return parser
