@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from reference.adaptive_lambda import GradientBalancedLambda, last_layer_weight
 from reference.data import PALETTE_B, ToyStreets, paint_labels, score_translations
+from reference.evaluate import translate_images
 from reference.models import PatchDiscriminator, ResnetGenerator
 from reference.toy_encoder import build_toy_encoder
 from reference.train import StepOptions, discriminator_step, generator_step, save_image_grid
@@ -130,11 +131,6 @@ def _identity_warm_start(
         optimizer.step()
         losses.append(float(loss.detach()))
     return losses
-
-
-@torch.no_grad()
-def _translate(generator: nn.Module, images: Tensor, chunk: int = 32) -> Tensor:
-    return torch.cat([generator(part) for part in images.split(chunk)])
 
 
 def _score(translated: Tensor, labels: Tensor, sources: Tensor, encoder: nn.Module) -> dict[str, Any]:
@@ -301,7 +297,7 @@ def _run(out: Path, seed: int, quick: bool, settings: DemoSettings, progress: bo
     ideal = paint_labels(eval_labels, PALETTE_B)
     references = {
         "input unchanged": _score(eval_images, eval_labels, eval_images, encoder),
-        "warm start": _score(_translate(start, eval_images), eval_labels, eval_images, encoder),
+        "warm start": _score(translate_images(start, eval_images), eval_labels, eval_images, encoder),
         "ideal": _score(ideal, eval_labels, eval_images, encoder),
     }
     plan = [("toy", lam) for lam in settings.lambdas] + [("toy-random", lam) for lam in settings.random_encoder_lambdas]
@@ -310,7 +306,7 @@ def _run(out: Path, seed: int, quick: bool, settings: DemoSettings, progress: bo
     for kind, lambda_travel in plan:
         run_started = time.perf_counter()
         generator, losses = _train_one(float(lambda_travel), start, encoders[kind], images_a, images_b, settings, seed, progress)
-        translated = _translate(generator, eval_images)
+        translated = translate_images(generator, eval_images)
         runs.append({
             "lambda_travel": float(lambda_travel), "encoder": kind,
             **_score(translated, eval_labels, eval_images, encoder),  # travel: always with the trained toy encoder

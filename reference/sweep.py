@@ -58,7 +58,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from reference import demo  # noqa: E402
 from reference.data import PALETTE_B, paint_labels  # noqa: E402
-from reference.evaluate import format_table, frechet_distance, plot_lambda_sweep, travel_consistency  # noqa: E402
+from reference.evaluate import format_table, frechet_distance, plot_lambda_sweep, translate_images, travel_consistency  # noqa: E402
 from reference.models import ResnetGenerator  # noqa: E402
 from reference.toy_encoder import build_toy_encoder  # noqa: E402
 from reference.train import SiameseEmbedder  # noqa: E402
@@ -196,7 +196,7 @@ def _run(
     say(f"identity warm start: {settings.warm_start_steps} steps, last L1 {warm_losses[-1] if warm_losses else math.nan:.3f}")
     references = [
         {"name": "input unchanged", **score(eval_images)},
-        {"name": "warm start", **score(demo._translate(start, eval_images))},
+        {"name": "warm start", **score(translate_images(start, eval_images))},
         {"name": "ideal translation", **score(paint_labels(eval_labels, PALETTE_B))},
     ]
     payload = {
@@ -218,7 +218,7 @@ def _run(
         row = {
             **run,
             "lambda_final": losses.pop("lambda_final", None),
-            **score(demo._translate(generator, eval_images)),
+            **score(translate_images(generator, eval_images)),
             **losses,
             "steps": settings.steps,
             "seconds": time.perf_counter() - run_started,

@@ -459,7 +459,7 @@ def embeddings(
     Example:
         >>> @given(e=embeddings())
         ... def test_zero_for_identity(e):
-        ...     assert travel_loss(e, e) == 0
+        ...     assert travel_loss(e, e, distance="squared_euclidean") == 0
     """
     strategies, arrays = _hypothesis()
     _validate_embedding_options(min_n, max_n, min_dim, max_dim, dtype, scale, max_offset)
