@@ -56,6 +56,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        # DDP's reducer holds the process group: release it, and let both ranks finish their
+        # collectives, before the group is destroyed (otherwise gloo can abort at exit).
+        del model, emb_gen, ddp_loss
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
