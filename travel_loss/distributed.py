@@ -22,6 +22,8 @@ exactly the gradient of the global-batch loss, the same as one process with the 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -55,31 +57,13 @@ def all_gather_with_grad(x: Tensor, group: dist.ProcessGroup | None = None) -> T
         return x
     group = dist.group.WORLD if group is None else group
     if not x.requires_grad:
-        return _gather(x, group)
-    return _GatherWithGrad.apply(x, group)
+        gathered = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, x.contiguous(), group=group)
+        return torch.cat(gathered)
+    from torch.distributed.nn.functional import all_gather
 
-
-def _gather(x: Tensor, group: dist.ProcessGroup) -> Tensor:
-    gathered = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, x.contiguous(), group=group)
-    return torch.cat(gathered)
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """Forward: all-gather along dim 0. Backward: sum the gradients of all ranks, keep our rows.
-
-    An all-reduce and a slice rather than a reduce-scatter, because gloo has no reduce-scatter;
-    the gradients of embeddings are small.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
-        ctx.group, ctx.rows = group, x.shape[0]
-        return _gather(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = dist.get_rank(ctx.group) * ctx.rows
-        return grad[start : start + ctx.rows], None
+    with warnings.catch_warnings():
+        # Deprecated in favour of a private API (_functional_collectives) whose name changes
+        # between releases; this one works from torch 2.4 on, on gloo and NCCL.
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x, group=group))
