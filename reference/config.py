@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 PAPER_ENCODER = "openai/clip-vit-large-patch14"
-ENCODER_MODES = ("clip", "random-clip", "siamese", "toy")
+ENCODER_MODES = ("clip", "random-clip", "siamese", "toy", "module")
 TRAVEL_OBJECTIVES = ("paper", "notebook")
 AMP_MODES = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "xla")
@@ -55,10 +55,11 @@ class TrainConfig:
     travel_reduction: str = "mean"  # mean | sum over the N(N-1) pairs (lambda conventions: README)
     gan_loss: str = "bce"  # bce (non-saturating) | lsgan | hinge
     augment: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"
+    lambda_identity: float = 0.0  # baseline: CycleGAN's identity term, + lambda_identity * mean |G(x) - x|
 
     # encoder E
-    encoder: str = PAPER_ENCODER  # hub id or local folder of a CLIP checkpoint
-    encoder_mode: str = "clip"  # clip | random-clip (the ablation) | siamese (TraVeLGAN) | toy
+    encoder: str = PAPER_ENCODER  # hub id or folder of a CLIP checkpoint; module mode: FILE.py:FACTORY or pkg.mod:FACTORY
+    encoder_mode: str = "clip"  # clip | random-clip (the ablation) | siamese (TraVeLGAN) | toy | module (your own)
     crop: str = "center"  # FrozenCLIPEncoder crop policy: center | resize | full
     features: str = "pooled"  # FrozenCLIPEncoder features: pooled | projected
     siamese_width: int = 32  # siamese mode: the embedder's first conv width
@@ -140,6 +141,9 @@ def check_config(config: TrainConfig) -> None:
     lam = config.lambda_travel
     if lam != "auto" and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or not math.isfinite(lam)):
         fail("lambda_travel", "a finite number >= 0 or 'auto'")
+    value = config.lambda_identity
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
+        fail("lambda_identity", "a finite number >= 0")
     for name in ("lambda_auto_scale", "lr", "siamese_margin"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
@@ -165,6 +169,8 @@ def check_config(config: TrainConfig) -> None:
     ):
         fail("augment", f"'' or a comma-separated list of {sorted(AUGMENT_OPS)}")
     choice("encoder_mode", ENCODER_MODES)
+    if config.encoder_mode == "module" and ":" not in str(config.encoder):
+        fail("encoder", "FILE.py:FACTORY or package.module:FACTORY with encoder_mode='module'")
     choice("crop", ("center", "resize", "full"))
     choice("features", ("pooled", "projected"))
     for name in ("siamese_width", "siamese_dim", "g_width", "d_width", "d_layers", "steps", "batch_size"):

@@ -114,6 +114,7 @@ class StepOptions:
     gan_loss: str = "bce"
     augment: str = ""
     siamese_margin: float = 10.0
+    lambda_identity: float = 0.0  # weight of the identity baseline mean |G(x) - x|
     device_type: str = "cpu"  # for autocast
     amp_dtype: torch.dtype | None = None  # None: full precision
 
@@ -127,6 +128,7 @@ class StepOptions:
             gan_loss=config.gan_loss,
             augment=config.augment,
             siamese_margin=config.siamese_margin,
+            lambda_identity=config.lambda_identity,
             device_type=device_type,
             amp_dtype={"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp],
         )
@@ -191,6 +193,10 @@ def generator_step(
     ``options.lambda_travel`` by a gradient-balanced value. Returns detached losses, the lambda
     used and the translations ``"fake"`` (detached) for the discriminator step.
 
+    ``options.lambda_identity`` > 0 adds CycleGAN's identity term
+    :math:`\lambda_\mathrm{id}\, \mathrm{mean}|G(x) - x|` (a baseline regulariser; it also works
+    with ``lambda_travel = 0``).
+
     ``emb_src``: precomputed (n, D) source embeddings E(x) (a frozen encoder's embeddings of a
     fixed data set can be computed once); the step then skips the source forward.
     """
@@ -217,6 +223,8 @@ def generator_step(
     loss = adversarial + lam * travel
     if encoder_optimizer is not None:
         loss = loss + lam * siamese_margin_loss(emb_src, options.siamese_margin, check_finite=False)
+    if options.lambda_identity:
+        loss = loss + options.lambda_identity * (fake.float() - real_a.float()).abs().mean()
     _backward_and_step(loss, optimizers, _parameters(optimizers), scaler)
     return {
         "loss_g": loss.detach(),
@@ -281,12 +289,22 @@ def build_encoder(config: TrainConfig) -> nn.Module:
     - ``random-clip``: the same architecture with random weights (the paper's ablation), from
       the checkpoint's config when ``config.encoder`` names one, else ViT-L/14's shape;
     - ``siamese``: :class:`SiameseEmbedder`, trainable (the TraVeLGAN baseline);
-    - ``toy``: ``reference.toy_encoder.build_toy_encoder``, a small frozen encoder that needs no weights.
+    - ``toy``: ``reference.toy_encoder.build_toy_encoder``, a small frozen encoder that needs no weights;
+    - ``module``: your own embedder, built by the factory that ``config.encoder`` names
+      (``FILE.py:FACTORY`` or ``package.module:FACTORY``; ``reference.user_embedder``), frozen
+      and checked with ``travel_loss.testing.check_embedder`` before the first step.
 
     All but ``siamese`` come back frozen (no parameter requires grad) and in eval mode.
     """
     if config.encoder_mode == "siamese":
         return SiameseEmbedder(config.size, width=config.siamese_width, dim=config.siamese_dim)
+    if config.encoder_mode == "module":
+        from reference.user_embedder import EmbedderSpecError, build_user_embedder  # noqa: PLC0415
+
+        try:
+            return build_user_embedder(config.encoder, config.size)
+        except EmbedderSpecError as error:
+            raise SetupError(str(error)) from error
     if config.encoder_mode == "toy":
         from reference.toy_encoder import build_toy_encoder  # noqa: PLC0415
 
@@ -595,7 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, type=float, default=default, help=text)
         else:
             parser.add_argument(flag, default=default, help=text)
-    parser.add_argument("--demo", action="store_true", help="run the toy-street study (reference.demo) into --out")
+    parser.add_argument(
+        "--demo", nargs="?", const="streets", choices=("streets", "digits"), default=None,
+        help="run a study into --out: the toy streets (reference.demo; --demo alone) or real digits (reference.digit_demo)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="with --demo: a shorter study")
     return parser
 
@@ -605,6 +626,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = vars(parser.parse_args(argv))
     demo, quick = args.pop("demo"), args.pop("quick")
     config = TrainConfig(**args)
+    if demo == "digits":
+        from reference.digit_demo import run_digit_demo  # noqa: PLC0415
+
+        run_digit_demo(config.out, seed=config.seed, quick=quick)
+        return 0
     if demo:
         from reference.demo import run_demo  # noqa: PLC0415
 

@@ -1,0 +1,259 @@
+r"""Real handwritten digits for the digit study: two styles, a class-prior mismatch, a label judge.
+
+The data are scikit-learn's handwritten digits (``sklearn.datasets.load_digits``: 1,797 real
+8 x 8 scans with labels, shipped inside scikit-learn, no download). Four disjoint subsets of the
+scans are drawn with a fixed seed:
+
+- **A-train** and **A-test**: the source domain, rendered in style A (light ink on a dark
+  navy background, thin strokes), every class about equally often;
+- **B**: the target domain, rendered in style B (dark red ink on cream paper, thick strokes:
+  the opposite polarity), with *strongly skewed class frequencies*: class ``order[k]`` keeps a
+  fraction ``skew ** k`` of its scans, so the two most common classes make up about half of B
+  and the rarest ones a few images. This is the mechanism behind CycleGAN painting trees into
+  GTA's sky: a discriminator that sees whole images learns B's class prior, and a generator
+  that only has to look like B is pushed to turn rare classes into common ones;
+- **judge**: a third set, rendered in style B with all classes, on which a label classifier
+  (the *judge*) is fitted. It scores a translation by whether it still shows the input's digit.
+
+Scores of translations ``G(x)`` of A-test images (:func:`score_digit_translations`):
+
+- **label accuracy** (1 is ideal): the judge's label of G(x) equals x's label;
+- **realism** (1 is ideal): the fraction of output pixels whose colour lies on B's ink-paper
+  colour segment (within ``REALISM_TOLERANCE``); about 1 for real B renders, about 0 for A
+  renders left unchanged. Like the streets' realism it measures the look, not the content.
+
+The embedders of the study (:func:`stroke_embedder`, :func:`pixel_embedder`) are fitted
+without labels on A-train only; see their docstrings for why one works and the other does not.
+
+Shapes: images (N, 3, S, S) float32 in [-1, 1] (S = ``size``, 16 by default); labels (N,) int64.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "DIGIT_SIZE",
+    "DigitDomains",
+    "DigitJudge",
+    "PixelPCAEmbedder",
+    "StrokePCAEmbedder",
+    "digit_domains",
+    "pixel_embedder",
+    "render_digits",
+    "score_digit_translations",
+    "stroke_embedder",
+]
+
+DIGIT_SIZE = 16
+STYLE_A = {"paper": (0.08, 0.10, 0.30), "ink": (1.00, 0.88, 0.25), "thickness": 0}  # light on dark navy
+STYLE_B = {"paper": (0.96, 0.92, 0.82), "ink": (0.55, 0.06, 0.10), "thickness": 1}  # dark red on cream
+REALISM_TOLERANCE = 0.12  # RGB distance in [0, 1] units to B's paper-ink segment
+SPLIT_SIZES = {"a_train": 500, "a_test": 200, "judge": 400}  # the rest (697 scans) is B's pool
+DEFAULT_SKEW = 0.6
+
+
+@functools.lru_cache(maxsize=1)
+def _scans() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # noqa: PLC0415  (scikit-learn: the reference extra)
+
+    digits = load_digits()
+    return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)
+
+
+def render_digits(scans: Tensor, style: dict, size: int = DIGIT_SIZE, generator: torch.Generator | None = None) -> Tensor:
+    """Paint 8 x 8 scans (N, 8, 8) in [0, 1] as (N, 3, size, size) images in [-1, 1] in ``style``.
+
+    The scan is upsampled bilinearly, thickened by ``style["thickness"]`` 3 x 3 dilations (a max
+    filter), and each pixel mixes the style's paper and ink colours by its ink amount. With a
+    ``generator``, each image is shifted by up to one pixel and its two colours jittered by
+    +-0.04 per channel, so that a domain is a distribution, not a single rendering.
+    """
+    ink = F.interpolate(scans[:, None].float(), size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    for _ in range(style["thickness"]):
+        ink = F.max_pool2d(ink, 3, stride=1, padding=1)
+    paper = torch.tensor(style["paper"]).view(1, 3, 1, 1).expand(len(scans), 3, 1, 1)
+    colour = torch.tensor(style["ink"]).view(1, 3, 1, 1).expand(len(scans), 3, 1, 1)
+    if generator is not None:
+        shifts = torch.randint(-1, 2, (len(scans), 2), generator=generator)
+        ink = torch.stack([torch.roll(i, (int(dy), int(dx)), dims=(-2, -1)) for i, (dy, dx) in zip(ink, shifts)])
+        paper = (paper + 0.04 * (2 * torch.rand(len(scans), 3, 1, 1, generator=generator) - 1)).clamp(0, 1)
+        colour = (colour + 0.04 * (2 * torch.rand(len(scans), 3, 1, 1, generator=generator) - 1)).clamp(0, 1)
+    return (paper + ink * (colour - paper)) * 2 - 1
+
+
+@dataclass(frozen=True)
+class DigitDomains:
+    """The study's data: images in [-1, 1] and labels of the four disjoint subsets (see the module docstring)."""
+
+    a_train: Tensor
+    a_train_labels: Tensor
+    a_test: Tensor
+    a_test_labels: Tensor
+    a_test_ideal: Tensor  # A-test scans rendered in style B: the ideal translations
+    b: Tensor
+    b_labels: Tensor
+    judge: Tensor
+    judge_labels: Tensor
+    class_order: tuple[int, ...]  # B's classes from most to least frequent
+    scan_ids: dict[str, Tensor]  # subset name -> indices into load_digits() of its scans (disjoint)
+
+
+def digit_domains(seed: int = 0, size: int = DIGIT_SIZE, skew: float = DEFAULT_SKEW, copies: int = 2) -> DigitDomains:
+    """Split scikit-learn's digits into A-train, A-test, B (class frequencies ``skew ** rank``) and judge sets.
+
+    The split and B's class order depend on ``seed`` only. Training sets hold ``copies``
+    renderings of each scan (random one-pixel shifts and colour jitter); test and ideal images
+    are rendered once without jitter. ``skew`` in (0, 1]: 1 keeps B balanced.
+    """
+    if not 0 < skew <= 1:
+        raise ValueError(f"skew must be in (0, 1], got {skew!r}")
+    images, labels = _scans()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(images))
+    bounds = np.cumsum([SPLIT_SIZES["a_train"], SPLIT_SIZES["a_test"], SPLIT_SIZES["judge"]])
+    a_train, a_test, judge, pool_b = np.split(order, bounds)
+    class_order = tuple(int(c) for c in rng.permutation(10))
+    keep = []
+    for rank, digit in enumerate(class_order):
+        members = pool_b[labels[pool_b] == digit]
+        keep.append(members[: max(1, round(len(members) * skew**rank))])
+    b = np.concatenate(keep)
+    scans, targets = torch.from_numpy(images), torch.from_numpy(labels)
+    jitter = torch.Generator().manual_seed(seed)
+
+    def rendered(index: np.ndarray, style: dict, times: int) -> tuple[Tensor, Tensor]:
+        index = np.tile(index, times)
+        return render_digits(scans[index], style, size, jitter if times > 1 else None), targets[index]
+
+    a_train_images, a_train_labels = rendered(a_train, STYLE_A, copies)
+    b_images, b_labels = rendered(b, STYLE_B, copies)
+    judge_images, judge_labels = rendered(judge, STYLE_B, copies)
+    return DigitDomains(
+        a_train=a_train_images, a_train_labels=a_train_labels,
+        a_test=render_digits(scans[a_test], STYLE_A, size), a_test_labels=targets[a_test],
+        a_test_ideal=render_digits(scans[a_test], STYLE_B, size),
+        b=b_images, b_labels=b_labels, judge=judge_images, judge_labels=judge_labels, class_order=class_order,
+        scan_ids={name: torch.from_numpy(ids) for name, ids in
+                  (("a_train", a_train), ("a_test", a_test), ("b", b), ("judge", judge))},
+    )  # fmt: skip
+
+
+class DigitJudge:
+    """A label classifier for style-B digits: an RBF support-vector machine on the pixels.
+
+    Fitted on the judge set (style B, all classes, disjoint from A and B). ``predict(images)``
+    (N, 3, S, S) in [-1, 1] -> labels (N,).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        from sklearn.svm import SVC  # noqa: PLC0415
+
+        self._model = SVC(C=10.0, gamma="scale")
+        self._model.fit(self._features(images), labels.numpy())
+
+    @staticmethod
+    def _features(images: Tensor) -> np.ndarray:
+        return images.detach().float().flatten(1).cpu().numpy()
+
+    def predict(self, images: Tensor) -> Tensor:
+        return torch.from_numpy(self._model.predict(self._features(images)))
+
+    def accuracy(self, images: Tensor, labels: Tensor) -> float:
+        return float((self.predict(images) == labels.cpu()).float().mean())
+
+
+def realism(images: Tensor, style: dict = STYLE_B, tolerance: float = REALISM_TOLERANCE) -> float:
+    """Fraction of pixels whose colour lies within ``tolerance`` of the style's paper-ink segment (RGB in [0, 1])."""
+    pixels = ((images.detach().float().cpu() + 1) / 2).permute(0, 2, 3, 1).reshape(-1, 3)
+    paper, ink = torch.tensor(style["paper"]), torch.tensor(style["ink"])
+    direction = ink - paper
+    t = ((pixels - paper) @ direction / direction.dot(direction)).clamp(0, 1)
+    distance = (pixels - (paper + t[:, None] * direction)).norm(dim=1)
+    return float((distance <= tolerance).float().mean())
+
+
+def score_digit_translations(translated: Tensor, labels: Tensor, judge: DigitJudge) -> dict[str, float]:
+    """``label_accuracy`` (judge agrees with the source label) and ``realism`` of translations (N, 3, S, S)."""
+    return {"label_accuracy": judge.accuracy(translated, labels), "realism": realism(translated)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen embedders, fitted without labels on A-train only
+# ---------------------------------------------------------------------------------------------
+
+
+def _pca_basis(features: Tensor, components: int) -> tuple[Tensor, Tensor]:
+    """Mean (F,) and the top ``components`` principal directions (F, k) of (N, F) features."""
+    mean = features.mean(0)
+    _, _, v = torch.linalg.svd(features - mean, full_matrices=False)
+    return mean, v[:components].T.contiguous()
+
+
+class StrokePCAEmbedder(nn.Module):
+    r"""Where the strokes are, whatever their colour: a style-invariant embedder for the digit study.
+
+    For an image x (N, 3, S, S) in [-1, 1]: the paper colour is the per-image, per-channel median
+    :math:`p`; the stroke map is the colour distance to it, :math:`s = \lVert x - p \rVert_2` per
+    pixel, divided by its root mean square (so that ink contrast does not matter); it is
+    average-pooled to ``grid`` x ``grid`` cells (a low-pass front end: patterns finer than a cell
+    cannot change the embedding) and projected on the top principal directions of A-train's
+    pooled stroke maps. Light-on-dark and dark-on-light strokes give the same map, so a digit and
+    its ideal translation embed alike, while two different digits embed apart. Output (N, k).
+    """
+
+    def __init__(self, mean: Tensor, basis: Tensor, grid: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.register_buffer("mean", mean)
+        self.register_buffer("basis", basis)
+
+    @staticmethod
+    def stroke_map(images: Tensor, grid: int) -> Tensor:
+        paper = images.flatten(2).median(dim=2).values[..., None, None]
+        stroke = (images - paper).square().sum(1, keepdim=True).add(1e-6).sqrt()
+        stroke = stroke / stroke.square().mean((2, 3), keepdim=True).add(1e-6).sqrt()
+        return F.adaptive_avg_pool2d(stroke, grid).flatten(1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return (self.stroke_map(images, self.grid) - self.mean) @ self.basis
+
+
+class PixelPCAEmbedder(nn.Module):
+    """The ablation: principal components of A-train's raw pixels, (N, 3, S, S) -> (N, k).
+
+    Also fitted without labels on A only, but *not* invariant to the style change: B's opposite
+    polarity turns a stroke's contribution around, so the transformation vector between two
+    translated digits points roughly opposite to the one between the inputs.
+    """
+
+    def __init__(self, mean: Tensor, basis: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("basis", basis)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return (images.flatten(1) - self.mean) @ self.basis
+
+
+def stroke_embedder(image_size: int = DIGIT_SIZE, components: int = 32, grid: int = 8, seed: int = 0) -> nn.Module:
+    """The digit study's frozen embedder: :class:`StrokePCAEmbedder` fitted on A-train (no labels).
+
+    A factory for ``reference/train.py --encoder-mode module --encoder reference/digits.py:stroke_embedder``.
+    """
+    a_train = digit_domains(seed=seed, size=image_size).a_train
+    mean, basis = _pca_basis(StrokePCAEmbedder.stroke_map(a_train, grid), components)
+    return StrokePCAEmbedder(mean, basis, grid).eval().requires_grad_(False)
+
+
+def pixel_embedder(image_size: int = DIGIT_SIZE, components: int = 32, seed: int = 0) -> nn.Module:
+    """The ablation's frozen embedder: :class:`PixelPCAEmbedder` fitted on A-train (no labels)."""
+    a_train = digit_domains(seed=seed, size=image_size).a_train
+    mean, basis = _pca_basis(a_train.flatten(1), components)
+    return PixelPCAEmbedder(mean, basis).eval().requires_grad_(False)

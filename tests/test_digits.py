@@ -1,0 +1,287 @@
+"""The digit study: data, judge, embedders, the module-encoder loader, the identity baseline, the quick demo."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")  # the reference extra's scikit-learn: the digits ship inside it
+
+from reference import digit_demo
+from reference.checkpoint import load_checkpoint
+from reference.digits import (
+    STYLE_A,
+    STYLE_B,
+    DigitJudge,
+    digit_domains,
+    pixel_embedder,
+    realism,
+    render_digits,
+    stroke_embedder,
+)
+from reference.losses import generator_adversarial_loss
+from reference.models import PatchDiscriminator, ResnetGenerator
+from reference.train import SetupError, StepOptions, TrainConfig, generator_step, main, train
+from reference.user_embedder import EmbedderSpecError, build_user_embedder, load_factory
+from travel_loss import travel_loss
+from travel_loss.testing import check_embedder
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def domains():
+    return digit_domains()
+
+
+# ---------------------------------------------------------------------------------------------
+# data and judge
+
+
+def test_domains_are_deterministic_and_b_is_skewed(domains):
+    again = digit_domains()
+    assert torch.equal(domains.a_train, again.a_train) and torch.equal(domains.b, again.b)
+    assert domains.a_train.shape[1:] == (3, 16, 16) and domains.a_train.min() >= -1 and domains.a_train.max() <= 1
+    counts = torch.bincount(domains.b_labels, minlength=10)
+    ordered = counts[list(domains.class_order)]
+    assert torch.all(ordered[:-1] >= ordered[1:]), f"B's counts must fall along class_order, got {ordered.tolist()}"
+    assert ordered[:2].sum() >= 0.45 * counts.sum() and ordered[-1] <= 3  # two classes make half of B
+    a_counts = torch.bincount(domains.a_train_labels, minlength=10)
+    assert a_counts.min() >= 0.6 * a_counts.max()  # A is roughly balanced
+
+
+def test_subsets_are_disjoint_scans(domains):
+    ids = {name: set(index.tolist()) for name, index in domains.scan_ids.items()}
+    names = sorted(ids)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            assert not ids[first] & ids[second], f"{first} and {second} share scans"
+    assert len(ids["a_test"]) == len(domains.a_test) and len(ids["judge"]) * 2 == len(domains.judge)
+
+
+def test_styles_have_opposite_polarity_and_realism_tells_them_apart(domains):
+    scans = torch.zeros(2, 8, 8)
+    scans[:, 2:6, 3] = 1.0  # a vertical stroke on empty paper
+    a, b = render_digits(scans, STYLE_A), render_digits(scans, STYLE_B)
+    paper, stroke = (0, slice(None), 0, 0), (0, slice(None), 8, 7)
+    assert a[paper].mean() < a[stroke].mean() and b[paper].mean() > b[stroke].mean()  # light ink vs dark ink
+    assert realism(domains.b) > 0.99 and realism(domains.a_test) < 0.01 and realism(domains.a_test_ideal) > 0.99
+
+
+def test_judge_reads_style_b_digits_but_not_style_a(domains):
+    judge = DigitJudge(domains.judge, domains.judge_labels)
+    assert judge.accuracy(domains.a_test_ideal, domains.a_test_labels) >= 0.9
+    assert judge.accuracy(domains.a_test, domains.a_test_labels) <= 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# embedders
+
+
+@pytest.mark.parametrize("factory", [stroke_embedder, pixel_embedder])
+def test_study_embedders_pass_the_kit(factory):
+    check_embedder(factory(), image_shape=(3, 16, 16))
+
+
+def test_stroke_embedder_is_invariant_to_the_style_change_and_the_pixel_one_is_not(domains):
+    """travel(E(x), E(ideal(x))): near 0 if E ignores the style, ~1 for unrelated images, ~2 for opposite."""
+    shuffled = torch.randperm(len(domains.a_test), generator=torch.Generator().manual_seed(0))
+    stroke, pixel = stroke_embedder(), pixel_embedder()
+    same = float(travel_loss(stroke(domains.a_test), stroke(domains.a_test_ideal)))
+    unrelated = float(travel_loss(stroke(domains.a_test), stroke(domains.a_test_ideal[shuffled])))
+    assert same < 0.5 * unrelated, (same, unrelated)
+    assert float(travel_loss(pixel(domains.a_test), pixel(domains.a_test_ideal))) > 1.5  # vectors point backwards
+
+
+# ---------------------------------------------------------------------------------------------
+# --encoder-mode module
+
+
+FACTORIES = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class Pool(nn.Module):
+        def forward(self, x):
+            return nn.functional.avg_pool2d(x, 4)  # (N, 3, S/4, S/4): flattened by the trainer
+
+    def good(image_size):
+        assert image_size == 16
+        return Pool()
+
+    def no_arguments():
+        return Pool()
+
+    class BatchCoupled(nn.Module):
+        def forward(self, x):
+            return (x - x.mean(0, keepdim=True)).flatten(1)  # each embedding depends on the batch
+
+    def coupled():
+        return BatchCoupled()
+
+    def broken():
+        raise RuntimeError("weights missing")
+
+    def not_a_module():
+        return lambda x: x
+    """
+)
+
+
+@pytest.fixture
+def factory_file(tmp_path):
+    path = tmp_path / "my_embedders.py"
+    path.write_text(FACTORIES)
+    return path
+
+
+def test_module_loader_takes_a_file_or_a_package(factory_file):
+    embedder = build_user_embedder(f"{factory_file}:good", 16)
+    assert embedder(torch.zeros(2, 3, 16, 16)).shape == (2, 48)
+    assert not any(p.requires_grad for p in embedder.parameters()) and not embedder.training
+    assert build_user_embedder(f"{factory_file}:no_arguments", 16)(torch.zeros(2, 3, 16, 16)).shape == (2, 48)
+    assert load_factory("reference.digits:stroke_embedder") is stroke_embedder
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("broken", "calling .* failed: RuntimeError: weights missing"),
+        ("not_a_module", "must return an nn.Module, got function"),
+        ("coupled", "fails travel_loss.testing.check_embedder: .*image 0"),
+        ("missing", "has no callable named 'missing'"),
+    ],
+)
+def test_module_loader_errors_name_the_problem(factory_file, name, message):
+    with pytest.raises(EmbedderSpecError, match=message):
+        build_user_embedder(f"{factory_file}:{name}", 16)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("no_colon", "expected FILE.py:FACTORY"), ("nowhere/x.py:f", "no such file"), ("no_such_pkg.mod:f", "cannot import module")],
+)
+def test_module_loader_rejects_bad_specs(spec, message):
+    with pytest.raises(EmbedderSpecError, match=message):
+        load_factory(spec)
+
+
+def digit_config(out: Path, data: Path, **overrides) -> TrainConfig:
+    options = dict(
+        data_a=str(data / "trainA"), data_b=str(data / "trainB"), size=16, flip=False, num_workers=0,
+        encoder_mode="module", encoder=f"{REPO / 'reference' / 'digits.py'}:stroke_embedder", lambda_travel=10.0,
+        g_width=8, g_blocks=1, d_width=8, d_layers=2, batch_size=4, steps=4, out=str(out), log_every=1,
+        sample_every=1000, checkpoint_every=1000,
+    )  # fmt: skip
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+@pytest.fixture(scope="module")
+def digit_folders(tmp_path_factory, domains):
+    data = tmp_path_factory.mktemp("digits")
+    digit_demo._write_folder(domains.a_train[:16], data / "trainA")
+    digit_demo._write_folder(domains.b[:16], data / "trainB")
+    return data
+
+
+def test_module_encoder_trains_and_resumes_bit_for_bit(tmp_path, digit_folders):
+    whole = train(digit_config(tmp_path / "whole", digit_folders), progress=False)
+    train(digit_config(tmp_path / "split", digit_folders, steps=2), progress=False)
+    train(digit_config(tmp_path / "split", digit_folders, resume=True), progress=False)
+    a, b = load_checkpoint(whole["checkpoint"]), load_checkpoint(tmp_path / "split" / "latest.pt")
+    for name in ("generator", "discriminator"):
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), f"{name}.{key}"
+
+
+def test_module_encoder_under_bf16_autocast(tmp_path, digit_folders):
+    summary = train(digit_config(tmp_path / "amp", digit_folders, amp="bf16", steps=2), progress=False)
+    assert all(torch.isfinite(torch.tensor(v)) for v in summary["metrics"].values())
+
+
+def test_failing_embedder_stops_before_any_step(tmp_path, digit_folders, factory_file, capsys):
+    config = digit_config(tmp_path / "bad", digit_folders, encoder=f"{factory_file}:coupled")
+    with pytest.raises(SetupError, match="check_embedder"):
+        train(config, progress=False)
+    assert not (tmp_path / "bad" / "latest.pt").exists()
+    argv = ["--data-a", config.data_a, "--data-b", config.data_b, "--size", "16", "--encoder-mode", "module",
+            "--encoder", config.encoder, "--out", str(tmp_path / "bad_cli"), "--steps", "1", "--d-layers", "2"]  # fmt: skip
+    assert main(argv) == 2
+    assert "check_embedder" in capsys.readouterr().err
+
+
+def test_module_mode_needs_a_factory_spec(tmp_path, digit_folders):
+    with pytest.raises(ValueError, match="encoder: expected FILE.py:FACTORY"):
+        train(digit_config(tmp_path / "x", digit_folders, encoder="openai/clip-vit-large-patch14"), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the identity-L1 baseline
+
+
+def test_identity_term_adds_w_times_mean_absolute_difference():
+    torch.manual_seed(0)
+    generator, discriminator = ResnetGenerator(3, 3, width=4, n_blocks=1), PatchDiscriminator(3, width=4, n_layers=1)
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    weight = 2.5
+
+    def gradients(step: bool) -> list[torch.Tensor]:
+        generator.zero_grad(set_to_none=True)
+        if step:
+            optimizer = torch.optim.SGD(generator.parameters(), lr=0.0)  # lr 0: the step leaves the weights
+            options = StepOptions(lambda_travel=0.0, lambda_identity=weight, gan_loss="lsgan")
+            generator_step(generator, discriminator, lambda x: x.flatten(1), optimizer, images, options)
+        else:
+            fake = generator(images)
+            loss = generator_adversarial_loss(discriminator(fake), "lsgan") + weight * (fake - images).abs().mean()
+            loss.backward(inputs=list(generator.parameters()))
+        return [p.grad.clone() for p in generator.parameters()]
+
+    for ours, straightforward in zip(gradients(True), gradients(False)):
+        torch.testing.assert_close(ours, straightforward, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# the study itself, in its quick mode
+
+
+def test_quick_digit_demo_writes_report_and_grid(tmp_path):
+    report = digit_demo.run_digit_demo(tmp_path / "demo", quick=True, progress=False)
+    saved = json.loads((tmp_path / "demo" / digit_demo.REPORT_NAME).read_text())
+    assert saved["runs"] == json.loads(json.dumps(report["runs"]))
+    methods = {run["method"] for run in saved["runs"]}
+    assert methods == {"gan", "travel", "identity-l1", "travel-pixel-embedder"}
+    for run in saved["runs"]:
+        assert {"method", "weight", "lambda_travel", "lambda_identity", "label_accuracy", "realism"} <= run.keys()
+        assert 0 <= run["label_accuracy"] <= 1 and 0 <= run["realism"] <= 1
+    assert saved["references"]["ideal"]["label_accuracy"] >= 0.9
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "demo" / digit_demo.GRID_NAME)
+    rows, columns = digit_demo.QUICK.grid_rows, 6  # input | gan | travel | identity | pixel | ideal
+    assert grid.size == (columns * (64 + 2) + 2, rows * (64 + 2) + 2)
+    # a second call continues the finished runs instead of failing on their checkpoints
+    again = digit_demo.run_digit_demo(tmp_path / "demo", quick=True, progress=False)
+    assert [r["label_accuracy"] for r in again["runs"]] == [r["label_accuracy"] for r in report["runs"]]
+
+
+def test_command_line_runs_the_digit_study(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(digit_demo, "run_digit_demo", lambda out, **kw: calls.append((out, kw)))
+    assert main(["--demo", "digits", "--quick", "--out", str(tmp_path)]) == 0
+    assert calls == [(str(tmp_path), {"seed": 0, "quick": True})]
