@@ -24,7 +24,6 @@ from reference.runtime import Runtime
 __all__ = ["MetricsLog", "log_record", "progress_bar", "save_image_grid", "write_samples"]
 
 
-
 def _to_uint8(images: Tensor) -> np.ndarray:
     """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
     pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -130,4 +129,3 @@ def progress_bar(start: int, total: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
