@@ -10,12 +10,14 @@
 
 from travel_loss.encoder import CheckpointNotFoundError, EncoderEnsemble, FrozenCLIPEncoder
 from travel_loss.loss import TravelLoss, siamese_margin_loss, travel_loss
+from travel_loss.queue import TravelQueue
 
 __all__ = [
     "CheckpointNotFoundError",
     "EncoderEnsemble",
     "FrozenCLIPEncoder",
     "TravelLoss",
+    "TravelQueue",
     "siamese_margin_loss",
     "travel_loss",
 ]
