@@ -206,7 +206,7 @@ class FrozenEncoder(nn.Module):
                 )
         if config is not None:
             native_size = int(config.image_size)
-            size, resize_size = _geometry(processor, native_size, image_size)
+            size, resize_size = _geometry(processor, native_size, image_size, family in ("vit", "siglip"))
             patch_size = getattr(config, "patch_size", None)
             if patch_size and size % patch_size:
                 raise ValueError(
@@ -673,12 +673,17 @@ def _resized_shape(height: int, width: int, resize_size: ResizeSize) -> tuple[in
 
 
 def _geometry(
-    processor: dict, native_size: int, image_size: Optional[int]
+    processor: dict, native_size: int, image_size: Optional[int], int_size_is_square: bool = False
 ) -> tuple[int, ResizeSize]:
-    """(image_size, resize size) from an explicit size, the processor config, or the model."""
+    """(image_size, resize size) from an explicit size, the processor config, or the model.
+
+    A legacy int ``size`` is the shortest edge for CLIP's and DINOv2's (Bit) processors and a
+    square (s, s) for ViT's and SigLIP's (``int_size_is_square``), as transformers reads them."""
     if image_size is not None:
         return image_size, image_size
     resize_size = _processor_size("size", processor.get("size"))
+    if int_size_is_square and isinstance(resize_size, int):
+        resize_size = (resize_size, resize_size)
     crop_size = None
     if processor.get("do_center_crop", True):
         crop_size = _processor_size("crop_size", processor.get("crop_size"))
