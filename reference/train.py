@@ -63,7 +63,7 @@ from reference.losses import (
     notebook_travel_loss,
 )
 from reference.models import PatchDiscriminator, ResnetGenerator, default_n_blocks, init_weights
-from travel_loss import siamese_margin_loss, travel_loss
+from travel_loss import TravelQueue, siamese_margin_loss, travel_loss
 from travel_loss.distributed import all_gather_with_grad
 
 __all__ = [
@@ -118,6 +118,7 @@ class TrainConfig:
     travel_objective: str = "paper"  # "paper": equation 2; "notebook": the original code's variant
     travel_distance: str = "cosine"  # travel_loss distance: cosine | squared_euclidean | travelgan
     travel_reduction: str = "mean"  # mean | sum over the N(N-1) pairs (lambda conventions: README)
+    travel_queue: int = 0  # K > 0: also pair with the last K rows of earlier batches (travel_loss.TravelQueue)
     gan_loss: str = "bce"  # bce (non-saturating) | lsgan | hinge
     augment: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"
 
@@ -234,8 +235,11 @@ def check_config(config: TrainConfig) -> None:
     choice("features", ("pooled", "projected"))
     for name in ("siamese_width", "siamese_dim", "g_width", "d_width", "d_layers", "steps", "batch_size"):
         positive_int(name)
-    if config.batch_size < 2:
-        fail("batch_size", "an int >= 2 (the travel loss compares pairs)")
+    positive_int("travel_queue", 0)
+    if config.travel_queue and (config.travel_objective != "paper" or config.encoder_mode == "siamese"):
+        fail("travel_queue", "0 with travel_objective 'notebook' or encoder_mode 'siamese' (queued rows need a frozen encoder)")
+    if config.batch_size < 2 and not config.travel_queue:
+        fail("batch_size", "an int >= 2 (the travel loss compares pairs), or any with travel_queue > 0")
     if config.g_blocks is not None:
         positive_int("g_blocks", 0)
     probe = PatchDiscriminator(3, width=1, n_layers=config.d_layers)
@@ -334,6 +338,7 @@ def generator_step(
     encoder_optimizer: torch.optim.Optimizer | None = None,
     adaptive_lambda: Any | None = None,
     emb_src: Tensor | None = None,
+    travel_queue: TravelQueue | None = None,
 ) -> dict[str, Any]:
     r"""One generator update on a batch ``real_a`` (n, 3, H, W) of source images in [-1, 1].
 
@@ -352,6 +357,9 @@ def generator_step(
 
     ``emb_src``: precomputed (n, D) source embeddings E(x) (a frozen encoder's embeddings of a
     fixed data set can be computed once); the step then skips the source forward.
+
+    ``travel_queue``: a :class:`travel_loss.TravelQueue` that replaces the travel term (pairs
+    with queued rows of earlier steps too; batch 1 works).
     """
     if emb_src is not None and encoder_optimizer is not None:
         raise ValueError("emb_src: precomputed source embeddings cannot be used with a trainable encoder (encoder_optimizer)")
@@ -371,7 +379,7 @@ def generator_step(
             emb_gen = encoder(fake)
     adversarial = generator_adversarial_loss(fake_logits, options.gan_loss)
     emb_src, emb_gen = all_gather_with_grad(emb_src.float()), all_gather_with_grad(emb_gen.float())
-    travel = travel_term(emb_src, emb_gen, options)
+    travel = travel_term(emb_src, emb_gen, options) if travel_queue is None else travel_queue(emb_src, emb_gen)
     lam = options.lambda_travel if adaptive_lambda is None else adaptive_lambda.update(adversarial, travel)
     loss = adversarial + lam * travel
     if encoder_optimizer is not None:
@@ -871,6 +879,9 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     if trainable_encoder:
         optimizers["siamese"] = torch.optim.Adam(encoder.parameters(), lr=config.lr, betas=betas)
         modules["siamese"] = encoder
+    if config.travel_queue:
+        queue = TravelQueue(config.travel_queue, distance=config.travel_distance, reduction=config.travel_reduction)
+        modules["travel_queue"] = queue.to(device)
     decay = _linear_decay(config.steps, config.decay_steps)
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, decay) for name, opt in optimizers.items()}
     fp16 = config.amp == "fp16"
@@ -964,6 +975,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
             g_out = generator_step(
                 g_train, d_for_g, e_train, optimizers["generator"], real_a, options, scaler=scalers["generator"],
                 encoder_optimizer=optimizers.get("siamese"), adaptive_lambda=adaptive,
+                travel_queue=modules.get("travel_queue"),
             )  # fmt: skip
             d_out = discriminator_step(d_train, optimizers["discriminator"], real_b, g_out.pop("fake"), options, scaler=scalers["discriminator"])
             for sched in schedulers.values():
