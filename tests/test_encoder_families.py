@@ -26,7 +26,9 @@ from transformers import (
     ViTModel,
 )
 from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
-from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import (
+    SiglipImageProcessorPil,
+)
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 from travel_loss import FrozenCLIPEncoder, FrozenEncoder, TravelLoss, travel_loss
@@ -289,7 +291,8 @@ def test_deepcopy_gives_an_independent_frozen_copy(siglip_dir):
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(twin.model.parameters(), encoder.model.parameters()))
     x = images(2, 32, 32)
     torch.testing.assert_close(twin(x), encoder(x))
-    assert set(copied.state_dict()) == {"0.weight", "0.bias"} and not any(p.requires_grad for p in twin.model.parameters())
+    assert set(copied.state_dict()) == {"0.weight", "0.bias"}
+    assert not any(p.requires_grad for p in twin.model.parameters())
     twin.double()
     assert next(encoder.model.parameters()).dtype == torch.float32
 

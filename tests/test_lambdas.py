@@ -10,7 +10,11 @@ import reference.adaptive_lambda
 import reference.presets
 from reference.presets import patches_per_image
 from travel_loss import lambdas
-from travel_loss.lambdas import PAPER_PATCHES, mean_to_paper_lambda, paper_to_mean_lambda
+from travel_loss.lambdas import (
+    PAPER_PATCHES,
+    mean_to_paper_lambda,
+    paper_to_mean_lambda,
+)
 
 
 def test_reference_modules_re_export_the_package_objects():

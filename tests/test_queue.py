@@ -136,7 +136,7 @@ def test_dtype_moves_keep_the_queue_in_float32_and_low_precision_inputs_work():
         (lambda: TravelQueue(2)(torch.ones(2, 3), torch.ones(3, 3)), ValueError, "expected the same shape"),
         (lambda: TravelQueue(2)([1.0], torch.ones(1, 3)), TypeError, "emb_src: expected a torch.Tensor"),
         (lambda: TravelQueue(2)(torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3)), ValueError, "floating"),
-        (lambda: TravelQueue(2)(torch.ones(2, 3), torch.full((2, 3), float("nan"))), ValueError, "emb_gen: expected finite"),
+        (lambda: TravelQueue(2)(torch.ones(2, 3), torch.full((2, 3), float("nan"))), ValueError, "emb_gen: .*finite"),
     ],
 )
 def test_bad_input_is_refused(make, error, message):

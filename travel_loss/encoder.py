@@ -152,7 +152,8 @@ class FrozenEncoder(nn.Module):
                     f"features: expected one of {', '.join(map(repr, FEATURES))} for a CLIP model, got {features!r}"
                 )
             FrozenCLIPEncoder.__init__(
-                self, model, input_range=input_range, crop=crop, features=features or "pooled",  # type: ignore[arg-type]
+                self, model, input_range=input_range, crop=crop,
+                features=features or "pooled",  # type: ignore[arg-type]
                 image_size=image_size, mean=mean, std=std, check_range=check_range, verbose=verbose,
                 **from_pretrained_kwargs,
             )  # fmt: skip
@@ -216,7 +217,8 @@ class FrozenEncoder(nn.Module):
             embedding_dim: Optional[int] = int(config.hidden_size)
             interpolate = size != native_size and family in ("siglip", "vit")
         else:
-            size, resize_size, embedding_dim, interpolate = image_size, image_size, None, False  # type: ignore[assignment]
+            size, resize_size = image_size, image_size  # type: ignore[assignment]
+            embedding_dim, interpolate = None, False
         self._setup(
             backbone=backbone, tower=tower, projection=None, name=name, family=family, features=features,
             input_range=(lo, hi), crop=crop, size=size, resize_size=resize_size, interpolate=interpolate,
@@ -984,7 +986,9 @@ def _family_tower(model: nn.Module, family: str) -> tuple[nn.Module, Any]:
     config = getattr(model, "config", None)
     config = getattr(config, "vision_config", None) or config
     if config is None or getattr(config, "image_size", None) is None:
-        raise TypeError(f"model: expected a transformers {family} model with a vision config, got {type(model).__name__}")
+        raise TypeError(
+            f"model: expected a transformers {family} model with a vision config, got {type(model).__name__}"
+        )
     tower = getattr(model, "vision_model", None) if family == "siglip" else None
     return (tower if tower is not None else model), config
 

@@ -186,7 +186,9 @@ class TravelQueue(nn.Module):
                 f"{tuple(emb_src.shape)} and {tuple(emb_gen.shape)}"
             )
         if emb_src.device != emb_gen.device:
-            raise ValueError(f"emb_src, emb_gen: expected tensors on one device, got {emb_src.device} and {emb_gen.device}")
+            raise ValueError(
+                f"emb_src, emb_gen: expected tensors on one device, got {emb_src.device} and {emb_gen.device}"
+            )
         src, gen = emb_src.flatten(1), emb_gen.flatten(1)
         if self._src is not None and self._src.shape[1] != src.shape[1]:
             raise ValueError(
