@@ -53,6 +53,7 @@ class TrainConfig:
     travel_objective: str = "paper"  # "paper": equation 2; "notebook": the original code's variant
     travel_distance: str = "cosine"  # travel_loss distance: cosine | squared_euclidean | travelgan
     travel_reduction: str = "mean"  # mean | sum over the N(N-1) pairs (lambda conventions: README)
+    travel_queue: int = 0  # K > 0: also pair with the last K rows of earlier batches (travel_loss.TravelQueue)
     gan_loss: str = "bce"  # bce (non-saturating) | lsgan | hinge
     augment: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"
     lambda_identity: float = 0.0  # baseline: CycleGAN's identity term, + lambda_identity * mean |G(x) - x|
@@ -175,8 +176,11 @@ def check_config(config: TrainConfig) -> None:
     choice("features", ("pooled", "projected"))
     for name in ("siamese_width", "siamese_dim", "g_width", "d_width", "d_layers", "steps", "batch_size"):
         positive_int(name)
-    if config.batch_size < 2:
-        fail("batch_size", "an int >= 2 (the travel loss compares pairs)")
+    positive_int("travel_queue", 0)
+    if config.travel_queue and (config.travel_objective != "paper" or config.encoder_mode == "siamese"):
+        fail("travel_queue", "0 with travel_objective 'notebook' or encoder_mode 'siamese' (queued rows need a frozen encoder)")
+    if config.batch_size < 2 and not config.travel_queue:
+        fail("batch_size", "an int >= 2 (the travel loss compares pairs), or any with travel_queue > 0")
     if config.g_blocks is not None:
         positive_int("g_blocks", 0)
     probe = PatchDiscriminator(3, width=1, n_layers=config.d_layers)

@@ -60,6 +60,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from reference.data import ImageFolder, ToyStreets, score_translations  # noqa: E402
 from travel_loss import travel_loss  # noqa: E402
+from travel_loss.metrics import TravelConsistency  # noqa: E402
 
 __all__ = [
     "INCEPTION_WEIGHTS_HELP",
@@ -360,7 +361,9 @@ def travel_consistency(
             f"sources, translations: expected one translation per source, got {first_src.shape[0]} "
             f"sources and {first_gen.shape[0]} translations"
         )
-    return 1.0 - float(travel_loss(emb_src, emb_gen, distance="cosine", reduction="mean"))
+    metric = TravelConsistency(sync=False)
+    metric.update(emb_src, emb_gen)
+    return float(metric.compute())
 
 
 def _batches(images: Images, batch_size: int, progress: bool, description: str):

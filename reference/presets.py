@@ -97,6 +97,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from reference.data import IMAGE_EXTENSIONS  # noqa: E402
 from reference.models import PatchDiscriminator  # noqa: E402
+from travel_loss.lambdas import mean_to_paper_lambda, paper_to_mean_lambda  # noqa: E402  (re-exported)
 
 __all__ = [
     "CONVENTIONS",
@@ -132,19 +133,6 @@ def patches_per_image(size: int = PAPER_SIZE, d_layers: int = 3) -> int:
     if side < 1:
         raise ValueError(f"size: {size} px is too small for a {d_layers}-layer PatchGAN")
     return side * side
-
-
-def paper_to_mean_lambda(lambda_paper: float, *, batch_size: int = PAPER_BATCH_SIZE, patches: int | None = None) -> float:
-    r""":math:`\lambda_\mathrm{mean} = \lambda_\mathrm{paper} (N - 1) / P`: the paper's summed-loss lambda in this
-    project's mean convention (N: global batch, P: logits per image, default that of 256 px)."""
-    n, p = _check_batch_and_patches(batch_size, patches)
-    return _check_lambda(lambda_paper) * (n - 1) / p
-
-
-def mean_to_paper_lambda(lambda_mean: float, *, batch_size: int = PAPER_BATCH_SIZE, patches: int | None = None) -> float:
-    r"""The inverse of :func:`paper_to_mean_lambda`: :math:`\lambda_\mathrm{paper} = \lambda_\mathrm{mean} P / (N - 1)`."""
-    n, p = _check_batch_and_patches(batch_size, patches)
-    return _check_lambda(lambda_mean) * p / (n - 1)
 
 
 def notebook_lambda(lambda_paper: float, *, batch_size: int = PAPER_BATCH_SIZE, patches: int | None = None) -> float:

@@ -80,7 +80,7 @@ from reference.runtime import (
     setup_runtime,
 )
 from reference.stream import FlippedImages, stream_loader
-from travel_loss import siamese_margin_loss, travel_loss
+from travel_loss import TravelQueue, siamese_margin_loss, travel_loss
 from travel_loss.distributed import all_gather_with_grad
 
 __all__ = [
@@ -177,6 +177,7 @@ def generator_step(
     encoder_optimizer: torch.optim.Optimizer | None = None,
     adaptive_lambda: Any | None = None,
     emb_src: Tensor | None = None,
+    travel_queue: TravelQueue | None = None,
 ) -> dict[str, Any]:
     r"""One generator update on a batch ``real_a`` (n, 3, H, W) of source images in [-1, 1].
 
@@ -199,6 +200,9 @@ def generator_step(
 
     ``emb_src``: precomputed (n, D) source embeddings E(x) (a frozen encoder's embeddings of a
     fixed data set can be computed once); the step then skips the source forward.
+
+    ``travel_queue``: a :class:`travel_loss.TravelQueue` that replaces the travel term (pairs
+    with queued rows of earlier steps too; batch 1 works).
     """
     if emb_src is not None and encoder_optimizer is not None:
         raise ValueError("emb_src: precomputed source embeddings cannot be used with a trainable encoder (encoder_optimizer)")
@@ -218,7 +222,7 @@ def generator_step(
             emb_gen = encoder(fake)
     adversarial = generator_adversarial_loss(fake_logits, options.gan_loss)
     emb_src, emb_gen = all_gather_with_grad(emb_src.float()), all_gather_with_grad(emb_gen.float())
-    travel = travel_term(emb_src, emb_gen, options)
+    travel = travel_term(emb_src, emb_gen, options) if travel_queue is None else travel_queue(emb_src, emb_gen)
     lam = options.lambda_travel if adaptive_lambda is None else adaptive_lambda.update(adversarial, travel)
     loss = adversarial + lam * travel
     if encoder_optimizer is not None:
@@ -419,6 +423,9 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     if trainable_encoder:
         optimizers["siamese"] = torch.optim.Adam(encoder.parameters(), lr=config.lr, betas=betas)
         modules["siamese"] = encoder
+    if config.travel_queue:
+        queue = TravelQueue(config.travel_queue, distance=config.travel_distance, reduction=config.travel_reduction)
+        modules["travel_queue"] = queue.to(device)
     decay = _linear_decay(config.steps, config.decay_steps)
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, decay) for name, opt in optimizers.items()}
     fp16 = config.amp == "fp16"
@@ -495,6 +502,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
             g_out = generator_step(
                 g_train, d_for_g, e_train, optimizers["generator"], real_a, options, scaler=scalers["generator"],
                 encoder_optimizer=optimizers.get("siamese"), adaptive_lambda=adaptive,
+                travel_queue=modules.get("travel_queue"),
             )  # fmt: skip
             d_out = discriminator_step(d_train, optimizers["discriminator"], real_b, g_out.pop("fake"), options, scaler=scalers["discriminator"])
             for sched in schedulers.values():

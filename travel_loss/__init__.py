@@ -8,14 +8,17 @@
 - :mod:`travel_loss.testing`: ``check_embedder`` and hypothesis strategies for your own embedders.
 """
 
-from travel_loss.encoder import CheckpointNotFoundError, EncoderEnsemble, FrozenCLIPEncoder
+from travel_loss.encoder import CheckpointNotFoundError, EncoderEnsemble, FrozenCLIPEncoder, FrozenEncoder
 from travel_loss.loss import TravelLoss, siamese_margin_loss, travel_loss
+from travel_loss.queue import TravelQueue
 
 __all__ = [
     "CheckpointNotFoundError",
     "EncoderEnsemble",
     "FrozenCLIPEncoder",
+    "FrozenEncoder",
     "TravelLoss",
+    "TravelQueue",
     "siamese_margin_loss",
     "travel_loss",
 ]

@@ -26,10 +26,13 @@ The wrapped model stays reachable as :attr:`FrozenCLIPEncoder.model`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import json
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
@@ -44,6 +47,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "EncoderEnsemble",
     "FrozenCLIPEncoder",
+    "FrozenEncoder",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
 ]
@@ -72,7 +76,371 @@ class CheckpointNotFoundError(FileNotFoundError):
     """The weights of a CLIP checkpoint are neither in a local folder nor in the local HF cache."""
 
 
-class FrozenCLIPEncoder(nn.Module):
+class FrozenEncoder(nn.Module):
+    r"""Any frozen image backbone: (N, 3, H, W) images in ``input_range`` -> (N, D) embeddings.
+
+    Args:
+        model: one of
+
+            - a hub id or a folder written by ``save_pretrained`` of a transformers vision
+              backbone, chosen by the ``model_type`` of its ``config.json``: CLIP (``clip``,
+              ``clip_vision_model``), SigLIP and fixed-resolution SigLIP 2 (``siglip``,
+              ``siglip_vision_model``), DINOv2 (``dinov2``, ``dinov2_with_registers``), DINOv3
+              (``dinov3_vit``) and ViT (``vit``). Image size, mean, std and resampling come from
+              the checkpoint's own ``preprocessor_config.json`` (a checkpoint without one needs
+              explicit ``mean`` and ``std``, except CLIP, which falls back to OpenAI's constants
+              as :class:`FrozenCLIPEncoder` does). NaFlex SigLIP 2 (``siglip2``) takes
+              variable-length patch sequences and is refused;
+            - a transformers model instance of one of those families (no preprocessor config
+              travels with an instance: ``mean`` and ``std`` are required, except for CLIP;
+              ``image_size`` defaults to ``config.image_size``);
+            - any other ``nn.Module`` mapping (N, 3, S, S) normalised images to (N, D) or
+              (N, \*) features (flattened to (N, D)), e.g. a timm or open_clip image tower. It
+              then requires explicit ``mean``, ``std`` and ``image_size``: there is no safe
+              default.
+
+        input_range, crop, check_range: as in :class:`FrozenCLIPEncoder` (``crop="resize"``
+            follows the processor: shortest edge then central crop, or a (height, width) resize
+            as SigLIP's; bilinear where the processor resamples bilinearly).
+        features: which output is the embedding; per family (default first):
+
+            - CLIP: ``"pooled"`` (post-layernorm CLS), ``"projected"`` (joint-space embedding);
+            - SigLIP: ``"pooled"`` (the attention-pooling head), ``"mean"`` (mean of the tokens);
+            - DINOv2 / DINOv3 / ViT: ``"cls"`` (the layer-normed CLS token), ``"mean"`` (mean of
+              the patch tokens, register tokens excluded);
+            - a plain module: ``None`` (its output).
+        mean, std, image_size: override the checkpoint's values (required as said above).
+        verbose: let transformers print its loading messages and progress bars; by default
+            loading prints nothing (transformers' verbosity and progress-bar setting are
+            restored afterwards, so other code is unaffected).
+        **from_pretrained_kwargs: passed to ``from_pretrained`` (``revision``, ``cache_dir``,
+            ``local_files_only``, ``dtype``, ``token`` ...); ``trust_remote_code`` is refused.
+
+    The weights are frozen, kept in eval mode and outside the parent's ``state_dict()`` and
+    ``parameters()``, as described in the module docstring, for every family.
+
+    Replication: under ``nn.DataParallel`` each replica runs a copy of the weights on its own
+    device (made on the first call on that device and cached, so the frozen weights are not
+    broadcast at every step); ``DistributedDataParallel`` needs nothing special.
+    ``copy.deepcopy`` gives an independent encoder with its own copy of the weights (an EMA copy
+    of a generator that holds an encoder therefore holds a second encoder: keep the encoder
+    outside modules that are copied).
+
+    Example:
+        >>> encoder = FrozenEncoder("facebook/dinov2-base").to(device)       # CLS token, 224 px
+        >>> encoder = FrozenEncoder(timm_model, mean=IMAGENET_MEAN, std=IMAGENET_STD, image_size=224)
+    """
+
+    def __init__(
+        self,
+        model: Union[str, os.PathLike, nn.Module],
+        *,
+        input_range: tuple[float, float] = (-1.0, 1.0),
+        crop: Crop = "center",
+        features: Optional[str] = None,
+        mean: Union[float, Sequence[float], None] = None,
+        std: Union[float, Sequence[float], None] = None,
+        image_size: Optional[int] = None,
+        check_range: bool = True,
+        verbose: bool = False,
+        **from_pretrained_kwargs: Any,
+    ) -> None:
+        family = _family_of(model, from_pretrained_kwargs, verbose)
+        if family == "clip":
+            if features not in (None, *FEATURES):
+                raise ValueError(
+                    f"features: expected one of {', '.join(map(repr, FEATURES))} for a CLIP model, got {features!r}"
+                )
+            FrozenCLIPEncoder.__init__(
+                self, model, input_range=input_range, crop=crop,
+                features=features or "pooled",  # type: ignore[arg-type]
+                image_size=image_size, mean=mean, std=std, check_range=check_range, verbose=verbose,
+                **from_pretrained_kwargs,
+            )  # fmt: skip
+            return
+        super().__init__()
+        allowed = FAMILY_FEATURES[family]
+        if features is None:
+            features = allowed[0]
+        if features not in allowed:
+            raise ValueError(
+                f"features: expected one of {', '.join(map(repr, allowed))} for a {family} model, got {features!r}"
+            )
+        lo, hi = _check_options(input_range, crop, "pooled", image_size, mean, std)
+        if family == "module":
+            if from_pretrained_kwargs:
+                raise ValueError(
+                    "from_pretrained_kwargs: only used when loading a checkpoint by id or path, got "
+                    f"{sorted(from_pretrained_kwargs)} together with a model instance"
+                )
+            missing = [n for n, v in (("mean", mean), ("std", std), ("image_size", image_size)) if v is None]
+            if missing:
+                raise ValueError(
+                    f"{', '.join(missing)}: required for a plain nn.Module ({type(model).__name__}), which carries "
+                    "no preprocessing config; pass the mean, std and input size the model was trained with, e.g. "
+                    "mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), image_size=224 for ImageNet models"
+                )
+            backbone, tower, processor, name, config = model, model, {}, type(model).__name__, None
+        elif isinstance(model, nn.Module):
+            if from_pretrained_kwargs:
+                raise ValueError(
+                    "from_pretrained_kwargs: only used when loading a checkpoint by id or path, got "
+                    f"{sorted(from_pretrained_kwargs)} together with a model instance"
+                )
+            missing = [n for n, v in (("mean", mean), ("std", std)) if v is None]
+            if missing:
+                raise ValueError(
+                    f"{', '.join(missing)}: required for a {family} model instance, which carries no "
+                    "preprocessor_config.json; pass the image_mean / image_std of its checkpoint's processor, or "
+                    "pass the checkpoint's hub id or folder instead of the instance"
+                )
+            backbone, processor, name = model, {}, type(model).__name__
+            tower, config = _family_tower(backbone, family)
+        else:
+            name = os.fspath(model)  # type: ignore[arg-type]
+            backbone, processor = _load_family(name, family, dict(from_pretrained_kwargs), verbose)
+            tower, config = _family_tower(backbone, family)
+            if (mean is None or std is None) and not processor:
+                raise ValueError(
+                    f"mean, std: {name!r} has no preprocessor_config.json to read them from; pass the mean and std "
+                    "the model was trained with"
+                )
+        if config is not None:
+            native_size = int(config.image_size)
+            size, resize_size = _geometry(processor, native_size, image_size, family in ("vit", "siglip"))
+            patch_size = getattr(config, "patch_size", None)
+            if patch_size and size % patch_size:
+                raise ValueError(
+                    f"image_size: expected a multiple of the patch size {patch_size}, got {size} (the pixels of a "
+                    "partial patch would be ignored)"
+                )
+            embedding_dim: Optional[int] = int(config.hidden_size)
+            interpolate = size != native_size and family in ("siglip", "vit")
+        else:
+            size, resize_size = image_size, image_size  # type: ignore[assignment]
+            embedding_dim, interpolate = None, False
+        self._setup(
+            backbone=backbone, tower=tower, projection=None, name=name, family=family, features=features,
+            input_range=(lo, hi), crop=crop, size=size, resize_size=resize_size, interpolate=interpolate,
+            mean=_per_channel("mean", mean if mean is not None else _processor_mean(processor)),
+            std=_per_channel("std", std if std is not None else _processor_std(processor)),
+            check_range=check_range, embedding_dim=embedding_dim, resample=_processor_resample(processor),
+            patch_start=1 + int(getattr(config, "num_register_tokens", 0) or 0) if config is not None else 1,
+        )  # fmt: skip
+
+    def _setup(
+        self, *, backbone: nn.Module, tower: nn.Module, projection: Optional[nn.Module], name: str, family: str,
+        features: str, input_range: tuple[float, float], crop: str, size: int, resize_size: ResizeSize,
+        interpolate: bool, mean: tuple[float, float, float], std: tuple[float, float, float], check_range: bool,
+        embedding_dim: Optional[int], resample: str = "bicubic", patch_start: int = 1,
+    ) -> None:  # fmt: skip
+        """Freeze the backbone and store everything forward needs (shared by every family)."""
+        backbone.eval()
+        backbone.requires_grad_(False)
+        # Plain attributes, not registered submodules: see the module docstring.
+        object.__setattr__(self, "_backbone", backbone)
+        self._tower_path = _submodule_path(backbone, tower)
+        self._projection_path = None if projection is None else _submodule_path(backbone, projection)
+        self._device_copies: dict[tuple[torch.device, torch.dtype], nn.Module] = {}
+        self._is_replica = False
+        self._name = name
+        self._family = family
+        self._input_range = input_range
+        self._crop = crop
+        self._features = features
+        self._image_size = size
+        self._resize_size = resize_size
+        self._resample = resample
+        self._interpolate_pos_encoding = interpolate
+        self._patch_start = patch_start
+        self._mean, self._std = mean, std
+        self.check_range = check_range
+        self._embedding_dim = embedding_dim
+        # x -> ((x - lo) / (hi - lo) - mean) / std as one multiply-add; non-persistent buffers
+        # follow .to(device) and stay out of the state_dict.
+        lo, hi = input_range
+        mean_t, std_t = torch.tensor(mean), torch.tensor(std)
+        scale = 1.0 / ((hi - lo) * std_t)
+        shift = (-lo / (hi - lo) - mean_t) / std_t
+        self.register_buffer("_scale", scale.view(3, 1, 1), persistent=False)
+        self.register_buffer("_shift", shift.view(3, 1, 1), persistent=False)
+        nn.Module.train(self, False)
+
+    # ----------------------------------------------------------------------------------------
+    # properties
+
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped model (frozen, in eval mode, not a registered submodule)."""
+        return self._backbone
+
+    @property
+    def family(self) -> str:
+        """``"clip"``, ``"siglip"``, ``"dinov2"``, ``"dinov3"``, ``"vit"`` or ``"module"``."""
+        return self._family
+
+    @property
+    def embedding_dim(self) -> Optional[int]:
+        """D, the size of one embedding (``None`` for a plain module: known after a call)."""
+        return self._embedding_dim
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square model input, in pixels."""
+        return self._image_size
+
+    @property
+    def input_range(self) -> tuple[float, float]:
+        return self._input_range
+
+    @property
+    def crop(self) -> str:
+        return self._crop
+
+    @property
+    def features(self) -> str:
+        return self._features
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self._mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self._std
+
+    # ----------------------------------------------------------------------------------------
+    # computation
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """(N, 3, H, W) images in ``input_range`` -> (N, 3, S, S) normalised model pixel values.
+
+        S = :attr:`image_size`. Differentiable; float16/bfloat16 images are resized in float32
+        (CPU bicubic kernels lack them). Raises ``ValueError`` on bad images (see
+        :meth:`forward`).
+        """
+        self._check_images(images)
+        if self._crop == "center":
+            x = _center_crop(images, self._image_size)
+        elif self._crop == "full":
+            x = _resize(images, (self._image_size, self._image_size), self._resample)
+        else:
+            height, width = images.shape[-2:]
+            x = _resize(images, _resized_shape(height, width, self._resize_size), self._resample)
+            x = _center_crop(x, self._image_size)
+        return x * self._scale.to(x.dtype) + self._shift.to(x.dtype)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(N, 3, H, W) floating-point images in ``input_range`` -> (N, D) embeddings.
+
+        Raises:
+            TypeError: ``images`` is not a tensor.
+            ValueError: not 4-D, not 3 channels, an empty batch, an integer/bool dtype, values
+                outside ``input_range`` by more than ``RANGE_TOLERANCE`` of its width (also NaN),
+                or, with ``crop="center"``, images smaller than :attr:`image_size`.
+        """
+        pixel_values = self.preprocess(images)
+        backbone = self._backbone_for(pixel_values.device)
+        pixel_values = pixel_values.to(_weight_dtype(backbone))
+        tower = backbone.get_submodule(self._tower_path)
+        if self._family == "module":
+            return tower(pixel_values).flatten(1)
+        extra = {"interpolate_pos_encoding": True} if self._interpolate_pos_encoding else {}
+        output = tower(pixel_values=pixel_values, **extra)
+        if self._features == "mean":
+            start = self._patch_start if self._family in ("vit", "dinov2", "dinov3") else 0
+            return output.last_hidden_state[:, start:].mean(dim=1)
+        if self._family == "vit":
+            return output.last_hidden_state[:, 0]
+        pooled = output.pooler_output
+        if self._projection_path is None:
+            return pooled
+        return backbone.get_submodule(self._projection_path)(pooled)
+
+    # ----------------------------------------------------------------------------------------
+    # nn.Module plumbing for the unregistered model
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FrozenEncoder:
+        super()._apply(fn, recurse)
+        if recurse:
+            self._backbone._apply(fn)
+            self._device_copies.clear()
+        return self
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        """Stays in eval mode whatever ``mode`` says: the encoder is frozen."""
+        return super().train(False)
+
+    def _replicate_for_data_parallel(self) -> FrozenEncoder:
+        # nn.DataParallel copies registered parameters to each device, never plain attributes;
+        # a replica therefore fetches (and caches) a copy of the backbone on its input's device.
+        replica = super()._replicate_for_data_parallel()
+        replica._is_replica = True
+        return replica
+
+    def _backbone_for(self, device: torch.device) -> nn.Module:
+        """The backbone itself, or for a DataParallel replica on another device a cached copy there."""
+        backbone = self._backbone
+        own = _weight_device(backbone)
+        if not self._is_replica or own is None or device == own:
+            return backbone
+        key = (device, _weight_dtype(backbone))
+        with _DEVICE_COPIES_LOCK:
+            copy_on_device = self._device_copies.get(key)
+            if copy_on_device is None:
+                copy_on_device = copy.deepcopy(backbone).to(device)
+                self._device_copies[key] = copy_on_device
+        return copy_on_device
+
+    def extra_repr(self) -> str:
+        return (
+            f"model={self._name!r}, family={self._family!r}, crop={self._crop!r}, features={self._features!r}, "
+            f"image_size={self._image_size}, embedding_dim={self._embedding_dim}, "
+            f"input_range={self._input_range} (frozen; weights not in state_dict)"
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # internals
+
+    def _weight_dtype(self) -> torch.dtype:
+        return _weight_dtype(self._backbone)
+
+    def _check_images(self, images: Tensor) -> None:
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
+        if images.dim() != 4:
+            raise ValueError(
+                "images: expected an (N, 3, H, W) batch of RGB images, got a "
+                f"{images.dim()}-D tensor of shape {tuple(images.shape)}"
+            )
+        if images.shape[1] != 3:
+            raise ValueError(
+                "images: expected 3 (RGB) channels in an (N, 3, H, W) batch, got "
+                f"{images.shape[1]} channels in shape {tuple(images.shape)}"
+            )
+        if images.shape[0] == 0:
+            raise ValueError("images: expected at least one image, got an empty batch")
+        if not images.is_floating_point():
+            lo, hi = self._input_range
+            raise ValueError(
+                f"images: expected a floating-point tensor with values in input_range=({lo:g}, "
+                f"{hi:g}), got dtype {images.dtype}; convert 8-bit images with "
+                "images.float() / 255 and pass input_range=(0, 1)"
+            )
+        height, width = images.shape[-2:]
+        size = self._image_size
+        if self._crop == "center" and (height < size or width < size):
+            raise ValueError(
+                f"images: crop='center' takes the central {size}x{size} square without resizing, "
+                f"so images must be at least {size} pixels high and wide, got {height}x{width}; "
+                "resize them first, or use crop='resize' or crop='full'"
+            )
+        if self.check_range and not torch.compiler.is_compiling():
+            _check_range(images, self._input_range)
+
+
+
+class FrozenCLIPEncoder(FrozenEncoder):
     r"""Frozen CLIP image encoder: (N, 3, H, W) images in ``input_range`` -> (N, D) embeddings.
 
     Args:
@@ -106,6 +474,8 @@ class FrozenCLIPEncoder(nn.Module):
             else :data:`OPENAI_CLIP_MEAN`/:data:`OPENAI_CLIP_STD`.
         check_range: check that the images lie in ``input_range`` (one reduction and one
             device-to-host synchronisation per call; skipped inside ``torch.compile``).
+        verbose: let transformers print its loading report and progress bars (default: silent;
+            transformers' own settings are restored afterwards).
         **from_pretrained_kwargs: passed to ``from_pretrained`` (``revision``, ``cache_dir``,
             ``local_files_only``, ``dtype``/``torch_dtype``, ``token`` ...). SDPA attention is
             requested unless ``attn_implementation`` is given; ``trust_remote_code`` is refused.
@@ -133,9 +503,10 @@ class FrozenCLIPEncoder(nn.Module):
         mean: Union[float, Sequence[float], None] = None,
         std: Union[float, Sequence[float], None] = None,
         check_range: bool = True,
+        verbose: bool = False,
         **from_pretrained_kwargs: Any,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         lo, hi = _check_options(input_range, crop, features, image_size, mean, std)
         if isinstance(model, nn.Module):
             if from_pretrained_kwargs:
@@ -146,7 +517,7 @@ class FrozenCLIPEncoder(nn.Module):
             clip, processor, name, has_projection = model, {}, type(model).__name__, True
         elif isinstance(model, (str, os.PathLike)):
             name = os.fspath(model)
-            clip, processor, has_projection = _load_checkpoint(name, dict(from_pretrained_kwargs))
+            clip, processor, has_projection = _load_checkpoint(name, dict(from_pretrained_kwargs), verbose)
         else:
             raise TypeError(
                 "model: expected a hub id, a folder path or a transformers CLIP model, got "
@@ -172,33 +543,12 @@ class FrozenCLIPEncoder(nn.Module):
         mean = _per_channel("mean", mean if mean is not None else _processor_mean(processor))
         std = _per_channel("std", std if std is not None else _processor_std(processor))
 
-        clip.eval()
-        clip.requires_grad_(False)
-        # Plain attributes, not registered submodules: see the module docstring.
-        object.__setattr__(self, "_clip", clip)
-        object.__setattr__(self, "_tower", tower)
-        object.__setattr__(self, "_projection", projection if features == "projected" else None)
-
-        self._name = name
-        self._input_range = (lo, hi)
-        self._crop = crop
-        self._features = features
-        self._image_size = size
-        self._resize_size = resize_size
-        self._interpolate_pos_encoding = size != native_size
-        self._mean, self._std = mean, std
-        self.check_range = check_range
-        self._embedding_dim = int(
-            projection.out_features if features == "projected" else vision_config.hidden_size
-        )
-        # x -> ((x - lo) / (hi - lo) - mean) / std as one multiply-add; non-persistent buffers
-        # follow .to(device) and stay out of the state_dict.
-        mean_t, std_t = torch.tensor(mean), torch.tensor(std)
-        scale = 1.0 / ((hi - lo) * std_t)
-        shift = (-lo / (hi - lo) - mean_t) / std_t
-        self.register_buffer("_scale", scale.view(3, 1, 1), persistent=False)
-        self.register_buffer("_shift", shift.view(3, 1, 1), persistent=False)
-        super().train(False)
+        self._setup(
+            backbone=clip, tower=tower, projection=projection if features == "projected" else None, name=name,
+            family="clip", features=features, input_range=(lo, hi), crop=crop, size=size, resize_size=resize_size,
+            interpolate=size != native_size, mean=mean, std=std, check_range=check_range,
+            embedding_dim=int(projection.out_features if features == "projected" else vision_config.hidden_size),
+        )  # fmt: skip
 
     @classmethod
     def from_config(
@@ -248,140 +598,6 @@ class FrozenCLIPEncoder(nn.Module):
                 torch.manual_seed(seed)
             model = CLIPVisionModelWithProjection._from_config(config, attn_implementation="sdpa")
         return cls(model, **options)
-
-    # ----------------------------------------------------------------------------------------
-    # properties
-
-    @property
-    def model(self) -> nn.Module:
-        """The wrapped transformers model (frozen, in eval mode, not a registered submodule)."""
-        return self._clip
-
-    @property
-    def embedding_dim(self) -> int:
-        """D, the size of one embedding: hidden size (pooled) or projection size (projected)."""
-        return self._embedding_dim
-
-    @property
-    def image_size(self) -> int:
-        """The side of the square CLIP input, in pixels."""
-        return self._image_size
-
-    @property
-    def input_range(self) -> tuple[float, float]:
-        return self._input_range
-
-    @property
-    def crop(self) -> str:
-        return self._crop
-
-    @property
-    def features(self) -> str:
-        return self._features
-
-    @property
-    def mean(self) -> tuple[float, float, float]:
-        return self._mean
-
-    @property
-    def std(self) -> tuple[float, float, float]:
-        return self._std
-
-    # ----------------------------------------------------------------------------------------
-    # computation
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        """(N, 3, H, W) images in ``input_range`` -> (N, 3, S, S) normalised CLIP pixel values.
-
-        S = :attr:`image_size`. Differentiable; float16/bfloat16 images are resized in float32
-        (CPU bicubic kernels lack them). Raises ``ValueError`` on bad images (see
-        :meth:`forward`).
-        """
-        self._check_images(images)
-        if self._crop == "center":
-            x = _center_crop(images, self._image_size)
-        elif self._crop == "full":
-            x = _resize(images, (self._image_size, self._image_size))
-        else:
-            height, width = images.shape[-2:]
-            x = _resize(images, _resized_shape(height, width, self._resize_size))
-            x = _center_crop(x, self._image_size)
-        return x * self._scale.to(x.dtype) + self._shift.to(x.dtype)
-
-    def forward(self, images: Tensor) -> Tensor:
-        """(N, 3, H, W) floating-point images in ``input_range`` -> (N, D) embeddings.
-
-        Raises:
-            TypeError: ``images`` is not a tensor.
-            ValueError: not 4-D, not 3 channels, an empty batch, an integer/bool dtype, values
-                outside ``input_range`` by more than ``RANGE_TOLERANCE`` of its width (also NaN),
-                or, with ``crop="center"``, images smaller than :attr:`image_size`.
-        """
-        pixel_values = self.preprocess(images).to(self._weight_dtype())
-        extra = {"interpolate_pos_encoding": True} if self._interpolate_pos_encoding else {}
-        pooled = self._tower(pixel_values=pixel_values, **extra).pooler_output
-        if self._projection is None:
-            return pooled
-        return self._projection(pooled)
-
-    # ----------------------------------------------------------------------------------------
-    # nn.Module plumbing for the unregistered model
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FrozenCLIPEncoder:
-        super()._apply(fn, recurse)
-        if recurse:
-            self._clip._apply(fn)
-        return self
-
-    def train(self, mode: bool = True) -> FrozenCLIPEncoder:
-        """Stays in eval mode whatever ``mode`` says: the encoder is frozen."""
-        return super().train(False)
-
-    def extra_repr(self) -> str:
-        return (
-            f"model={self._name!r}, crop={self._crop!r}, features={self._features!r}, "
-            f"image_size={self._image_size}, embedding_dim={self._embedding_dim}, "
-            f"input_range={self._input_range} (frozen; weights not in state_dict)"
-        )
-
-    # ----------------------------------------------------------------------------------------
-    # internals
-
-    def _weight_dtype(self) -> torch.dtype:
-        return next(self._tower.parameters()).dtype
-
-    def _check_images(self, images: Tensor) -> None:
-        if not isinstance(images, Tensor):
-            raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
-        if images.dim() != 4:
-            raise ValueError(
-                "images: expected an (N, 3, H, W) batch of RGB images, got a "
-                f"{images.dim()}-D tensor of shape {tuple(images.shape)}"
-            )
-        if images.shape[1] != 3:
-            raise ValueError(
-                "images: expected 3 (RGB) channels in an (N, 3, H, W) batch, got "
-                f"{images.shape[1]} channels in shape {tuple(images.shape)}"
-            )
-        if images.shape[0] == 0:
-            raise ValueError("images: expected at least one image, got an empty batch")
-        if not images.is_floating_point():
-            lo, hi = self._input_range
-            raise ValueError(
-                f"images: expected a floating-point tensor with values in input_range=({lo:g}, "
-                f"{hi:g}), got dtype {images.dtype}; convert 8-bit images with "
-                "images.float() / 255 and pass input_range=(0, 1)"
-            )
-        height, width = images.shape[-2:]
-        size = self._image_size
-        if self._crop == "center" and (height < size or width < size):
-            raise ValueError(
-                f"images: crop='center' takes the central {size}x{size} square without resizing, "
-                f"so images must be at least {size} pixels high and wide, got {height}x{width}; "
-                "resize them first, or use crop='resize' or crop='full'"
-            )
-        if self.check_range and not torch.compiler.is_compiling():
-            _check_range(images, self._input_range)
 
 
 class EncoderEnsemble(nn.Module):
@@ -439,13 +655,13 @@ def _center_crop(images: Tensor, size: int) -> Tensor:
     return images[..., top : top + size, left : left + size]
 
 
-def _resize(images: Tensor, shape: tuple[int, int]) -> Tensor:
-    """Bicubic (a = -0.5, as PIL), antialiased when shrinking; identity at the same shape."""
+def _resize(images: Tensor, shape: tuple[int, int], mode: str = "bicubic") -> Tensor:
+    """Bicubic (a = -0.5, as PIL) or bilinear, antialiased when shrinking; identity at the same shape."""
     if tuple(images.shape[-2:]) == tuple(shape):
         return images
     if images.dtype in (torch.float16, torch.bfloat16):
         images = images.float()
-    return F.interpolate(images, size=shape, mode="bicubic", antialias=True, align_corners=False)
+    return F.interpolate(images, size=shape, mode=mode, antialias=True, align_corners=False)
 
 
 def _resized_shape(height: int, width: int, resize_size: ResizeSize) -> tuple[int, int]:
@@ -459,12 +675,17 @@ def _resized_shape(height: int, width: int, resize_size: ResizeSize) -> tuple[in
 
 
 def _geometry(
-    processor: dict, native_size: int, image_size: Optional[int]
+    processor: dict, native_size: int, image_size: Optional[int], int_size_is_square: bool = False
 ) -> tuple[int, ResizeSize]:
-    """(image_size, resize size) from an explicit size, the processor config, or the model."""
+    """(image_size, resize size) from an explicit size, the processor config, or the model.
+
+    A legacy int ``size`` is the shortest edge for CLIP's and DINOv2's (Bit) processors and a
+    square (s, s) for ViT's and SigLIP's (``int_size_is_square``), as transformers reads them."""
     if image_size is not None:
         return image_size, image_size
     resize_size = _processor_size("size", processor.get("size"))
+    if int_size_is_square and isinstance(resize_size, int):
+        resize_size = (resize_size, resize_size)
     crop_size = None
     if processor.get("do_center_crop", True):
         crop_size = _processor_size("crop_size", processor.get("crop_size"))
@@ -529,7 +750,7 @@ _OPTION_NAMES = frozenset(
 )
 
 
-def _load_checkpoint(name: str, kwargs: dict) -> tuple[nn.Module, dict, bool]:
+def _load_checkpoint(name: str, kwargs: dict, verbose: bool = False) -> tuple[nn.Module, dict, bool]:
     """(CLIPVisionModelWithProjection, its preprocessor config or {}, whether the checkpoint
     holds a visual projection) from a folder or a hub id."""
     from transformers import CLIPVisionModelWithProjection
@@ -550,9 +771,10 @@ def _load_checkpoint(name: str, kwargs: dict) -> tuple[nn.Module, dict, bool]:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = CLIPVisionModelWithProjection.from_pretrained(
-            source, output_loading_info=True, **kwargs
-        )
+        with _quiet(verbose):
+            model, info = CLIPVisionModelWithProjection.from_pretrained(
+                source, output_loading_info=True, **kwargs
+            )
     except OSError as error:
         raise CheckpointNotFoundError(_not_found_message(name, source, kwargs, error)) from None
     finally:
@@ -592,11 +814,12 @@ def _read_processor_config(source: str, kwargs: dict) -> dict:
         return json.load(file)
 
 
-def _not_found_message(name: str, source: str, kwargs: dict, error: OSError) -> str:
+def _not_found_message(name: str, source: str, kwargs: dict, error: OSError, kind: str = "CLIP") -> str:
+    kind = f"{kind} " if kind else ""
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     if os.path.isdir(source):
         return (
-            f"model: no CLIP checkpoint in the folder {source!r} (expected config.json and "
+            f"model: no {kind}checkpoint in the folder {source!r} (expected config.json and "
             "model.safetensors, as written by save_pretrained); pass the folder of a saved "
             f"checkpoint or a hub id. ({reason})"
         )
@@ -604,7 +827,7 @@ def _not_found_message(name: str, source: str, kwargs: dict, error: OSError) -> 
 
     if _looks_like_path(name):
         return (
-            f"model: CLIP weights not found locally: there is no folder {name!r}. To fix: pass "
+            f"model: {kind}weights not found locally: there is no folder {name!r}. To fix: pass "
             "an existing folder written by save_pretrained, or a hub id whose weights are in "
             "the local Hugging Face cache (download them once with network access, or set "
             "HF_HOME to the directory whose cache holds them)."
@@ -617,7 +840,7 @@ def _not_found_message(name: str, source: str, kwargs: dict, error: OSError) -> 
         else f"the download failed: {reason}"
     )
     return (
-        f"model: CLIP weights {name!r} were not found locally (not a folder, and not in the "
+        f"model: {kind}weights {name!r} were not found locally (not a folder, and not in the "
         f"Hugging Face cache {cache!r}); {why}. To fix: download them once with network "
         f"access (`hf download {name}`), or pass the path of a local folder holding the "
         "checkpoint, or set HF_HOME to the directory whose cache holds them."
@@ -650,6 +873,174 @@ def _vision_parts(clip: nn.Module) -> tuple[nn.Module, Optional[nn.Module], Any]
         tower = clip
     projection = getattr(clip, "visual_projection", None)
     return tower, projection, config
+
+
+# --------------------------------------------------------------------------------------------
+# families
+
+
+# The features each family offers, the default first.
+FAMILY_FEATURES: dict[str, tuple[str, ...]] = {
+    "clip": FEATURES,
+    "siglip": ("pooled", "mean"),
+    "dinov2": ("cls", "mean"),
+    "dinov3": ("cls", "mean"),
+    "vit": ("cls", "mean"),
+    "module": (None,),  # type: ignore[dict-item]
+}
+# config.json model_type -> (family, transformers class that loads the vision backbone).
+_MODEL_TYPES: dict[str, tuple[str, str]] = {
+    "clip": ("clip", "CLIPVisionModelWithProjection"),
+    "clip_vision_model": ("clip", "CLIPVisionModelWithProjection"),
+    "siglip": ("siglip", "SiglipVisionModel"),
+    "siglip_vision_model": ("siglip", "SiglipVisionModel"),
+    "dinov2": ("dinov2", "Dinov2Model"),
+    "dinov2_with_registers": ("dinov2", "Dinov2WithRegistersModel"),
+    "dinov3_vit": ("dinov3", "DINOv3ViTModel"),
+    "vit": ("vit", "ViTModel"),
+}
+# PIL resampling codes of preprocessor_config.json -> torch interpolation modes.
+_RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
+
+_DEVICE_COPIES_LOCK = threading.Lock()
+
+
+def _model_type_family(model_type: Optional[str], where: str) -> str:
+    if model_type == "siglip2":
+        raise ValueError(
+            f"model: {where} is a NaFlex SigLIP 2 model (model_type 'siglip2'), which takes variable-length "
+            "patch sequences, not fixed-size images; use a fixed-resolution SigLIP 2 checkpoint (model_type "
+            "'siglip', e.g. google/siglip2-base-patch16-224)"
+        )
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(
+            f"model: {where} has model_type {model_type!r}; supported: {', '.join(sorted(_MODEL_TYPES))}. For "
+            "another backbone, pass an nn.Module returning (N, D) features with explicit mean, std and image_size"
+        )
+    return _MODEL_TYPES[model_type][0]
+
+
+def _family_of(model: Any, kwargs: dict, verbose: bool) -> str:
+    """The family of a checkpoint (from its config.json) or of a model instance."""
+    if isinstance(model, nn.Module):
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type is None and not hasattr(config, "vision_config"):
+            return "module"
+        return _model_type_family(model_type, type(model).__name__)
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"model: expected a hub id, a folder path or an nn.Module, got {type(model).__name__}"
+        )
+    if kwargs.get("trust_remote_code"):
+        raise ValueError(
+            "trust_remote_code: FrozenEncoder never runs code shipped with a checkpoint; load the model "
+            "yourself and pass the instance"
+        )
+    from transformers import AutoConfig
+
+    name = os.fspath(model)
+    folder = os.path.expanduser(name)
+    source = folder if os.path.isdir(folder) else name
+    lookup = {key: kwargs[key] for key in _HUB_LOOKUP_KEYS if key in kwargs}
+    try:
+        with _quiet(verbose):
+            config = AutoConfig.from_pretrained(source, **lookup)
+    except OSError as error:
+        raise CheckpointNotFoundError(_not_found_message(name, source, kwargs, error, kind="")) from None
+    return _model_type_family(getattr(config, "model_type", None), repr(name))
+
+
+def _load_family(name: str, family: str, kwargs: dict, verbose: bool) -> tuple[nn.Module, dict]:
+    """(vision backbone, preprocessor config or {}) of a non-CLIP checkpoint."""
+    import transformers
+    from transformers import AutoConfig
+
+    kwargs.pop("output_loading_info", None)
+    folder = os.path.expanduser(name)
+    source = folder if os.path.isdir(folder) else name
+    lookup = {key: kwargs[key] for key in _HUB_LOOKUP_KEYS if key in kwargs}
+    with _quiet(verbose):
+        model_type = AutoConfig.from_pretrained(source, **lookup).model_type
+    model_class = getattr(transformers, _MODEL_TYPES[model_type][1])
+    if getattr(model_class, "_supports_sdpa", False):
+        kwargs.setdefault("attn_implementation", "sdpa")
+    if family == "vit":
+        kwargs.setdefault("add_pooling_layer", False)  # the CLS token is the embedding, not the pooler
+    try:
+        with _quiet(verbose):
+            model, info = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    except OSError as error:
+        raise CheckpointNotFoundError(_not_found_message(name, source, kwargs, error, kind="")) from None
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise ValueError(
+            f"model: {name!r} is not a complete {family} vision checkpoint: it has no weights for "
+            f"{len(missing)} tensors, e.g. {missing[:3]}"
+        )
+    return model, _read_processor_config(source, kwargs)
+
+
+def _family_tower(model: nn.Module, family: str) -> tuple[nn.Module, Any]:
+    """(the module called with pixel_values, its vision config) of a transformers backbone."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "vision_config", None) or config
+    if config is None or getattr(config, "image_size", None) is None:
+        raise TypeError(
+            f"model: expected a transformers {family} model with a vision config, got {type(model).__name__}"
+        )
+    tower = getattr(model, "vision_model", None) if family == "siglip" else None
+    return (tower if tower is not None else model), config
+
+
+def _processor_resample(processor: dict) -> str:
+    return _RESAMPLE_MODES.get(processor.get("resample", 3), "bicubic")
+
+
+def _submodule_path(root: nn.Module, module: nn.Module) -> str:
+    """The name of ``module`` inside ``root`` ("" for root itself), for get_submodule on copies."""
+    for name, candidate in root.named_modules(remove_duplicate=False):
+        if candidate is module:
+            return name
+    raise ValueError(f"model: {type(module).__name__} is not a submodule of {type(root).__name__}")
+
+
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    for tensor in module.parameters():
+        return tensor.dtype
+    return torch.get_default_dtype()
+
+
+def _weight_device(module: nn.Module) -> Optional[torch.device]:
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return None
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Silence transformers' logging and progress bars (and huggingface_hub's) unless verbose;
+    the previous settings are restored on exit."""
+    if verbose:
+        yield
+        return
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hub_bars = hub_utils.are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if not hub_bars:
+            hub_utils.enable_progress_bars()
 
 
 # --------------------------------------------------------------------------------------------

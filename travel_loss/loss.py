@@ -131,30 +131,73 @@ def siamese_margin_loss(emb: Tensor, margin: float = 10.0, *, check_finite: bool
 
 
 class TravelLoss(nn.Module):
-    r"""Module form of :func:`travel_loss` that holds its options; no parameters, no state.
+    r"""Module form of :func:`travel_loss` that holds its options, and optionally the encoder.
 
-    ``TravelLoss(distance="cosine", reduction="mean")(emb_src, emb_gen)`` equals
-    ``travel_loss(emb_src, emb_gen, distance="cosine", reduction="mean")``.
+    Without an encoder, ``TravelLoss(distance="cosine", reduction="mean")(emb_src, emb_gen)``
+    equals ``travel_loss(emb_src, emb_gen, distance="cosine", reduction="mean")``.
+
+    With ``encoder=E`` (e.g. a :class:`travel_loss.FrozenEncoder`), the module takes images, like
+    lpips: ``loss(x, fake)`` with (N, 3, H, W) source images ``x`` and their translations
+    ``fake`` embeds ``x`` under ``torch.no_grad()`` and ``fake`` with gradient and returns
+    ``travel_loss(E(x), E(fake))``. N >= 2 is checked before either forward. The encoder is a
+    registered submodule, so ``.to(device)`` moves it (a :class:`~travel_loss.FrozenEncoder`
+    adds nothing to ``state_dict()`` or ``parameters()``).
+
+    >>> loss_fn = TravelLoss(encoder=FrozenEncoder("google/siglip-base-patch16-224")).to(device)
+    >>> loss_g = adversarial + lam * loss_fn(real_a, fake_b)
     """
 
     def __init__(
-        self, distance: Distance = "cosine", reduction: Reduction = "mean", check_finite: bool = True
+        self,
+        distance: Distance = "cosine",
+        reduction: Reduction = "mean",
+        check_finite: bool = True,
+        *,
+        encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
         _check_option("distance", distance, DISTANCES)
         _check_option("reduction", reduction, REDUCTIONS)
+        if encoder is not None and not isinstance(encoder, nn.Module):
+            raise TypeError(
+                f"encoder: expected None or an nn.Module mapping images to embeddings, got {type(encoder).__name__}"
+            )
         self.distance = distance
         self.reduction = reduction
         self.check_finite = check_finite
+        self.encoder = encoder
 
-    def forward(self, emb_src: Embeddings, emb_gen: Embeddings) -> Tensor:
+    def forward(self, first: Embeddings, second: Embeddings) -> Tensor:
+        """``(emb_src, emb_gen)`` without an encoder; ``(x, fake)`` images with one."""
+        if self.encoder is not None:
+            first, second = self._embed(first, second)  # type: ignore[arg-type]
         return travel_loss(
-            emb_src,
-            emb_gen,
+            first,
+            second,
             distance=self.distance,
             reduction=self.reduction,
             check_finite=self.check_finite,
         )
+
+    def _embed(self, x: Tensor, fake: Tensor) -> tuple[Embeddings, Embeddings]:
+        for name, images in (("x", x), ("fake", fake)):
+            if not isinstance(images, Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor of images, got {type(images).__name__}")
+            if images.dim() < 1 or images.shape[0] < 2:
+                got = images.shape[0] if images.dim() else "a 0-D tensor"
+                raise ValueError(
+                    f"{name}: expected a batch of at least 2 images (transformation vectors need pairs), got "
+                    f"batch size {got}; raise the batch size, or use travel_loss.TravelQueue(size=K) on "
+                    "the embeddings"
+                )
+        if x.shape[0] != fake.shape[0]:
+            raise ValueError(
+                f"x, fake: expected one translation per source image, got {x.shape[0]} sources and "
+                f"{fake.shape[0]} translations"
+            )
+        with torch.no_grad():
+            emb_src = self.encoder(x)  # type: ignore[misc]
+        return emb_src, self.encoder(fake)  # type: ignore[misc]
 
     def extra_repr(self) -> str:
         return f"distance={self.distance!r}, reduction={self.reduction!r}"
@@ -294,7 +337,9 @@ def _validated_embeddings(*named: tuple[str, Tensor], check_finite: bool) -> lis
         if tensor.shape[0] < 2:
             raise ValueError(
                 f"{name}: expected at least 2 embeddings (transformation vectors need pairs), "
-                f"got N = {tensor.shape[0]}"
+                f"got N = {tensor.shape[0]}: a batch size of {tensor.shape[0]} has no pairs; "
+                "raise the batch size, or use travel_loss.TravelQueue(size=K), which pairs each "
+                "row with the last K rows of earlier batches"
             )
         if not tensor.is_floating_point():
             raise ValueError(f"{name}: expected a floating-point tensor, got dtype {tensor.dtype}")
