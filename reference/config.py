@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from reference.losses import AUGMENT_OPS, GAN_LOSSES
 from reference.models import PatchDiscriminator, default_n_blocks
@@ -19,6 +21,7 @@ __all__ = [
     "DEVICES",
     "ENCODER_MODES",
     "PAPER_ENCODER",
+    "TRAINER_PRESETS",
     "TRAVEL_OBJECTIVES",
     "TrainConfig",
     "check_config",
@@ -29,6 +32,18 @@ ENCODER_MODES = ("clip", "random-clip", "siamese", "toy", "module")
 TRAVEL_OBJECTIVES = ("paper", "notebook")
 AMP_MODES = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "xla")
+_REFERENCE = Path(__file__).resolve().parent
+
+# Named recipes for ``reference/train.py --preset NAME``: TrainConfig values that become the
+# defaults, so that any flag given beside the preset overrides it. The studies' settings; the
+# paper's own experiments are in ``reference.presets``.
+TRAINER_PRESETS: dict[str, dict[str, Any]] = {
+    "digits-demo": dict(
+        size=16, flip=False, num_workers=0, gan_loss="lsgan", lambda_travel=10.0, encoder_mode="module",
+        encoder=f"{_REFERENCE / 'digits.py'}:stroke_embedder", g_width=16, g_blocks=3, d_width=16, d_layers=2,
+        batch_size=32, steps=1000, lr=2e-4,
+    ),
+}
 
 
 @dataclass

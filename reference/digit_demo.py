@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reference.config import TrainConfig
-from reference.digits import DIGIT_SIZE, DigitJudge, digit_domains, score_digit_translations
+from reference.config import TRAINER_PRESETS, TrainConfig
+from reference.digits import DigitJudge, digit_domains, score_digit_translations
 from reference.evaluate import translate_images
 from reference.logs import save_image_grid
 from reference.translate import load_generator
@@ -68,7 +68,7 @@ class Run:
 
 @dataclass(frozen=True)
 class DigitDemoSettings:
-    """Everything the study depends on besides the seed (networks, budget, runs)."""
+    """What the study runs: the methods, the trainer recipe (a preset plus overrides) and the grid."""
 
     runs: tuple[Run, ...] = (
         Run("gan", 0.0),
@@ -78,17 +78,9 @@ class DigitDemoSettings:
         Run("identity-l1", 10.0, lambda_identity=10.0),
         Run("travel-pixel-embedder", 10.0, lambda_travel=10.0, embedder="pixel"),
     )
-    size: int = DIGIT_SIZE
-    g_width: int = 16
-    g_blocks: int = 3
-    d_width: int = 16
-    d_layers: int = 2  # a 34-pixel receptive field: D sees whole 16-pixel digits, so it learns B's class prior
-    batch_size: int = 32
-    steps: int = 1000
-    lr: float = 2e-4  # generator; the discriminator gets twice this
-    gan_loss: str = "lsgan"
+    preset: str = "digits-demo"  # reference.config.TRAINER_PRESETS: networks, optimiser, budget
+    overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields that differ from the preset
     grid_rows: int = 10
-    trainer_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 FULL = DigitDemoSettings()
@@ -99,8 +91,9 @@ QUICK = DigitDemoSettings(
         Run("identity-l1", 10.0, lambda_identity=10.0),
         Run("travel-pixel-embedder", 10.0, lambda_travel=10.0, embedder="pixel"),
     ),
-    g_width=8, g_blocks=1, d_width=8, batch_size=8, steps=4, grid_rows=4,
-)  # fmt: skip
+    overrides=dict(g_width=8, g_blocks=1, d_width=8, batch_size=8, steps=4),
+    grid_rows=4,
+)
 
 
 def _write_folder(images: Tensor, folder: Path) -> None:
@@ -117,16 +110,15 @@ def _run_name(run: Run) -> str:
 
 
 def trainer_config(run: Run, settings: DigitDemoSettings, data: Path, out: Path, seed: int) -> TrainConfig:
-    """The :class:`TrainConfig` of one run: the command line ``reference/train.py`` would get."""
-    return TrainConfig(
-        data_a=str(data / "trainA"), data_b=str(data / "trainB"), size=settings.size, flip=False, num_workers=0,
-        lambda_travel=run.lambda_travel, lambda_identity=run.lambda_identity, gan_loss=settings.gan_loss,
-        encoder_mode="module", encoder=EMBEDDERS[run.embedder],
-        g_width=settings.g_width, g_blocks=settings.g_blocks, d_width=settings.d_width, d_layers=settings.d_layers,
-        steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=seed, out=str(out),
-        log_every=max(1, settings.steps // 10), sample_every=settings.steps, checkpoint_every=settings.steps,
-        **settings.trainer_overrides,
-    )  # fmt: skip
+    """The :class:`TrainConfig` of one run: what ``reference/train.py --preset digits-demo --data-a
+    DATA/trainA --data-b DATA/trainB --lambda-travel ... --out OUT`` would train."""
+    recipe = {**TRAINER_PRESETS[settings.preset], **settings.overrides}
+    steps = recipe["steps"]
+    return TrainConfig(**{
+        **recipe, "data_a": str(data / "trainA"), "data_b": str(data / "trainB"), "seed": seed, "out": str(out),
+        "lambda_travel": run.lambda_travel, "lambda_identity": run.lambda_identity, "encoder": EMBEDDERS[run.embedder],
+        "log_every": max(1, steps // 10), "sample_every": steps, "checkpoint_every": steps,
+    })  # fmt: skip
 
 
 def _grid_rows(labels: Tensor, count: int) -> list[int]:
@@ -167,7 +159,7 @@ def run_digit_demo(
     out = Path(out_dir)
     say = print if progress else (lambda *args, **kwargs: None)
     started = time.perf_counter()
-    domains = digit_domains(size=settings.size)
+    domains = digit_domains(size=TRAINER_PRESETS[settings.preset]["size"])
     judge = DigitJudge(domains.judge, domains.judge_labels)
     data = out / "data"
     if not (data / "trainB").is_dir():

@@ -55,6 +55,7 @@ from reference.config import (
     DEVICES,
     ENCODER_MODES,
     PAPER_ENCODER,
+    TRAINER_PRESETS,
     TRAVEL_OBJECTIVES,
     TrainConfig,
     check_config,
@@ -626,12 +627,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a study into --out: the toy streets (reference.demo; --demo alone) or real digits (reference.digit_demo)",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="with --demo: a shorter study")
+    parser.add_argument(
+        "--preset", choices=sorted(TRAINER_PRESETS), default=None,
+        help="start from a named recipe (reference.config.TRAINER_PRESETS); other flags override its values",
+    )  # fmt: skip
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset is not None:  # the preset's values become the defaults; flags given on the command line win
+        parser.set_defaults(**TRAINER_PRESETS[preset])
     args = vars(parser.parse_args(argv))
+    args.pop("preset")
     demo, quick = args.pop("demo"), args.pop("quick")
     config = TrainConfig(**args)
     if demo == "digits":

@@ -285,3 +285,19 @@ def test_command_line_runs_the_digit_study(tmp_path, monkeypatch):
     monkeypatch.setattr(digit_demo, "run_digit_demo", lambda out, **kw: calls.append((out, kw)))
     assert main(["--demo", "digits", "--quick", "--out", str(tmp_path)]) == 0
     assert calls == [(str(tmp_path), {"seed": 0, "quick": True})]
+
+
+def test_preset_sets_defaults_and_flags_override_them(tmp_path, monkeypatch):
+    from reference import train as train_module
+    from reference.config import TRAINER_PRESETS
+
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda config, **kw: seen.append(config) or {"rank": 1})
+    argv = ["--preset", "digits-demo", "--data-a", "a", "--data-b", "b", "--lambda-travel", "3", "--out", str(tmp_path)]
+    assert train_module.main(argv) == 0
+    (config,) = seen
+    preset = TRAINER_PRESETS["digits-demo"]
+    assert config.lambda_travel == 3.0 != preset["lambda_travel"]  # the flag wins
+    for name, value in preset.items():
+        if name != "lambda_travel":
+            assert getattr(config, name) == value, name
