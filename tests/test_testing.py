@@ -138,9 +138,11 @@ def test_images_are_in_input_range():
 
 
 def test_tolerance_separates_round_off_from_faults():
+    generator = torch.Generator().manual_seed(0)  # new noise on every call, the same on every run
+
     def slightly_noisy(images):
         embedding = mean_pool(images)
-        return embedding * (1 + 1e-6 * torch.randn_like(embedding))
+        return embedding * (1 + 1e-6 * torch.randn(embedding.shape, generator=generator))
 
     check_embedder(slightly_noisy, SMALL)
     with pytest.raises(AssertionError, match="Two calls on the same images differ"):
@@ -277,6 +279,16 @@ def test_catches_a_fault_that_only_the_second_batch_shows():
 
     with pytest.raises(AssertionError, match="first in one batch and last in another batch"):
         check_embedder(last_row_differs, SMALL)
+
+
+def test_catches_a_fault_that_only_a_batch_of_one_shows():
+    # Correct for every batch of two or more images, so every other check passes; wrong alone.
+    def doubled_alone(images):
+        embedding = mean_pool(images)
+        return 2 * embedding if images.shape[0] == 1 else embedding
+
+    with pytest.raises(AssertionError, match="image 0 alone and in a batch of other images differ"):
+        check_embedder(doubled_alone, SMALL)
 
 
 # ------------------------------------------------------------------------------------------------
