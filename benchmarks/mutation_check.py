@@ -12,6 +12,7 @@ exactly once is an error, not a survivor, so the list cannot silently go stale.
     python benchmarks/mutation_check.py               # all mutants, CI=true
     python benchmarks/mutation_check.py --local       # hypothesis randomized, as in a local run
     python benchmarks/mutation_check.py --only clamp  # mutants whose name contains "clamp"
+    python benchmarks/mutation_check.py --why         # run every test, name those that kill
 """
 
 from __future__ import annotations
@@ -110,18 +111,22 @@ def environment_for(tree: Path, ci: bool) -> dict[str, str]:
 def check_imports_from(tree: Path) -> None:
     """The copy, not an installed travel_loss, must be what the tests import."""
     command = [sys.executable, "-c", "import travel_loss; print(travel_loss.__file__)"]
-    imported = subprocess.run(command, cwd=tree, env=environment_for(tree, False), capture_output=True, text=True)
+    environment = environment_for(tree, False)
+    imported = subprocess.run(command, cwd=tree, env=environment, capture_output=True, text=True, check=False)
     if not imported.stdout.strip().startswith(str(tree)):
         raise SystemExit(f"travel_loss is imported from {imported.stdout.strip() or imported.stderr}, not {tree}")
 
 
-def run_tests(tree: Path, test_files: list[str], ci: bool) -> tuple[bool, float]:
-    """True when the test files pass in ``tree``; and the seconds they took."""
+def run_tests(tree: Path, test_files: list[str], ci: bool, why: bool = False) -> tuple[bool, float, list[str]]:
+    """Whether the test files pass in ``tree``, the seconds they took, and the failed tests (all of
+    them with ``why``, else the first)."""
     environment = environment_for(tree, ci)
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *test_files]
+    stop_early = [] if why else ["-x"]
+    command = [sys.executable, "-m", "pytest", "-q", "-rf", *stop_early, "-p", "no:cacheprovider", *test_files]
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=tree, env=environment, capture_output=True, text=True)
-    return result.returncode == 0, time.perf_counter() - start
+    result = subprocess.run(command, cwd=tree, env=environment, capture_output=True, text=True, check=False)
+    failed = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("FAILED ")]
+    return result.returncode == 0, time.perf_counter() - start, failed
 
 
 def apply(mutant: Mutant, tree: Path) -> None:
@@ -137,6 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--local", action="store_true", help="randomized hypothesis (no CI=true)")
     parser.add_argument("--only", default="", help="run the mutants whose name contains this text")
+    parser.add_argument("--why", action="store_true", help="run all tests of each mutant and name the failures")
     args = parser.parse_args()
     ci = not args.local
     mutants = [m for m in MUTANTS if args.only.lower() in m.name.lower()]
@@ -146,7 +152,7 @@ def main() -> None:
         copy_tree(pristine)
         check_imports_from(pristine)
         for path, test_files in TESTS_OF.items():
-            passed, seconds = run_tests(pristine, test_files, ci)
+            passed, seconds, _ = run_tests(pristine, test_files, ci)
             if not passed:
                 raise SystemExit(f"the unmutated {', '.join(test_files)} fail: fix them before the mutation check")
             print(f"unmutated {path}: {', '.join(test_files)} pass ({seconds:.0f} s)", flush=True)
@@ -155,10 +161,12 @@ def main() -> None:
             tree = Path(temporary) / f"mutant_{index}"
             copy_tree(tree)
             apply(mutant, tree)
-            failed, seconds = run_tests(tree, TESTS_OF[mutant.path], ci)
-            failed = not failed
-            killed.append(failed)
-            print(f"{'killed  ' if failed else 'SURVIVED'} {mutant.path:24} {mutant.name} ({seconds:.0f} s)", flush=True)
+            passed, seconds, failures = run_tests(tree, TESTS_OF[mutant.path], ci, args.why)
+            killed.append(not passed)
+            verdict = "SURVIVED" if passed else "killed  "
+            print(f"{verdict} {mutant.path:24} {mutant.name} ({seconds:.0f} s)", flush=True)
+            if args.why:
+                print("".join(f"    {failure}\n" for failure in failures), end="", flush=True)
             shutil.rmtree(tree)
     mode = "CI=true (derandomized)" if ci else "local (randomized)"
     print(f"score {sum(killed)}/{len(killed)} mutants killed, {mode}")

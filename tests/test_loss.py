@@ -250,7 +250,7 @@ def test_invariant_to_translation_of_either_set(pair, distance, offset, which):
     torch.testing.assert_close(
         travel_loss(*moved, distance=distance, reduction="none"),
         travel_loss(src, gen, distance=distance, reduction="none"),
-        rtol=1e-4,
+        rtol=1e-4,  # float64 Gram round-off, eps64 |c|^2 / |v|^2, for the closest distinct rows drawn
         atol=1e-5,
     )
 
@@ -267,7 +267,7 @@ def test_cosine_invariant_to_positive_scaling_of_either_set(pair, factor, which)
     torch.testing.assert_close(
         travel_loss(*scaled, reduction="none"),
         travel_loss(src, gen, reduction="none"),
-        rtol=1e-4,
+        rtol=1e-4,  # as for translation
         atol=1e-5,
     )
 
@@ -374,10 +374,13 @@ def test_result_dtype_and_half_precision_inputs(dtype):
 @pytest.mark.parametrize("distance", DISTANCES)
 def test_gradcheck_in_float64(distance):
     src, gen = (t.double().requires_grad_() for t in random_pair(5, 4, seed=7))
+    # Central differences in float64 with eps 1e-6: truncation ~eps^2 = 1e-12, round-off ~1e-16 / eps = 1e-10.
     assert torch.autograd.gradcheck(
-        lambda s, g: travel_loss(s, g, distance=distance), (src, gen), eps=1e-6, atol=1e-5
+        lambda s, g: travel_loss(s, g, distance=distance), (src, gen), eps=1e-6, atol=1e-8, rtol=1e-5
     )
-    assert torch.autograd.gradcheck(lambda e: siamese_margin_loss(e, margin=4.0), (src,))
+    assert torch.autograd.gradcheck(
+        lambda e: siamese_margin_loss(e, margin=4.0), (src,), eps=1e-6, atol=1e-8, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
