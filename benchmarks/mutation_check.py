@@ -11,7 +11,7 @@ exactly once is an error, not a survivor, so the list cannot silently go stale.
 
     python benchmarks/mutation_check.py               # all mutants, CI=true
     python benchmarks/mutation_check.py --local       # hypothesis randomized, as in a local run
-    python benchmarks/mutation_check.py --only clamp  # mutants whose name contains "clamp"
+    python benchmarks/mutation_check.py --only clamp,centring  # mutants whose name contains either
     python benchmarks/mutation_check.py --why         # run every test, name those that kill
 """
 
@@ -141,11 +141,12 @@ def apply(mutant: Mutant, tree: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--local", action="store_true", help="randomized hypothesis (no CI=true)")
-    parser.add_argument("--only", default="", help="run the mutants whose name contains this text")
+    parser.add_argument("--only", default="", help="comma-separated texts: run the mutants whose name contains one")
     parser.add_argument("--why", action="store_true", help="run all tests of each mutant and name the failures")
     args = parser.parse_args()
     ci = not args.local
-    mutants = [m for m in MUTANTS if args.only.lower() in m.name.lower()]
+    wanted = [text.strip().lower() for text in args.only.split(",")]
+    mutants = [m for m in MUTANTS if any(text in m.name.lower() for text in wanted)]
 
     with tempfile.TemporaryDirectory(prefix="mutation_check_") as temporary:
         pristine = Path(temporary) / "pristine"
