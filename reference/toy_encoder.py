@@ -40,12 +40,15 @@ from reference.data import CLASSES, PALETTE_A, PALETTE_B, ToyStreets
 __all__ = [
     "GRID",
     "NATIVE_SIZE",
+    "SelfSimilarityEmbedder",
     "ToyLayoutEncoder",
     "build_toy_encoder",
     "cell_class_fractions",
     "pretrain_layout_encoder",
     "random_palette_images",
+    "random_toy_encoder",
     "scramble_labels",
+    "self_similarity_embedder",
 ]
 
 NATIVE_SIZE = 64  # the resolution the network is pretrained and run at
@@ -229,3 +232,53 @@ def build_toy_encoder(size: int, seed: int = 0, *, pretrained: bool = True) -> T
         encoder.load_state_dict(_pretrained_state(seed))
     encoder.requires_grad_(False)
     return encoder.eval()
+
+
+class SelfSimilarityEmbedder(nn.Module):
+    r"""Where each colour region is, whatever the colours: a palette-invariant layout embedder without weights.
+
+    The image (N, 3, S, S) in [-1, 1] is average-pooled to ``grid`` x ``grid`` cells (a low-pass
+    front end: a pattern finer than a cell cannot move the embedding), and the embedding is the
+    similarity of every pair of cells p < q,
+
+    .. math::  E(x)_{pq} = \exp\bigl(-\lVert c_p - c_q \rVert^2 / (2 \sigma^2)\bigr),
+
+    with :math:`c_p` the mean colour of cell p: about 1 when two cells show the same class, about
+    0 when they show different ones (two classes' colours lie more than a few ``sigma`` apart).
+    Repainting a scene in any palette that keeps its classes distinct leaves E unchanged, while
+    moving the horizon, a car or a tree changes it: it sees the layout, like the self-similarity
+    of a vision transformer's keys that structure-preserving translation methods compare
+    (Tumanyan et al., "Splicing ViT Features", 2022). It knows nothing of either domain.
+    Output (N, grid^2 (grid^2 - 1) / 2).
+    """
+
+    def __init__(self, grid: int = 8, sigma: float = 0.1) -> None:
+        super().__init__()
+        if not isinstance(grid, int) or isinstance(grid, bool) or grid < 2:
+            raise ValueError(f"grid must be an int >= 2, got {grid!r}")
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma!r}")
+        self.grid, self.sigma = grid, float(sigma)
+        pairs = torch.triu_indices(grid * grid, grid * grid, offset=1)
+        self.register_buffer("pairs", pairs, persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        cells = F.adaptive_avg_pool2d(images, self.grid).flatten(2).transpose(1, 2)  # (N, grid^2, 3)
+        first, second = cells[:, self.pairs[0]], cells[:, self.pairs[1]]
+        return torch.exp(-(first - second).square().sum(-1) / (2 * self.sigma**2))
+
+
+def self_similarity_embedder(image_size: int = NATIVE_SIZE) -> SelfSimilarityEmbedder:
+    """Factory for ``--encoder-mode module --encoder reference/toy_encoder.py:self_similarity_embedder``.
+
+    An 8 x 8 grid of cells at any ``image_size`` (it needs no weights, so the size only has to
+    be at least 8 pixels).
+    """
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8, got {image_size!r}")
+    return SelfSimilarityEmbedder(grid=8, sigma=0.1).eval()
+
+
+def random_toy_encoder(image_size: int = NATIVE_SIZE) -> ToyLayoutEncoder:
+    """Factory for the random-encoder ablation: :class:`ToyLayoutEncoder` with its random initial weights."""
+    return build_toy_encoder(image_size, seed=0, pretrained=False)
