@@ -19,6 +19,10 @@ contiguous NCHW tensors, E(x) recomputed every step, frozen encoder):
                   ``generator_step`` (``encoder_optimizer``), i.e. E(x) and E(G(x)) both with
                   autograd, weight gradients for every encoder layer, and an Adam update of E.
                   What freezing CLIP saves; not combinable with ``cached``.
+``mb<M>``         exact micro-batching (``--micro-batch M`` of the trainer): embeddings of the
+                  whole batch in chunks of M without graphs, then G, D and E re-run chunk by
+                  chunk with the cached travel-loss gradient (same gradient, about one extra
+                  forward of G and E, activation memory of M images), e.g. ``bf16+mb16``
 ``all``           bf16 + compile + channels-last + cached
 ================  ============================================================================
 
@@ -44,6 +48,14 @@ speed depends on shapes, not values.
     python benchmarks/bench_train.py                                   # CPU, tiny configuration
     python benchmarks/bench_train.py --device cuda                     # the paper's configuration
     python benchmarks/bench_train.py --device cuda --rows baseline bf16 bf16+compile all
+    python benchmarks/bench_train.py --device cuda --rows bf16 bf16+mb32 bf16+mb16 --memory-fraction-gib 24
+
+``--memory M [M ...]`` measures memory instead: one child process per micro-batch size M (0 or
+the batch size: off) runs one step at ``--batch-size`` and reports the growth of its peak
+resident memory (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA) over what it held before
+the step, and the best time of a few more steps:
+
+    python benchmarks/bench_train.py --memory 32 8 2 --batch-size 32   # CPU, tiny models
 """
 
 from __future__ import annotations
@@ -51,7 +63,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -115,19 +129,26 @@ class Row:
     channels_last: bool = False
     cached: bool = False
     trainable: bool = False
+    micro_batch: int = 0  # 0: off
 
 
 def parse_row(spec: str, device: str) -> Row:
     """``"bf16+compile"`` -> Row(amp="bf16", compile=True); ValueError naming the bad part."""
     names: list[str] = []
+    micro_batch = 0
     for part in spec.split("+"):
         part = part.strip()
-        if part in ALIASES:
+        if part.startswith("mb") and part[2:].isdigit() and int(part[2:]) >= 1:
+            micro_batch = int(part[2:])
+        elif part in ALIASES:
             names += ALIASES[part]
         elif part in FEATURES:
             names.append(part)
         else:
-            raise ValueError(f"rows: {spec!r}: expected '+'-joined names from {sorted([*FEATURES, *ALIASES])}, got {part!r}")
+            raise ValueError(
+                f"rows: {spec!r}: expected '+'-joined names from {sorted([*FEATURES, *ALIASES])} or mb<M> "
+                f"(M >= 1), got {part!r}"
+            )
     if "bf16" in names and "fp16" in names:
         raise ValueError(f"rows: {spec!r}: choose one of bf16 and fp16")
     if "fp16" in names and device != "cuda":
@@ -135,7 +156,7 @@ def parse_row(spec: str, device: str) -> Row:
     if "cached" in names and "trainable" in names:
         raise ValueError(f"rows: {spec!r}: a trainable encoder's source embeddings change every step and cannot be cached")
     amp = "bf16" if "bf16" in names else "fp16" if "fp16" in names else None
-    return Row(spec, amp, "compile" in names, "channels-last" in names, "cached" in names, "trainable" in names)
+    return Row(spec, amp, "compile" in names, "channels-last" in names, "cached" in names, "trainable" in names, micro_batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,6 +233,7 @@ class _Step:
         self.options = StepOptions(
             lambda_travel=1e-3, device_type=device.type,
             amp_dtype={None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp],
+            micro_batch=0 if counting else row.micro_batch,
         )  # fmt: skip
 
         def optimizer(module: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -428,6 +450,75 @@ class Table:
         print(line, flush=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# Memory against micro-batch size (--memory): one child process per size
+# ---------------------------------------------------------------------------------------------
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def measure_memory(args: argparse.Namespace, micro_batch: int, device: torch.device) -> dict[str, float]:
+    """In a child process: peak memory growth of one step at ``--batch-size`` and its best time.
+
+    A step at batch 2 first loads the kernels' code pages and allocates the optimizers' state, so
+    that the growth measured over the resident (or allocated) bytes before the big step is what
+    the batch's activations need. The row is the first of ``--rows`` with ``micro_batch`` set.
+    """
+    models = build_models(args, device)
+    base_row = args.parsed_rows[0]
+    row = Row(f"mb{micro_batch}", base_row.amp, base_row.compile, base_row.channels_last, base_row.cached,
+              base_row.trainable, micro_batch)  # fmt: skip
+    _set_layout(models, row)
+    step = _Step(models, row, 2, args.size, device)
+    step()  # warm-up at batch 2: code pages, Adam state
+    small = step
+    step = _Step(models, row, args.batch_size, args.size, device, fresh_compile=False)
+    step.g_optimizer.load_state_dict(small.g_optimizer.state_dict())
+    step.d_optimizer.load_state_dict(small.d_optimizer.state_dict())
+    del small
+    gc.collect()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = _resident_bytes()
+    started = time.perf_counter()
+    step()
+    _sync(device)
+    times = [time.perf_counter() - started]
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    times += time_steps(step, max(args.steps, 2), args.row_seconds, row.label, device)
+    return {"micro_batch": micro_batch, "peak_bytes": max(peak, 0), "seconds": min(times)}
+
+
+def run_memory_table(argv: list[str], args: argparse.Namespace) -> None:
+    """One child process per ``--memory`` size, the table printed a line at a time."""
+    print(f"{'micro-batch':>11} {'peak MiB':>9} {'vs off':>7} {'s/step':>8} {'vs off':>7} {'img/s':>7}")
+    print("-" * 53, flush=True)
+    reference: dict[str, float] | None = None
+    for micro_batch in args.memory:
+        command = [sys.executable, str(Path(__file__).resolve()), *argv, "--memory-child", str(micro_batch)]
+        completed = subprocess.run(command, capture_output=True, text=True)
+        if completed.returncode != 0:
+            print(f"{micro_batch:>11} failed: {completed.stderr.strip().splitlines()[-1:]}", flush=True)
+            continue
+        result = json.loads(completed.stdout.strip().splitlines()[-1])
+        reference = reference or result
+        label = "off" if micro_batch in (0, args.batch_size) else str(micro_batch)
+        print(
+            f"{label:>11} {result['peak_bytes'] / 2**20:9.1f} {result['peak_bytes'] / max(reference['peak_bytes'], 1):6.2f}x "
+            f"{result['seconds']:8.3f} {result['seconds'] / reference['seconds']:6.2f}x {args.batch_size / result['seconds']:7.1f}",
+            flush=True,
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -450,6 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if not detected")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", type=Path, help="also write the configuration and the rows here")
+    parser.add_argument("--memory", type=int, nargs="+", metavar="M",
+                        help="instead of the table: peak memory and time of one step per micro-batch size M "
+                        "(0: off), each in a child process, for the first of --rows")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-fraction-gib", type=float,
+                        help="CUDA: cap this process's memory at this many GiB (set_per_process_memory_fraction)")
     return parser
 
 
@@ -473,6 +570,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.rounds < 1:
         raise ValueError(f"--rounds: expected a positive int, got {args.rounds}")
     args.parsed_rows = [parse_row(spec, args.device) for spec in args.rows]
+    for micro_batch in args.memory or []:
+        if micro_batch < 0:
+            raise ValueError(f"--memory: expected micro-batch sizes >= 0, got {micro_batch}")
+    if args.memory_fraction_gib is not None and not args.memory_fraction_gib > 0:
+        raise ValueError(f"--memory-fraction-gib: expected a positive number, got {args.memory_fraction_gib}")
     return args
 
 
@@ -486,9 +588,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and args.memory_fraction_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_fraction_gib * 2**30 / total), device)
+    if args.memory_child is not None:
+        print(json.dumps(measure_memory(args, args.memory_child, device)))
+        return
     import transformers  # noqa: PLC0415
 
-    models = build_models(args, device)
+    models = build_models(args, torch.device("cpu") if args.memory else device)  # --memory: the children measure
     encoder_parameters = sum(p.numel() for p in models.encoder.model.parameters())
     g_parameters = sum(p.numel() for p in models.generator.parameters())
     if device.type == "cuda":
@@ -518,6 +626,11 @@ def main(argv: list[str] | None = None) -> None:
         + (f"; peak {peak} TFLOP/s assumed ({peak_source})" if device.type == "cuda" else ""),
         flush=True,
     )
+    if device.type == "cuda" and args.memory_fraction_gib:
+        print(f"memory capped at {args.memory_fraction_gib:g} GiB (torch.cuda.set_per_process_memory_fraction)")
+    if args.memory:
+        run_memory_table(sys.argv[1:] if argv is None else argv, args)
+        return
     table = Table(device, peak)
     results: list[Result] = []
     for result in run_rows(models, args.parsed_rows, args, device):

@@ -150,3 +150,56 @@ def test_bad_arguments_name_the_argument():
         backward_chunk(torch.randn(2, 3), torch.randn(2, 3))
     with pytest.raises(ValueError, match="emb_chunk, grad_chunk: expected the same shape"):
         backward_chunk(torch.randn(2, 3, requires_grad=True), torch.randn(3, 3))
+
+
+# ------------------------------------------------------------------------------------------
+# Under DDP: this rank's rows of the global-batch gradient, scaled for DDP's averaging.
+
+WORLD_SIZE, ROWS_PER_RANK = 2, 5
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        x = torch.randn(WORLD_SIZE * ROWS_PER_RANK, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        local = x[rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK]
+        torch.manual_seed(1)
+        model = nn.parallel.DistributedDataParallel(nn.Linear(6, 4).double())
+        emb_src = local[:, :4] * 2
+        emb_gen = embed_in_chunks(model, local, 2)
+        loss, grad_gen, _ = travel_loss_and_embedding_grads(emb_src, emb_gen, global_batch=True)
+        chunks = list(zip(local.split(2), grad_gen.split(2)))
+        for index, (x_c, grad_c) in enumerate(chunks):
+            if index < len(chunks) - 1:
+                with model.no_sync():
+                    backward_chunk(model(x_c), grad_c)
+            else:
+                backward_chunk(model(x_c), grad_c)  # the synchronised backward averages over ranks
+        torch.save({"loss": loss, "grads": [p.grad for p in model.parameters()]}, os.path.join(out_dir, f"rank{rank}.pt"))
+        del model
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batch_gradients_under_ddp_equal_one_process(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not built in")
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    x = torch.randn(WORLD_SIZE * ROWS_PER_RANK, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    model = nn.Linear(6, 4).double()
+    loss = travel_loss(x[:, :4] * 2, model(x))
+    loss.backward()
+    for rank in range(WORLD_SIZE):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-12, atol=0)
+        for got, parameter in zip(result["grads"], model.parameters()):
+            torch.testing.assert_close(got, parameter.grad, rtol=1e-10, atol=1e-12)
