@@ -19,6 +19,10 @@ contiguous NCHW tensors, E(x) recomputed every step, frozen encoder):
                   ``generator_step`` (``encoder_optimizer``), i.e. E(x) and E(G(x)) both with
                   autograd, weight gradients for every encoder layer, and an Adam update of E.
                   What freezing CLIP saves; not combinable with ``cached``.
+``bf16-weights``  the frozen encoder's weights stored in bfloat16 (not autocast); its input too
+``fused-adam``    ``torch.optim.Adam(..., fused=True)`` for G, D (and a trainable E)
+``autotune``      ``torch.compile(mode="max-autotune-no-cudagraphs")`` (implies ``compile``)
+``cudagraphs``    ``torch.compile(mode="reduce-overhead")``: CUDA graphs (implies ``compile``)
 ``mb<M>``         exact micro-batching (``--micro-batch M`` of the trainer): embeddings of the
                   whole batch in chunks of M without graphs, then G, D and E re-run chunk by
                   chunk with the cached travel-loss gradient (same gradient, about one extra
@@ -61,6 +65,7 @@ the step, and the best time of a few more steps:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import resource
@@ -100,7 +105,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(size=256, batch_size=128, g_width=64, g_blocks=9, d_width=64, d_layers=3, encoder_size="vit-l-14"),
 }
 
-FEATURES = ("bf16", "fp16", "compile", "channels-last", "cached", "trainable")
+FEATURES = ("bf16", "fp16", "compile", "channels-last", "cached", "trainable", "bf16-weights", "fused-adam", "autotune",
+            "cudagraphs")
 ALIASES = {"baseline": (), "amp": ("bf16",), "all": ("bf16", "compile", "channels-last", "cached")}
 DEFAULT_ROWS = ("baseline", "bf16", "compile", "channels-last", "cached", "trainable", "all")
 
@@ -130,6 +136,9 @@ class Row:
     cached: bool = False
     trainable: bool = False
     micro_batch: int = 0  # 0: off
+    bf16_weights: bool = False
+    fused_adam: bool = False
+    compile_mode: str | None = None  # torch.compile's mode
 
 
 def parse_row(spec: str, device: str) -> Row:
@@ -153,10 +162,18 @@ def parse_row(spec: str, device: str) -> Row:
         raise ValueError(f"rows: {spec!r}: choose one of bf16 and fp16")
     if "fp16" in names and device != "cuda":
         raise ValueError(f"rows: {spec!r}: fp16 autocast needs --device cuda (use bf16 on {device})")
+    if "autotune" in names and "cudagraphs" in names:
+        raise ValueError(f"rows: {spec!r}: choose one of autotune and cudagraphs (compile modes)")
+    if "bf16-weights" in names and "trainable" in names:
+        raise ValueError(f"rows: {spec!r}: bf16-weights is for the frozen encoder, not a trainable one")
     if "cached" in names and "trainable" in names:
         raise ValueError(f"rows: {spec!r}: a trainable encoder's source embeddings change every step and cannot be cached")
     amp = "bf16" if "bf16" in names else "fp16" if "fp16" in names else None
-    return Row(spec, amp, "compile" in names, "channels-last" in names, "cached" in names, "trainable" in names, micro_batch)
+    mode = "max-autotune-no-cudagraphs" if "autotune" in names else "reduce-overhead" if "cudagraphs" in names else None
+    return Row(
+        spec, amp, "compile" in names or mode is not None, "channels-last" in names, "cached" in names, "trainable" in names,
+        micro_batch, "bf16-weights" in names, "fused-adam" in names, mode,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +226,7 @@ def _set_layout(models: Models, row: Row) -> None:
     memory_format = torch.channels_last if row.channels_last else torch.contiguous_format
     for module in (models.generator, models.discriminator, models.encoder):
         module.to(memory_format=memory_format)
+    models.encoder.to(torch.bfloat16 if row.bf16_weights else torch.float32)
     models.encoder.model.requires_grad_(row.trainable)
 
 
@@ -239,7 +257,7 @@ class _Step:
         def optimizer(module: nn.Module, lr: float) -> torch.optim.Optimizer:
             if counting:
                 return torch.optim.SGD(module.parameters(), lr=0.0)
-            return torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999))
+            return torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999), fused=row.fused_adam or None)
 
         self.g_optimizer = optimizer(models.generator, 2e-4)
         self.d_optimizer = optimizer(models.discriminator, 4e-4)
@@ -251,7 +269,7 @@ class _Step:
         if row.compile and not counting:
             if fresh_compile:
                 torch._dynamo.reset()
-            generator, discriminator, encoder = (torch.compile(m) for m in (generator, discriminator, encoder))
+            generator, discriminator, encoder = (torch.compile(m, mode=row.compile_mode) for m in (generator, discriminator, encoder))
         self.generator, self.discriminator = generator, discriminator
         self.real_a, self.real_b = _batches(batch, size, device, row.channels_last and not counting)
         self.emb_src = None
@@ -366,7 +384,13 @@ def run_rows(models: Models, rows: list[Row], args: argparse.Namespace, device: 
     flops_cache: dict = {}
     if args.rounds == 1:
         for row in rows:
-            step, result = prepare_fitting(models, row, args, device)
+            try:
+                step, result = prepare_fitting(models, row, args, device)
+            except Exception as error:  # noqa: BLE001 - one failing candidate must not end the table
+                torch._dynamo.reset()
+                _release(models)
+                yield Result(row.label, args.batch_size, error=f"failed: {type(error).__name__}: {str(error)[:200]}")
+                continue
             if step is not None:
                 times = time_steps(step, args.steps, args.row_seconds, row.label, device)
                 if device.type == "cuda":
@@ -469,8 +493,7 @@ def measure_memory(args: argparse.Namespace, micro_batch: int, device: torch.dev
     """
     models = build_models(args, device)
     base_row = args.parsed_rows[0]
-    row = Row(f"mb{micro_batch}", base_row.amp, base_row.compile, base_row.channels_last, base_row.cached,
-              base_row.trainable, micro_batch)  # fmt: skip
+    row = dataclasses.replace(base_row, label=f"mb{micro_batch}", micro_batch=micro_batch)
     _set_layout(models, row)
     step = _Step(models, row, 2, args.size, device)
     step()  # warm-up at batch 2: code pages, Adam state
