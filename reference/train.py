@@ -30,6 +30,7 @@ state (``checkpoint``), the networks (``models``) and the GAN losses (``losses``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -82,6 +83,7 @@ from reference.runtime import (
 from reference.stream import FlippedImages, stream_loader
 from travel_loss import siamese_margin_loss, travel_loss
 from travel_loss.distributed import all_gather_with_grad
+from travel_loss.gradcache import backward_chunk, embed_in_chunks, travel_loss_and_embedding_grads
 
 __all__ = [
     "SetupError",
@@ -116,6 +118,7 @@ class StepOptions:
     siamese_margin: float = 10.0
     device_type: str = "cpu"  # for autocast
     amp_dtype: torch.dtype | None = None  # None: full precision
+    micro_batch: int = 0  # > 0: the generator step in chunks of this many images, same gradient
 
     @classmethod
     def from_config(cls, config: TrainConfig, device_type: str) -> StepOptions:
@@ -129,6 +132,7 @@ class StepOptions:
             siamese_margin=config.siamese_margin,
             device_type=device_type,
             amp_dtype={"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp],
+            micro_batch=config.micro_batch,
         )
 
     def autocast(self) -> torch.autocast:
@@ -193,10 +197,23 @@ def generator_step(
 
     ``emb_src``: precomputed (n, D) source embeddings E(x) (a frozen encoder's embeddings of a
     fixed data set can be computed once); the step then skips the source forward.
+
+    ``options.micro_batch`` = m with 0 < m < n: the same update computed in chunks of m images
+    (:func:`micro_batched_generator_step`), for the memory of m images' activations.
     """
     if emb_src is not None and encoder_optimizer is not None:
         raise ValueError("emb_src: precomputed source embeddings cannot be used with a trainable encoder (encoder_optimizer)")
     optimizers = [optimizer] if encoder_optimizer is None else [optimizer, encoder_optimizer]
+    if 0 < options.micro_batch < real_a.shape[0]:
+        if adaptive_lambda is not None:
+            raise ValueError(
+                "adaptive_lambda: not supported with options.micro_batch > 0 (its gradient norms need the whole "
+                "batch's graph); give a fixed lambda_travel or micro_batch=0"
+            )
+        return micro_batched_generator_step(
+            generator, discriminator, encoder, optimizers, real_a, options,
+            scaler=scaler, trainable_encoder=encoder_optimizer is not None, emb_src=emb_src,
+        )  # fmt: skip
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     with options.autocast():
@@ -211,7 +228,7 @@ def generator_step(
                     emb_src = encoder(real_a)
             emb_gen = encoder(fake)
     adversarial = generator_adversarial_loss(fake_logits, options.gan_loss)
-    emb_src, emb_gen = all_gather_with_grad(emb_src.float()), all_gather_with_grad(emb_gen.float())
+    emb_src, emb_gen = all_gather_with_grad(_at_least_float32(emb_src)), all_gather_with_grad(_at_least_float32(emb_gen))
     travel = travel_term(emb_src, emb_gen, options)
     lam = options.lambda_travel if adaptive_lambda is None else adaptive_lambda.update(adversarial, travel)
     loss = adversarial + lam * travel
@@ -225,6 +242,115 @@ def generator_step(
         "lambda": lam,
         "fake": fake.detach(),
     }
+
+
+def micro_batched_generator_step(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    encoder: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    real_a: Tensor,
+    options: StepOptions,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    trainable_encoder: bool = False,
+    emb_src: Tensor | None = None,
+) -> dict[str, Any]:
+    r""":func:`generator_step` in chunks of ``options.micro_batch`` images, with the same gradient.
+
+    The gradient-cache technique (:mod:`travel_loss.gradcache`; Gao et al., 2021):
+
+    1. E(x) and E(G(x)) of the whole batch, chunk by chunk, without graphs;
+    2. the travel loss of the global batch (all ranks' rows) and its gradient
+       :math:`\gamma = \partial L_\mathrm{travel} / \partial E(G(x))` (and with respect to E(x) for
+       the trainable embedder, whose margin loss joins the travel loss here);
+    3. per chunk c of m of the n images: G, D and E again with graphs, and one backward of
+       :math:`rac{m}{n} L_\mathrm{adv}(c) + \lambda \sum_{i \in c} \langle E(G(x_i)), \gamma_i 
+angle`.
+       The adversarial loss is a mean over images, so the chunk terms sum to the batch mean.
+
+    Memory: one chunk's activations; cost: one more forward of G and E per image. Under DDP only
+    the last chunk's backward reduces gradients across ranks (``no_sync`` before it).
+    ``optimizers``: G's, then the trainable encoder's. The random draws of ``options.augment``
+    differ from those of the whole-batch step (same distribution), the rest is the same update.
+    """
+    chunk_size, n = options.micro_batch, real_a.shape[0]
+    parameters = _parameters(optimizers)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    with options.autocast():
+        if emb_src is None:
+            emb_src = embed_in_chunks(encoder, real_a, chunk_size)
+        emb_gen = embed_in_chunks(lambda x: encoder(generator(x)), real_a, chunk_size)
+    emb_src, emb_gen = _at_least_float32(emb_src), _at_least_float32(emb_gen)
+    lam = options.lambda_travel
+
+    def objective(src: Tensor, gen: Tensor) -> Tensor:
+        travel = travel_term(src, gen, options)
+        if trainable_encoder:
+            travel = travel + siamese_margin_loss(src, options.siamese_margin, check_finite=False)
+        return travel
+
+    objective_value, grad_gen, grad_src = travel_loss_and_embedding_grads(
+        emb_src, emb_gen, loss_fn=objective, src_grad=trainable_encoder, global_batch=True
+    )
+    scaled = scaler.scale if scaler is not None and scaler.is_enabled() else (lambda t: t)
+    adversarial, fakes = torch.zeros((), device=real_a.device), []
+    chunks = real_a.split(chunk_size)
+    for index, x in enumerate(chunks):
+        rows = slice(index * chunk_size, index * chunk_size + x.shape[0])
+        with _no_sync_unless(index == len(chunks) - 1, generator, encoder if trainable_encoder else None):
+            with options.autocast():
+                fake = generator(x)
+                judged = fake.to(x.dtype)
+                fake_logits = discriminator(diff_augment(judged, options.augment) if options.augment else judged)
+                if trainable_encoder:
+                    embedded, grad = encoder(torch.cat([x, fake])), torch.cat([grad_src[rows], grad_gen[rows]])
+                else:
+                    embedded, grad = encoder(fake), grad_gen[rows]
+            adversarial_chunk = generator_adversarial_loss(fake_logits, options.gan_loss) * (x.shape[0] / n)
+            backward_chunk(embedded, scaled(lam * grad), scaled(adversarial_chunk), inputs=parameters)
+        adversarial = adversarial + adversarial_chunk.detach()
+        fakes.append(fake.detach())
+    _optimizer_step(optimizers, scaler)
+    travel = objective_value
+    if trainable_encoder:  # report the travel term alone, as the whole-batch step does
+        with torch.no_grad():
+            travel = travel_term(all_gather_with_grad(emb_src), all_gather_with_grad(emb_gen), options)
+    return {
+        "loss_g": adversarial + lam * objective_value,
+        "loss_adv": adversarial,
+        "loss_travel": travel,
+        "lambda": lam,
+        "fake": torch.cat(fakes),
+    }
+
+
+def _at_least_float32(embeddings: Tensor) -> Tensor:
+    """float16/bfloat16 (autocast) embeddings in float32 for the loss; float32 and float64 unchanged."""
+    return embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+
+
+def _optimizer_step(optimizers: Sequence[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None) -> None:
+    if scaler is None or not scaler.is_enabled():
+        for optimizer in optimizers:
+            optimizer.step()
+        return
+    for optimizer in optimizers:
+        scaler.step(optimizer)
+    scaler.update()
+
+
+@contextlib.contextmanager
+def _no_sync_unless(sync: bool, *modules: nn.Module | None) -> Iterator[None]:
+    """``no_sync()`` of every DDP module among ``modules`` unless ``sync``: gradients accumulate
+    locally, and the next synchronised backward reduces the sum across ranks."""
+    with contextlib.ExitStack() as stack:
+        if not sync:
+            for module in modules:
+                if isinstance(module, DistributedDataParallel):
+                    stack.enter_context(module.no_sync())
+        yield
 
 
 def discriminator_step(
