@@ -66,6 +66,19 @@ def _worker(rank: int, init_file: str, tmp: str, encoder: str) -> None:
         train_module.train(dataclasses.replace(config, out=str(tmp_path / "halves"), steps=2), progress=False)
         train_module.train(dataclasses.replace(config, out=str(tmp_path / "halves"), resume=True), progress=False)
 
+        # The same first step in micro-batches of one image (gradient caching, no_sync until the last).
+        micro_gradients: list = []
+        original_optimizer_step = train_module._optimizer_step
+
+        def recording_optimizer_step(optimizers, scaler):
+            if not micro_gradients:
+                micro_gradients.append([p.grad.detach().clone() for o in optimizers for g in o.param_groups for p in g["params"]])
+            original_optimizer_step(optimizers, scaler)
+
+        train_module._optimizer_step = recording_optimizer_step
+        train_module.train(dataclasses.replace(config, out=str(tmp_path / f"micro{rank}"), steps=1, micro_batch=1), progress=False)
+        train_module._optimizer_step = original_optimizer_step
+
         # The same run with a per-rank travel loss (no gather): pairs never span ranks.
         local_gradients: list = []
         train_module._backward_and_step = original_step
@@ -74,7 +87,7 @@ def _worker(rank: int, init_file: str, tmp: str, encoder: str) -> None:
         train_module.train(dataclasses.replace(config, out=str(tmp_path / f"local{rank}"), steps=1), progress=False)
 
         torch.save(
-            {"saves": len(saves), "global": global_gradients[0], "local": local_gradients[0]},
+            {"saves": len(saves), "global": global_gradients[0], "local": local_gradients[0], "micro": micro_gradients[0]},
             tmp_path / f"rank{rank}.pt",
         )
     finally:
@@ -112,6 +125,7 @@ def test_ddp_training_uses_the_global_batch_and_resumes_exactly(tmp_path, tiny_c
     for rank in ranks:
         # float32 round-off alone (1 vs 2 threads) moves this gradient by ~1e-5 relative
         assert relative_error(rank["global"]) < 1e-4
+        assert relative_error(rank["micro"]) < 1e-4  # --micro-batch 1 under DDP: the global-batch gradient
         # A per-rank travel loss would give another gradient: the test can tell them apart.
         assert relative_error(rank["local"]) > 1e-2
 
