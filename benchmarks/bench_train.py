@@ -641,6 +641,14 @@ def main(argv: list[str] | None = None) -> None:
         f"PatchGAN width {args.d_width}, {args.d_layers} layers; encoder {args.encoder_size} random weights "
         f"({encoder_parameters / 1e6:.1f} M, {models.encoder.image_size} px centre crop)"
     )
+    if args.memory:
+        what = "resident memory" if device.type == "cpu" else "torch.cuda.max_memory_allocated"
+        print(f"row {args.rows[0]!r}: growth of peak {what} during one step, one child process per micro-batch "
+              f"size; time: best of that step and {max(args.steps, 2)} more", flush=True)
+        if device.type == "cuda" and args.memory_fraction_gib:
+            print(f"memory capped at {args.memory_fraction_gib:g} GiB (torch.cuda.set_per_process_memory_fraction)")
+        run_memory_table(sys.argv[1:] if argv is None else argv, args)
+        return
     print(
         f"median of <= {args.steps} timed steps per row"
         + (f" in each of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
@@ -651,9 +659,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     if device.type == "cuda" and args.memory_fraction_gib:
         print(f"memory capped at {args.memory_fraction_gib:g} GiB (torch.cuda.set_per_process_memory_fraction)")
-    if args.memory:
-        run_memory_table(sys.argv[1:] if argv is None else argv, args)
-        return
     table = Table(device, peak)
     results: list[Result] = []
     for result in run_rows(models, args.parsed_rows, args, device):
