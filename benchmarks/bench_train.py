@@ -171,8 +171,8 @@ def parse_row(spec: str, device: str) -> Row:
     amp = "bf16" if "bf16" in names else "fp16" if "fp16" in names else None
     mode = "max-autotune-no-cudagraphs" if "autotune" in names else "reduce-overhead" if "cudagraphs" in names else None
     return Row(
-        spec, amp, "compile" in names or mode is not None, "channels-last" in names, "cached" in names, "trainable" in names,
-        micro_batch, "bf16-weights" in names, "fused-adam" in names, mode,
+        spec, amp, "compile" in names or mode is not None, "channels-last" in names, "cached" in names,
+        "trainable" in names, micro_batch, "bf16-weights" in names, "fused-adam" in names, mode,
     )  # fmt: skip
 
 
@@ -269,7 +269,8 @@ class _Step:
         if row.compile and not counting:
             if fresh_compile:
                 torch._dynamo.reset()
-            generator, discriminator, encoder = (torch.compile(m, mode=row.compile_mode) for m in (generator, discriminator, encoder))
+            compiled = (torch.compile(m, mode=row.compile_mode) for m in (generator, discriminator, encoder))
+            generator, discriminator, encoder = compiled
         self.generator, self.discriminator = generator, discriminator
         self.real_a, self.real_b = _batches(batch, size, device, row.channels_last and not counting)
         self.emb_src = None
@@ -535,9 +536,10 @@ def run_memory_table(argv: list[str], args: argparse.Namespace) -> None:
         result = json.loads(completed.stdout.strip().splitlines()[-1])
         reference = reference or result
         label = "off" if micro_batch in (0, args.batch_size) else str(micro_batch)
+        memory, seconds = result["peak_bytes"], result["seconds"]
         print(
-            f"{label:>11} {result['peak_bytes'] / 2**20:9.1f} {result['peak_bytes'] / max(reference['peak_bytes'], 1):6.2f}x "
-            f"{result['seconds']:8.3f} {result['seconds'] / reference['seconds']:6.2f}x {args.batch_size / result['seconds']:7.1f}",
+            f"{label:>11} {memory / 2**20:9.1f} {memory / max(reference['peak_bytes'], 1):6.2f}x "
+            f"{seconds:8.3f} {seconds / reference['seconds']:6.2f}x {args.batch_size / seconds:7.1f}",
             flush=True,
         )
 

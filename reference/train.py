@@ -228,7 +228,8 @@ def generator_step(
                     emb_src = encoder(real_a)
             emb_gen = encoder(fake)
     adversarial = generator_adversarial_loss(fake_logits, options.gan_loss)
-    emb_src, emb_gen = all_gather_with_grad(_at_least_float32(emb_src)), all_gather_with_grad(_at_least_float32(emb_gen))
+    emb_src = all_gather_with_grad(_at_least_float32(emb_src))
+    emb_gen = all_gather_with_grad(_at_least_float32(emb_gen))
     travel = travel_term(emb_src, emb_gen, options)
     lam = options.lambda_travel if adaptive_lambda is None else adaptive_lambda.update(adversarial, travel)
     loss = adversarial + lam * travel

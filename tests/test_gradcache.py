@@ -19,7 +19,9 @@ def tiny_networks(dtype: torch.dtype, seed: int = 0) -> tuple[nn.Module, nn.Modu
     torch.manual_seed(seed)
     generator = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 3, 3, padding=1), nn.Tanh())
     discriminator = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.LeakyReLU(0.2), nn.Conv2d(4, 1, 3))
-    encoder = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2), nn.GELU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 5))
+    encoder = nn.Sequential(
+        nn.Conv2d(3, 6, 3, stride=2), nn.GELU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 5)
+    )
     return generator.to(dtype), discriminator.to(dtype), encoder.to(dtype)
 
 
@@ -179,7 +181,8 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
                     backward_chunk(model(x_c), grad_c)
             else:
                 backward_chunk(model(x_c), grad_c)  # the synchronised backward averages over ranks
-        torch.save({"loss": loss, "grads": [p.grad for p in model.parameters()]}, os.path.join(out_dir, f"rank{rank}.pt"))
+        result = {"loss": loss, "grads": [p.grad for p in model.parameters()]}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         del model
         dist.barrier()
     finally:

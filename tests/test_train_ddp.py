@@ -72,11 +72,13 @@ def _worker(rank: int, init_file: str, tmp: str, encoder: str) -> None:
 
         def recording_optimizer_step(optimizers, scaler):
             if not micro_gradients:
-                micro_gradients.append([p.grad.detach().clone() for o in optimizers for g in o.param_groups for p in g["params"]])
+                parameters = [p for o in optimizers for group in o.param_groups for p in group["params"]]
+                micro_gradients.append([p.grad.detach().clone() for p in parameters])
             original_optimizer_step(optimizers, scaler)
 
         train_module._optimizer_step = recording_optimizer_step
-        train_module.train(dataclasses.replace(config, out=str(tmp_path / f"micro{rank}"), steps=1, micro_batch=1), progress=False)
+        micro = dataclasses.replace(config, out=str(tmp_path / f"micro{rank}"), steps=1, micro_batch=1)
+        train_module.train(micro, progress=False)
         train_module._optimizer_step = original_optimizer_step
 
         # The same run with a per-rank travel loss (no gather): pairs never span ranks.
@@ -87,7 +89,10 @@ def _worker(rank: int, init_file: str, tmp: str, encoder: str) -> None:
         train_module.train(dataclasses.replace(config, out=str(tmp_path / f"local{rank}"), steps=1), progress=False)
 
         torch.save(
-            {"saves": len(saves), "global": global_gradients[0], "local": local_gradients[0], "micro": micro_gradients[0]},
+            {
+                "saves": len(saves), "global": global_gradients[0], "local": local_gradients[0],
+                "micro": micro_gradients[0],
+            },  # fmt: skip
             tmp_path / f"rank{rank}.pt",
         )
     finally:
