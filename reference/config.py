@@ -173,8 +173,6 @@ def check_config(config: TrainConfig) -> None:
     if config.batch_size < 2:
         fail("batch_size", "an int >= 2 (the travel loss compares pairs)")
     positive_int("micro_batch", 0)
-    if config.micro_batch and config.lambda_travel == "auto":
-        fail("micro_batch", "0 with lambda_travel 'auto' (the adaptive lambda needs the whole batch's graph)")
     if config.g_blocks is not None:
         positive_int("g_blocks", 0)
     probe = PatchDiscriminator(3, width=1, n_layers=config.d_layers)

@@ -205,14 +205,9 @@ def generator_step(
         raise ValueError("emb_src: precomputed source embeddings cannot be used with a trainable encoder (encoder_optimizer)")
     optimizers = [optimizer] if encoder_optimizer is None else [optimizer, encoder_optimizer]
     if 0 < options.micro_batch < real_a.shape[0]:
-        if adaptive_lambda is not None:
-            raise ValueError(
-                "adaptive_lambda: not supported with options.micro_batch > 0 (its gradient norms need the whole "
-                "batch's graph); give a fixed lambda_travel or micro_batch=0"
-            )
         return micro_batched_generator_step(
-            generator, discriminator, encoder, optimizers, real_a, options,
-            scaler=scaler, trainable_encoder=encoder_optimizer is not None, emb_src=emb_src,
+            generator, discriminator, encoder, optimizers, real_a, options, scaler=scaler,
+            trainable_encoder=encoder_optimizer is not None, adaptive_lambda=adaptive_lambda, emb_src=emb_src,
         )  # fmt: skip
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
@@ -255,6 +250,7 @@ def micro_batched_generator_step(
     *,
     scaler: torch.amp.GradScaler | None = None,
     trainable_encoder: bool = False,
+    adaptive_lambda: Any | None = None,
     emb_src: Tensor | None = None,
 ) -> dict[str, Any]:
     r""":func:`generator_step` in chunks of ``options.micro_batch`` images, with the same gradient.
@@ -272,6 +268,12 @@ angle`.
 
     Memory: one chunk's activations; cost: one more forward of G and E per image. Under DDP only
     the last chunk's backward reduces gradients across ranks (``no_sync`` before it).
+
+    With an ``adaptive_lambda`` on a step where it computes, lambda is known only once every
+    chunk is done: each chunk then back-propagates its adversarial term into ``.grad`` and its
+    travel term into a separate buffer (one more backward through G per chunk), the gradient
+    norms at the balanced parameter come from the two sums, and ``.grad`` becomes
+    adversarial + lambda * travel (averaged across ranks by hand under DDP).
     ``optimizers``: G's, then the trainable encoder's. The random draws of ``options.augment``
     differ from those of the whole-batch step (same distribution), the rest is the same update.
     """
@@ -284,7 +286,10 @@ angle`.
             emb_src = embed_in_chunks(encoder, real_a, chunk_size)
         emb_gen = embed_in_chunks(lambda x: encoder(generator(x)), real_a, chunk_size)
     emb_src, emb_gen = _at_least_float32(emb_src), _at_least_float32(emb_gen)
+    separate = adaptive_lambda is not None and adaptive_lambda.computes_next
     lam = options.lambda_travel
+    if adaptive_lambda is not None and not separate:
+        lam = adaptive_lambda.update_from_norms(None, None)
 
     def objective(src: Tensor, gen: Tensor) -> Tensor:
         travel = travel_term(src, gen, options)
@@ -297,10 +302,12 @@ angle`.
     )
     scaled = scaler.scale if scaler is not None and scaler.is_enabled() else (lambda t: t)
     adversarial, fakes = torch.zeros((), device=real_a.device), []
+    travel_grads: list[Tensor | None] = [None] * len(parameters)
     chunks = real_a.split(chunk_size)
+    trained_modules = (generator, encoder if trainable_encoder else None)
     for index, x in enumerate(chunks):
         rows = slice(index * chunk_size, index * chunk_size + x.shape[0])
-        with _no_sync_unless(index == len(chunks) - 1, generator, encoder if trainable_encoder else None):
+        with _no_sync_unless(index == len(chunks) - 1 and not separate, *trained_modules):
             with options.autocast():
                 fake = generator(x)
                 judged = fake.to(x.dtype)
@@ -310,9 +317,18 @@ angle`.
                 else:
                     embedded, grad = encoder(fake), grad_gen[rows]
             adversarial_chunk = generator_adversarial_loss(fake_logits, options.gan_loss) * (x.shape[0] / n)
-            backward_chunk(embedded, scaled(lam * grad), scaled(adversarial_chunk), inputs=parameters)
+            if separate:
+                torch.autograd.backward(scaled(adversarial_chunk), inputs=parameters, retain_graph=True)
+                chunk_grads = torch.autograd.grad(
+                    embedded, parameters, scaled(grad).to(embedded.dtype), allow_unused=True
+                )
+                travel_grads = [_add(total, g) for total, g in zip(travel_grads, chunk_grads)]
+            else:
+                backward_chunk(embedded, scaled(lam * grad), scaled(adversarial_chunk), inputs=parameters)
         adversarial = adversarial + adversarial_chunk.detach()
         fakes.append(fake.detach())
+    if separate:
+        lam = _combine_balanced(adaptive_lambda, parameters, travel_grads, trained_modules)
     _optimizer_step(optimizers, scaler)
     travel = objective_value
     if trainable_encoder:  # report the travel term alone, as the whole-batch step does
@@ -325,6 +341,41 @@ angle`.
         "lambda": lam,
         "fake": torch.cat(fakes),
     }
+
+
+def _add(total: Tensor | None, value: Tensor | None) -> Tensor | None:
+    if value is None:
+        return total
+    return value if total is None else total.add_(value)
+
+
+def _combine_balanced(
+    adaptive_lambda: Any,
+    parameters: list[Tensor],
+    travel_grads: list[Tensor | None],
+    modules: Sequence[nn.Module | None],
+) -> float:
+    """lambda from the norms at the balanced parameter of ``.grad`` (adversarial) and ``travel_grads``;
+    then ``.grad`` = adversarial + lambda * travel, averaged across ranks for DDP modules."""
+    position = next((i for i, p in enumerate(parameters) if p is adaptive_lambda.parameter), None)
+    if position is None:
+        raise ValueError("adaptive_lambda: its parameter is not among the trained parameters of this step")
+    adversarial_at, travel_at = parameters[position].grad, travel_grads[position]
+    if adversarial_at is None or travel_at is None:
+        raise ValueError("adaptive_lambda: the adversarial or travel loss does not depend on its parameter")
+    norms = (torch.linalg.vector_norm(t.detach().double()) for t in (adversarial_at, travel_at))
+    lam = adaptive_lambda.update_from_norms(*norms)
+    for parameter, travel in zip(parameters, travel_grads):
+        if travel is not None:
+            parameter.grad = travel.mul_(lam) if parameter.grad is None else parameter.grad.add_(travel, alpha=lam)
+    for module in modules:
+        if isinstance(module, DistributedDataParallel):
+            world_size = dist.get_world_size()
+            for parameter in module.parameters():
+                if parameter.grad is not None:
+                    dist.all_reduce(parameter.grad)
+                    parameter.grad.div_(world_size)
+    return lam
 
 
 def _at_least_float32(embeddings: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from reference.adaptive_lambda import GradientBalancedLambda, last_layer_weight
 from reference.config import TrainConfig, check_config
 from reference.models import PatchDiscriminator, ResnetGenerator, SiameseEmbedder
 from reference.train import StepOptions, build_parser, generator_step
@@ -33,15 +34,18 @@ def networks(dtype: torch.dtype, trainable: bool = False):
     return generator, discriminator, encoder
 
 
-def step_gradients(dtype, micro_batch, n, *, trainable=False, amp=None, **options):
-    """Gradients of one generator_step (SGD with lr 0: the weights stay, the gradients remain)."""
+def step_gradients(dtype, micro_batch, n, *, trainable=False, amp=None, adaptive=None, steps=1, **options):
+    """Gradients of the last of ``steps`` generator_steps (SGD with lr 0: the weights stay, the
+    gradients remain). ``adaptive``: keyword arguments of a GradientBalancedLambda."""
     generator, discriminator, encoder = networks(dtype, trainable)
     real_a = torch.rand(n, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(1)) * 2 - 1
     optimizer = torch.optim.SGD(generator.parameters(), lr=0.0)
     encoder_optimizer = torch.optim.SGD(encoder.parameters(), lr=0.0) if trainable else None
+    balance = None if adaptive is None else GradientBalancedLambda(last_layer_weight(generator), **adaptive)
     step_options = StepOptions(lambda_travel=3.0, micro_batch=micro_batch, amp_dtype=amp, **options)
-    out = generator_step(generator, discriminator, encoder, optimizer, real_a, step_options,
-                         encoder_optimizer=encoder_optimizer)  # fmt: skip
+    for _ in range(steps):
+        out = generator_step(generator, discriminator, encoder, optimizer, real_a, step_options,
+                             encoder_optimizer=encoder_optimizer, adaptive_lambda=balance)  # fmt: skip
     trained = [*generator.parameters(), *(encoder.parameters() if trainable else [])]
     return [p.grad.clone() for p in trained], out
 
@@ -80,6 +84,23 @@ def test_trainable_siamese_encoder_gradients_equal_the_whole_batch():
     torch.testing.assert_close(chunked["loss_travel"], whole["loss_travel"], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("trainable", [False, True])
+def test_adaptive_lambda_and_gradient_equal_the_whole_batch(trainable):
+    adaptive = dict(momentum=0.5, scale=2.0)
+    expected, whole = step_gradients(torch.float64, 0, 6, trainable=trainable, adaptive=adaptive, steps=2)
+    actual, chunked = step_gradients(torch.float64, 4, 6, trainable=trainable, adaptive=adaptive, steps=2)
+    assert whole["lambda"] != 3.0 and abs(chunked["lambda"] - whole["lambda"]) <= 1e-10 * whole["lambda"]
+    assert relative_error(actual, expected) < 1e-10
+
+
+def test_adaptive_lambda_on_skipped_steps_uses_the_current_value():
+    adaptive = dict(momentum=0.0, every=2)
+    expected, whole = step_gradients(torch.float64, 0, 6, adaptive=adaptive, steps=2)
+    actual, chunked = step_gradients(torch.float64, 2, 6, adaptive=adaptive, steps=2)
+    assert abs(chunked["lambda"] - whole["lambda"]) <= 1e-10 * whole["lambda"]
+    assert relative_error(actual, expected) < 1e-10
+
+
 def test_bf16_autocast_micro_batched_gradient_is_close():
     expected, _ = step_gradients(torch.float32, 0, 6, amp=torch.bfloat16)
     actual, _ = step_gradients(torch.float32, 2, 6, amp=torch.bfloat16)
@@ -94,10 +115,10 @@ def test_micro_batch_options_are_checked_and_on_the_command_line(tmp_path):
     base = dict(toy_streets=True, out=str(tmp_path), encoder_mode="siamese")
     with pytest.raises(ValueError, match="^micro_batch: expected an int >= 0"):
         check_config(TrainConfig(**base, micro_batch=-1))
-    with pytest.raises(ValueError, match="^micro_batch: expected 0 with lambda_travel 'auto'"):
-        check_config(TrainConfig(**base, micro_batch=2, lambda_travel="auto"))
+    check_config(TrainConfig(**base, micro_batch=2, lambda_travel="auto"))
     assert vars(build_parser().parse_args(["--toy-streets", "--micro-batch", "8"]))["micro_batch"] == 8
     generator, discriminator, encoder = networks(torch.float32)
-    with pytest.raises(ValueError, match="adaptive_lambda: not supported with options.micro_batch"):
+    balance = GradientBalancedLambda(next(discriminator.parameters()))  # not one of G's parameters
+    with pytest.raises(ValueError, match="adaptive_lambda: its parameter is not among the trained parameters"):
         generator_step(generator, discriminator, encoder, torch.optim.SGD(generator.parameters(), lr=0.0),
-                       torch.zeros(4, 3, 16, 16), StepOptions(micro_batch=2), adaptive_lambda=object())  # fmt: skip
+                       torch.zeros(4, 3, 16, 16), StepOptions(micro_batch=2), adaptive_lambda=balance)  # fmt: skip
