@@ -17,6 +17,7 @@ Usage::
     python reference/train.py --data-a photos/ --data-b paintings/ --size 128 --out runs/p2m
     python reference/train.py --toy-streets --encoder-mode toy --size 64 --steps 600 --out runs/toy
     torchrun --nproc_per_node 4 reference/train.py --data ... --batch-size 32   # 4 x 32 = 128 pairs set
+    python reference/train.py --data ... --batch-size 128 --micro-batch 16   # batch 128 in 16's activation memory
     python reference/train.py --resume --out runs/gta                             # continue latest.pt
     python reference/train.py --demo --out runs/demo                              # the toy-street study
 
