@@ -19,6 +19,14 @@ contiguous NCHW tensors, E(x) recomputed every step, frozen encoder):
                   ``generator_step`` (``encoder_optimizer``), i.e. E(x) and E(G(x)) both with
                   autograd, weight gradients for every encoder layer, and an Adam update of E.
                   What freezing CLIP saves; not combinable with ``cached``.
+``bf16-weights``  the frozen encoder's weights stored in bfloat16 (not autocast); its input too
+``fused-adam``    ``torch.optim.Adam(..., fused=True)`` for G, D (and a trainable E)
+``autotune``      ``torch.compile(mode="max-autotune-no-cudagraphs")`` (implies ``compile``)
+``cudagraphs``    ``torch.compile(mode="reduce-overhead")``: CUDA graphs (implies ``compile``)
+``mb<M>``         exact micro-batching (``--micro-batch M`` of the trainer): embeddings of the
+                  whole batch in chunks of M without graphs, then G, D and E re-run chunk by
+                  chunk with the cached travel-loss gradient (same gradient, about one extra
+                  forward of G and E, activation memory of M images), e.g. ``bf16+mb16``
 ``all``           bf16 + compile + channels-last + cached
 ================  ============================================================================
 
@@ -44,14 +52,25 @@ speed depends on shapes, not values.
     python benchmarks/bench_train.py                                   # CPU, tiny configuration
     python benchmarks/bench_train.py --device cuda                     # the paper's configuration
     python benchmarks/bench_train.py --device cuda --rows baseline bf16 bf16+compile all
+    python benchmarks/bench_train.py --device cuda --rows bf16 bf16+mb32 bf16+mb16 --memory-fraction-gib 24
+
+``--memory M [M ...]`` measures memory instead: one child process per micro-batch size M (0 or
+the batch size: off) runs one step at ``--batch-size`` and reports the growth of its peak
+resident memory (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA) over what it held before
+the step, and the best time of a few more steps:
+
+    python benchmarks/bench_train.py --memory 32 8 2 --batch-size 32   # CPU, tiny models
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -86,7 +105,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(size=256, batch_size=128, g_width=64, g_blocks=9, d_width=64, d_layers=3, encoder_size="vit-l-14"),
 }
 
-FEATURES = ("bf16", "fp16", "compile", "channels-last", "cached", "trainable")
+FEATURES = ("bf16", "fp16", "compile", "channels-last", "cached", "trainable", "bf16-weights", "fused-adam", "autotune",
+            "cudagraphs")
 ALIASES = {"baseline": (), "amp": ("bf16",), "all": ("bf16", "compile", "channels-last", "cached")}
 DEFAULT_ROWS = ("baseline", "bf16", "compile", "channels-last", "cached", "trainable", "all")
 
@@ -115,27 +135,45 @@ class Row:
     channels_last: bool = False
     cached: bool = False
     trainable: bool = False
+    micro_batch: int = 0  # 0: off
+    bf16_weights: bool = False
+    fused_adam: bool = False
+    compile_mode: str | None = None  # torch.compile's mode
 
 
 def parse_row(spec: str, device: str) -> Row:
     """``"bf16+compile"`` -> Row(amp="bf16", compile=True); ValueError naming the bad part."""
     names: list[str] = []
+    micro_batch = 0
     for part in spec.split("+"):
         part = part.strip()
-        if part in ALIASES:
+        if part.startswith("mb") and part[2:].isdigit() and int(part[2:]) >= 1:
+            micro_batch = int(part[2:])
+        elif part in ALIASES:
             names += ALIASES[part]
         elif part in FEATURES:
             names.append(part)
         else:
-            raise ValueError(f"rows: {spec!r}: expected '+'-joined names from {sorted([*FEATURES, *ALIASES])}, got {part!r}")
+            raise ValueError(
+                f"rows: {spec!r}: expected '+'-joined names from {sorted([*FEATURES, *ALIASES])} or mb<M> "
+                f"(M >= 1), got {part!r}"
+            )
     if "bf16" in names and "fp16" in names:
         raise ValueError(f"rows: {spec!r}: choose one of bf16 and fp16")
     if "fp16" in names and device != "cuda":
         raise ValueError(f"rows: {spec!r}: fp16 autocast needs --device cuda (use bf16 on {device})")
+    if "autotune" in names and "cudagraphs" in names:
+        raise ValueError(f"rows: {spec!r}: choose one of autotune and cudagraphs (compile modes)")
+    if "bf16-weights" in names and "trainable" in names:
+        raise ValueError(f"rows: {spec!r}: bf16-weights is for the frozen encoder, not a trainable one")
     if "cached" in names and "trainable" in names:
         raise ValueError(f"rows: {spec!r}: a trainable encoder's source embeddings change every step and cannot be cached")
     amp = "bf16" if "bf16" in names else "fp16" if "fp16" in names else None
-    return Row(spec, amp, "compile" in names, "channels-last" in names, "cached" in names, "trainable" in names)
+    mode = "max-autotune-no-cudagraphs" if "autotune" in names else "reduce-overhead" if "cudagraphs" in names else None
+    return Row(
+        spec, amp, "compile" in names or mode is not None, "channels-last" in names, "cached" in names,
+        "trainable" in names, micro_batch, "bf16-weights" in names, "fused-adam" in names, mode,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +226,7 @@ def _set_layout(models: Models, row: Row) -> None:
     memory_format = torch.channels_last if row.channels_last else torch.contiguous_format
     for module in (models.generator, models.discriminator, models.encoder):
         module.to(memory_format=memory_format)
+    models.encoder.to(torch.bfloat16 if row.bf16_weights else torch.float32)
     models.encoder.model.requires_grad_(row.trainable)
 
 
@@ -212,12 +251,13 @@ class _Step:
         self.options = StepOptions(
             lambda_travel=1e-3, device_type=device.type,
             amp_dtype={None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp],
+            micro_batch=0 if counting else row.micro_batch,
         )  # fmt: skip
 
         def optimizer(module: nn.Module, lr: float) -> torch.optim.Optimizer:
             if counting:
                 return torch.optim.SGD(module.parameters(), lr=0.0)
-            return torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999))
+            return torch.optim.Adam(module.parameters(), lr=lr, betas=(0.5, 0.999), fused=row.fused_adam or None)
 
         self.g_optimizer = optimizer(models.generator, 2e-4)
         self.d_optimizer = optimizer(models.discriminator, 4e-4)
@@ -229,7 +269,8 @@ class _Step:
         if row.compile and not counting:
             if fresh_compile:
                 torch._dynamo.reset()
-            generator, discriminator, encoder = (torch.compile(m) for m in (generator, discriminator, encoder))
+            compiled = (torch.compile(m, mode=row.compile_mode) for m in (generator, discriminator, encoder))
+            generator, discriminator, encoder = compiled
         self.generator, self.discriminator = generator, discriminator
         self.real_a, self.real_b = _batches(batch, size, device, row.channels_last and not counting)
         self.emb_src = None
@@ -344,7 +385,13 @@ def run_rows(models: Models, rows: list[Row], args: argparse.Namespace, device: 
     flops_cache: dict = {}
     if args.rounds == 1:
         for row in rows:
-            step, result = prepare_fitting(models, row, args, device)
+            try:
+                step, result = prepare_fitting(models, row, args, device)
+            except Exception as error:  # noqa: BLE001 - one failing candidate must not end the table
+                torch._dynamo.reset()
+                _release(models)
+                yield Result(row.label, args.batch_size, error=f"failed: {type(error).__name__}: {str(error)[:200]}")
+                continue
             if step is not None:
                 times = time_steps(step, args.steps, args.row_seconds, row.label, device)
                 if device.type == "cuda":
@@ -428,6 +475,75 @@ class Table:
         print(line, flush=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# Memory against micro-batch size (--memory): one child process per size
+# ---------------------------------------------------------------------------------------------
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def measure_memory(args: argparse.Namespace, micro_batch: int, device: torch.device) -> dict[str, float]:
+    """In a child process: peak memory growth of one step at ``--batch-size`` and its best time.
+
+    A step at batch 2 first loads the kernels' code pages and allocates the optimizers' state, so
+    that the growth measured over the resident (or allocated) bytes before the big step is what
+    the batch's activations need. The row is the first of ``--rows`` with ``micro_batch`` set.
+    """
+    models = build_models(args, device)
+    base_row = args.parsed_rows[0]
+    row = dataclasses.replace(base_row, label=f"mb{micro_batch}", micro_batch=micro_batch)
+    _set_layout(models, row)
+    step = _Step(models, row, 2, args.size, device)
+    step()  # warm-up at batch 2: code pages, Adam state
+    small = step
+    step = _Step(models, row, args.batch_size, args.size, device, fresh_compile=False)
+    step.g_optimizer.load_state_dict(small.g_optimizer.state_dict())
+    step.d_optimizer.load_state_dict(small.d_optimizer.state_dict())
+    del small
+    gc.collect()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = _resident_bytes()
+    started = time.perf_counter()
+    step()
+    _sync(device)
+    times = [time.perf_counter() - started]
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    times += time_steps(step, max(args.steps, 2), args.row_seconds, row.label, device)
+    return {"micro_batch": micro_batch, "peak_bytes": max(peak, 0), "seconds": min(times)}
+
+
+def run_memory_table(argv: list[str], args: argparse.Namespace) -> None:
+    """One child process per ``--memory`` size, the table printed a line at a time."""
+    print(f"{'micro-batch':>11} {'peak MiB':>9} {'vs off':>7} {'s/step':>8} {'vs off':>7} {'img/s':>7}")
+    print("-" * 53, flush=True)
+    reference: dict[str, float] | None = None
+    for micro_batch in args.memory:
+        command = [sys.executable, str(Path(__file__).resolve()), *argv, "--memory-child", str(micro_batch)]
+        completed = subprocess.run(command, capture_output=True, text=True)
+        if completed.returncode != 0:
+            print(f"{micro_batch:>11} failed: {completed.stderr.strip().splitlines()[-1:]}", flush=True)
+            continue
+        result = json.loads(completed.stdout.strip().splitlines()[-1])
+        reference = reference or result
+        label = "off" if micro_batch in (0, args.batch_size) else str(micro_batch)
+        memory, seconds = result["peak_bytes"], result["seconds"]
+        print(
+            f"{label:>11} {memory / 2**20:9.1f} {memory / max(reference['peak_bytes'], 1):6.2f}x "
+            f"{seconds:8.3f} {seconds / reference['seconds']:6.2f}x {args.batch_size / seconds:7.1f}",
+            flush=True,
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -450,6 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if not detected")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", type=Path, help="also write the configuration and the rows here")
+    parser.add_argument("--memory", type=int, nargs="+", metavar="M",
+                        help="instead of the table: peak memory and time of one step per micro-batch size M "
+                        "(0: off), each in a child process, for the first of --rows")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-fraction-gib", type=float,
+                        help="CUDA: cap this process's memory at this many GiB (set_per_process_memory_fraction)")
     return parser
 
 
@@ -473,6 +595,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.rounds < 1:
         raise ValueError(f"--rounds: expected a positive int, got {args.rounds}")
     args.parsed_rows = [parse_row(spec, args.device) for spec in args.rows]
+    for micro_batch in args.memory or []:
+        if micro_batch < 0:
+            raise ValueError(f"--memory: expected micro-batch sizes >= 0, got {micro_batch}")
+    if args.memory_fraction_gib is not None and not args.memory_fraction_gib > 0:
+        raise ValueError(f"--memory-fraction-gib: expected a positive number, got {args.memory_fraction_gib}")
     return args
 
 
@@ -486,9 +613,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and args.memory_fraction_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_fraction_gib * 2**30 / total), device)
+    if args.memory_child is not None:
+        print(json.dumps(measure_memory(args, args.memory_child, device)))
+        return
     import transformers  # noqa: PLC0415
 
-    models = build_models(args, device)
+    models = build_models(args, torch.device("cpu") if args.memory else device)  # --memory: the children measure
     encoder_parameters = sum(p.numel() for p in models.encoder.model.parameters())
     g_parameters = sum(p.numel() for p in models.generator.parameters())
     if device.type == "cuda":
@@ -510,6 +643,14 @@ def main(argv: list[str] | None = None) -> None:
         f"PatchGAN width {args.d_width}, {args.d_layers} layers; encoder {args.encoder_size} random weights "
         f"({encoder_parameters / 1e6:.1f} M, {models.encoder.image_size} px centre crop)"
     )
+    if args.memory:
+        what = "resident memory" if device.type == "cpu" else "torch.cuda.max_memory_allocated"
+        print(f"row {args.rows[0]!r}: growth of peak {what} during one step, one child process per micro-batch "
+              f"size; time: best of that step and {max(args.steps, 2)} more", flush=True)
+        if device.type == "cuda" and args.memory_fraction_gib:
+            print(f"memory capped at {args.memory_fraction_gib:g} GiB (torch.cuda.set_per_process_memory_fraction)")
+        run_memory_table(sys.argv[1:] if argv is None else argv, args)
+        return
     print(
         f"median of <= {args.steps} timed steps per row"
         + (f" in each of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
@@ -518,6 +659,8 @@ def main(argv: list[str] | None = None) -> None:
         + (f"; peak {peak} TFLOP/s assumed ({peak_source})" if device.type == "cuda" else ""),
         flush=True,
     )
+    if device.type == "cuda" and args.memory_fraction_gib:
+        print(f"memory capped at {args.memory_fraction_gib:g} GiB (torch.cuda.set_per_process_memory_fraction)")
     table = Table(device, peak)
     results: list[Result] = []
     for result in run_rows(models, args.parsed_rows, args, device):

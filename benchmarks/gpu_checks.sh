@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA checks of the project in one pass (about 6.5 minutes on one H100), for a lent GPU
+# The CUDA checks of the project in one pass (about 6.5 minutes on one H100 before the micro-batching
+# and faster-step rows 2b/2c were added; up to 12 with them), for a lent GPU
 # machine without network access; every command runs under `timeout` inside one overall budget.
 #
 #   1. hardware and versions
@@ -7,6 +8,11 @@
 #      that fits, ResNet G width 64 x 9 blocks, PatchGAN 64, ViT-L/14-sized CLIP with random
 #      weights): fp32 baseline, bf16, fp16, channels-last, cached source embeddings, trainable
 #      encoder, compile, all on; images/s and the fraction of the card's bf16 peak
+#   2b. exact micro-batching (--micro-batch) at the paper's configuration under a 24 GiB cap
+#      (torch.cuda.set_per_process_memory_fraction): img/s for M = 128 (off), 32, 16, and the peak
+#      GiB of one step per M without the cap (one child process each)
+#   2c. faster-step candidates, one row each: encoder weights stored in bf16, fused Adam, both
+#      with cached source embeddings, torch.compile max-autotune, CUDA graphs (reduce-overhead)
 #   3. reference/train.py on the toy streets: 20 steps with --amp fp16 (GradScaler), and 20 steps
 #      with --amp bf16 --compile --channels-last under TORCH_LOGS=recompiles (no recompilation
 #      after the first step)
@@ -18,7 +24,8 @@
 #   bash benchmarks/gpu_checks.sh --dry-run                 # the same commands on CPU, tiny sizes
 #
 # Environment: PYTHON (default: python, else python3), OUT (default ./gpu_checks_out),
-# BUDGET seconds for everything (default 400; each step's timeout is cut to what is left).
+# BUDGET seconds for everything (default 720; each step's timeout is cut to what is left),
+# ONLY: the step names to run, e.g. ONLY="info bench_micro bench_micro_memory bench_faster" (about 7 min).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +36,8 @@ if [ "${1:-}" = "--sub" ]; then SUB=$2; shift 2; fi
 DRY="${GPU_CHECKS_DRY:-0}"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 export OUT="${OUT:-$PWD/gpu_checks_out}"
-BUDGET="${BUDGET:-400}"
+BUDGET="${BUDGET:-720}"
+ONLY="${ONLY:-}"  # space-separated step names to run (e.g. "info bench_micro bench_faster"); empty: all
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"  # retries after out-of-memory errors fit better
 STARTED=$SECONDS
@@ -39,6 +47,10 @@ SUMMARY=""
 step() {
     local name=$1 cap=$2
     shift 2
+    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then
+        echo "=== $name: not in ONLY" > "$OUT/$name.txt"
+        return 0
+    fi
     local left=$((BUDGET - (SECONDS - STARTED)))
     local limit=$((cap < left ? cap : left))
     if [ "$limit" -lt 15 ]; then
@@ -66,8 +78,12 @@ if [ "$DRY" -eq 1 ]; then
     SMOKE=(--size 64 --batch-size 4 --g-width 16 --g-blocks 2 --d-width 16 --steps 4 --log-every 2 --sample-every 4 --checkpoint-every 4)
     BENCH_LOSS=(--device cpu --n 32 128 --d 64 --repeats 2)
     BENCH_ENCODER=(--device cpu --hidden 32 --layers 1 --heads 2 --patch 8 --image-size 32 --input-size 64 --batch 4 --warmup 1 --repeats 2)
-    CAP_TRAIN=600 CAP_SMOKE=300 CAP_LOSS=120 CAP_ENCODER=120
-    BUDGET=1500
+    BENCH_MICRO=(--device cpu --preset tiny --batch-size 8 --rows bf16 bf16+mb4 bf16+mb2 --steps 2 --rounds 1 --warmup 1)
+    BENCH_MICRO_MEMORY=(--device cpu --preset tiny --batch-size 8 --rows baseline --memory 0 4 2 --steps 2)
+    BENCH_FASTER=(--device cpu --preset tiny --rows bf16 bf16+bf16-weights fused-adam bf16+cached+bf16-weights+fused-adam
+                  --steps 2 --rounds 1 --warmup 1)
+    CAP_TRAIN=600 CAP_SMOKE=300 CAP_LOSS=120 CAP_ENCODER=120 CAP_MICRO=300 CAP_FASTER=300
+    BUDGET=2400
 else
     DEVICE=cuda
     BENCH_TRAIN=(--device cuda --preset paper --rows baseline bf16 fp16 bf16+channels-last bf16+cached bf16+trainable
@@ -76,7 +92,13 @@ else
     SMOKE=(--size 64 --batch-size 16 --g-width 32 --g-blocks 2 --d-width 32 --steps 20 --log-every 10 --sample-every 20 --checkpoint-every 20)
     BENCH_LOSS=(--device cuda --n 128 512 2048 --d 1024)
     BENCH_ENCODER=(--device cuda --hidden 1024 --layers 24 --heads 16 --patch 14 --image-size 224 --input-size 256 --batch 64 --warmup 2 --repeats 5)
-    CAP_TRAIN=240 CAP_SMOKE=75 CAP_LOSS=50 CAP_ENCODER=50
+    BENCH_MICRO=(--device cuda --preset paper --memory-fraction-gib 24 --rows bf16 bf16+mb32 bf16+mb16
+                 bf16+cached+mb16 --steps 5 --row-seconds 6 --warmup 2)
+    BENCH_MICRO_MEMORY=(--device cuda --preset paper --rows bf16 --memory 0 32 16 --steps 2)
+    BENCH_FASTER=(--device cuda --preset paper --rows bf16 bf16+bf16-weights bf16+fused-adam
+                  bf16+channels-last+cached+bf16-weights+fused-adam bf16+channels-last+autotune
+                  bf16+channels-last+cudagraphs --steps 5 --row-seconds 6 --warmup 2 --compile-warmup 3)
+    CAP_TRAIN=240 CAP_SMOKE=75 CAP_LOSS=50 CAP_ENCODER=50 CAP_MICRO=110 CAP_FASTER=200
 fi
 
 info() {
@@ -160,6 +182,9 @@ step info 60 info
 tiny_clip
 step train_fp16 "$CAP_SMOKE" smoke "$WORK/smoke_fp16" "${SMOKE_FP16[@]}"
 step bench_train "$CAP_TRAIN" "$PY" benchmarks/bench_train.py "${BENCH_TRAIN[@]}" --json "$OUT/bench_train.json"
+step bench_micro "$CAP_MICRO" "$PY" benchmarks/bench_train.py "${BENCH_MICRO[@]}"
+step bench_micro_memory "$CAP_MICRO" "$PY" benchmarks/bench_train.py "${BENCH_MICRO_MEMORY[@]}"
+step bench_faster "$CAP_FASTER" "$PY" benchmarks/bench_train.py "${BENCH_FASTER[@]}"
 step train_bf16_compile "$CAP_SMOKE" compile_smoke
 step bench_loss "$CAP_LOSS" "$PY" benchmarks/bench_loss.py "${BENCH_LOSS[@]}"
 step bench_encoder "$CAP_ENCODER" encoder_bench
@@ -170,6 +195,10 @@ step bench_encoder "$CAP_ENCODER" encoder_bench
     printf '%s' "$SUMMARY"
     echo "--- bench_train"
     grep -E "^(training iteration|torch |[0-9]+ px|median of|row |---|baseline|bf16|fp16|all|compile|channels|cached|trainable)" "$OUT/bench_train.txt" || true
+    echo "--- micro-batching (24 GiB cap) and peak memory per micro-batch size"
+    grep -E "^(memory capped|row |---|bf16|micro-batch|-+$|\s+(off|[0-9]+) )" "$OUT/bench_micro.txt" "$OUT/bench_micro_memory.txt" || true
+    echo "--- faster-step candidates"
+    grep -E "^(row |bf16|fused)" "$OUT/bench_faster.txt" || true
     echo "--- train.py smokes"
     grep -hE "^(done:|finite losses|recompilations logged|no recompilation|RECOMPILED)" "$OUT/train_fp16.txt" "$OUT/train_bf16_compile.txt" || true
 } | tee "$OUT/summary.txt"

@@ -91,6 +91,7 @@ class TrainConfig:
     # optimisation
     steps: int = 20_000  # training iterations (one G and one D update each)
     batch_size: int = 16  # per process; the travel loss sees batch_size * world_size images
+    micro_batch: int = 0  # > 0: the generator step in chunks of this many images, same gradient (0: off)
     lr: float = 2e-4  # generator learning rate
     lr_d: float | None = None  # None: 2 * lr
     beta1: float = 0.5  # Adam betas of both optimizers
@@ -196,6 +197,9 @@ def check_config(config: TrainConfig) -> None:
         fail("travel_queue", "0 with travel_objective 'notebook' or encoder_mode 'siamese' (queued rows need a frozen encoder)")
     if config.batch_size < 2 and not config.travel_queue:
         fail("batch_size", "an int >= 2 (the travel loss compares pairs), or any with travel_queue > 0")
+    positive_int("micro_batch", 0)
+    if config.micro_batch and config.lambda_identity:
+        fail("micro_batch", "0 with lambda_identity > 0 (the identity baseline runs on whole batches)")
     if config.g_blocks is not None:
         positive_int("g_blocks", 0)
     probe = PatchDiscriminator(3, width=1, n_layers=config.d_layers)

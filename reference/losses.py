@@ -43,9 +43,10 @@ def _check_gan_loss(kind: str) -> None:
 
 
 def generator_adversarial_loss(fake_logits: Tensor, kind: str = "bce") -> Tensor:
-    """The generator's adversarial loss on D's logits for translations (any shape), a float32 scalar."""
+    """The generator's adversarial loss on D's logits for translations (any shape), a float32 scalar
+    (float64 for float64 logits)."""
     _check_gan_loss(kind)
-    f = fake_logits.float()
+    f = fake_logits.to(torch.promote_types(fake_logits.dtype, torch.float32))
     if kind == "bce":
         return F.softplus(-f).mean()  # = BCE-with-logits against target 1
     if kind == "lsgan":

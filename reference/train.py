@@ -17,6 +17,7 @@ Usage::
     python reference/train.py --data-a photos/ --data-b paintings/ --size 128 --out runs/p2m
     python reference/train.py --toy-streets --encoder-mode toy --size 64 --steps 600 --out runs/toy
     torchrun --nproc_per_node 4 reference/train.py --data ... --batch-size 32   # 4 x 32 = 128 pairs set
+    python reference/train.py --data ... --batch-size 128 --micro-batch 16   # batch 128 in 16's activation memory
     python reference/train.py --resume --out runs/gta                             # continue latest.pt
     python reference/train.py --demo --out runs/demo                              # the toy-street study
 
@@ -30,6 +31,7 @@ state (``checkpoint``), the networks (``models``) and the GAN losses (``losses``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -83,6 +85,7 @@ from reference.runtime import (
 from reference.stream import FlippedImages, stream_loader
 from travel_loss import TravelQueue, siamese_margin_loss, travel_loss
 from travel_loss.distributed import all_gather_with_grad
+from travel_loss.gradcache import backward_chunk, embed_in_chunks, travel_loss_and_embedding_grads
 
 __all__ = [
     "SetupError",
@@ -118,6 +121,7 @@ class StepOptions:
     lambda_identity: float = 0.0  # weight of the identity baseline mean |G(x) - x|
     device_type: str = "cpu"  # for autocast
     amp_dtype: torch.dtype | None = None  # None: full precision
+    micro_batch: int = 0  # > 0: the generator step in chunks of this many images, same gradient
 
     @classmethod
     def from_config(cls, config: TrainConfig, device_type: str) -> StepOptions:
@@ -132,6 +136,7 @@ class StepOptions:
             lambda_identity=config.lambda_identity,
             device_type=device_type,
             amp_dtype={"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp],
+            micro_batch=config.micro_batch,
         )
 
     def autocast(self) -> torch.autocast:
@@ -204,10 +209,19 @@ def generator_step(
 
     ``travel_queue``: a :class:`travel_loss.TravelQueue` that replaces the travel term (pairs
     with queued rows of earlier steps too; batch 1 works).
+
+    ``options.micro_batch`` = m with 0 < m < n: the same update computed in chunks of m images
+    (:func:`micro_batched_generator_step`), for the memory of m images' activations.
     """
     if emb_src is not None and encoder_optimizer is not None:
         raise ValueError("emb_src: precomputed source embeddings cannot be used with a trainable encoder (encoder_optimizer)")
     optimizers = [optimizer] if encoder_optimizer is None else [optimizer, encoder_optimizer]
+    if 0 < options.micro_batch < real_a.shape[0]:
+        return micro_batched_generator_step(
+            generator, discriminator, encoder, optimizers, real_a, options, scaler=scaler,
+            trainable_encoder=encoder_optimizer is not None, adaptive_lambda=adaptive_lambda, emb_src=emb_src,
+            travel_queue=travel_queue,
+        )  # fmt: skip
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     with options.autocast():
@@ -222,7 +236,8 @@ def generator_step(
                     emb_src = encoder(real_a)
             emb_gen = encoder(fake)
     adversarial = generator_adversarial_loss(fake_logits, options.gan_loss)
-    emb_src, emb_gen = all_gather_with_grad(emb_src.float()), all_gather_with_grad(emb_gen.float())
+    emb_src = all_gather_with_grad(_at_least_float32(emb_src))
+    emb_gen = all_gather_with_grad(_at_least_float32(emb_gen))
     travel = travel_term(emb_src, emb_gen, options) if travel_queue is None else travel_queue(emb_src, emb_gen)
     lam = options.lambda_travel if adaptive_lambda is None else adaptive_lambda.update(adversarial, travel)
     loss = adversarial + lam * travel
@@ -238,6 +253,171 @@ def generator_step(
         "lambda": lam,
         "fake": fake.detach(),
     }
+
+
+def micro_batched_generator_step(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    encoder: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    real_a: Tensor,
+    options: StepOptions,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    trainable_encoder: bool = False,
+    adaptive_lambda: Any | None = None,
+    emb_src: Tensor | None = None,
+    travel_queue: TravelQueue | None = None,
+) -> dict[str, Any]:
+    r""":func:`generator_step` in chunks of ``options.micro_batch`` images, with the same gradient.
+
+    The gradient-cache technique (:mod:`travel_loss.gradcache`; Gao et al., 2021):
+
+    1. E(x) and E(G(x)) of the whole batch, chunk by chunk, without graphs;
+    2. the travel loss of the global batch (all ranks' rows) and its gradient
+       :math:`\gamma = \partial L_\mathrm{travel} / \partial E(G(x))` (and with respect to E(x) for
+       the trainable embedder, whose margin loss joins the travel loss here);
+    3. per chunk c of m of the n images: G, D and E again with graphs, and one backward of
+       :math:`\frac{m}{n} L_\mathrm{adv}(c) + \lambda \sum_{i \in c} \langle E(G(x_i)), \gamma_i \rangle`.
+       The adversarial loss is a mean over images, so the chunk terms sum to the batch mean.
+
+    Memory: one chunk's activations; cost: one more forward of G and E per image. Under DDP only
+    the last chunk's backward reduces gradients across ranks (``no_sync`` before it).
+
+    With an ``adaptive_lambda`` on a step where it computes, lambda is known only once every
+    chunk is done: each chunk then back-propagates its adversarial term into ``.grad`` and its
+    travel term into a separate buffer (one more backward through G per chunk), the gradient
+    norms at the balanced parameter come from the two sums, and ``.grad`` becomes
+    adversarial + lambda * travel (averaged across ranks by hand under DDP).
+    ``optimizers``: G's, then the trainable encoder's. The random draws of ``options.augment``
+    differ from those of the whole-batch step (same distribution), the rest is the same update.
+    """
+    chunk_size, n = options.micro_batch, real_a.shape[0]
+    parameters = _parameters(optimizers)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    with options.autocast():
+        if emb_src is None:
+            emb_src = embed_in_chunks(encoder, real_a, chunk_size)
+        emb_gen = embed_in_chunks(lambda x: encoder(generator(x)), real_a, chunk_size)
+    emb_src, emb_gen = _at_least_float32(emb_src), _at_least_float32(emb_gen)
+    separate = adaptive_lambda is not None and adaptive_lambda.computes_next
+    lam = options.lambda_travel
+    if adaptive_lambda is not None and not separate:
+        lam = adaptive_lambda.update_from_norms(None, None)
+
+    def objective(src: Tensor, gen: Tensor) -> Tensor:
+        travel = travel_term(src, gen, options) if travel_queue is None else travel_queue(src, gen)
+        if trainable_encoder:
+            travel = travel + siamese_margin_loss(src, options.siamese_margin, check_finite=False)
+        return travel
+
+    objective_value, grad_gen, grad_src = travel_loss_and_embedding_grads(
+        emb_src, emb_gen, loss_fn=objective, src_grad=trainable_encoder, global_batch=True
+    )
+    scaled = scaler.scale if scaler is not None and scaler.is_enabled() else (lambda t: t)
+    adversarial, fakes = torch.zeros((), device=real_a.device), []
+    travel_grads: list[Tensor | None] = [None] * len(parameters)
+    chunks = real_a.split(chunk_size)
+    trained_modules = (generator, encoder if trainable_encoder else None)
+    for index, x in enumerate(chunks):
+        rows = slice(index * chunk_size, index * chunk_size + x.shape[0])
+        with _no_sync_unless(index == len(chunks) - 1 and not separate, *trained_modules):
+            with options.autocast():
+                fake = generator(x)
+                judged = fake.to(x.dtype)
+                fake_logits = discriminator(diff_augment(judged, options.augment) if options.augment else judged)
+                if trainable_encoder:
+                    embedded, grad = encoder(torch.cat([x, fake])), torch.cat([grad_src[rows], grad_gen[rows]])
+                else:
+                    embedded, grad = encoder(fake), grad_gen[rows]
+            adversarial_chunk = generator_adversarial_loss(fake_logits, options.gan_loss) * (x.shape[0] / n)
+            if separate:
+                torch.autograd.backward(scaled(adversarial_chunk), inputs=parameters, retain_graph=True)
+                chunk_grads = torch.autograd.grad(
+                    embedded, parameters, scaled(grad).to(embedded.dtype), allow_unused=True
+                )
+                travel_grads = [_add(total, g) for total, g in zip(travel_grads, chunk_grads)]
+            else:
+                backward_chunk(embedded, scaled(lam * grad), scaled(adversarial_chunk), inputs=parameters)
+        adversarial = adversarial + adversarial_chunk.detach()
+        fakes.append(fake.detach())
+    if separate:
+        lam = _combine_balanced(adaptive_lambda, parameters, travel_grads, trained_modules)
+    _optimizer_step(optimizers, scaler)
+    travel = objective_value
+    if trainable_encoder:  # report the travel term alone, as the whole-batch step does
+        with torch.no_grad():
+            travel = travel_term(all_gather_with_grad(emb_src), all_gather_with_grad(emb_gen), options)
+    return {
+        "loss_g": adversarial + lam * objective_value,
+        "loss_adv": adversarial,
+        "loss_travel": travel,
+        "lambda": lam,
+        "fake": torch.cat(fakes),
+    }
+
+
+def _add(total: Tensor | None, value: Tensor | None) -> Tensor | None:
+    if value is None:
+        return total
+    return value if total is None else total.add_(value)
+
+
+def _combine_balanced(
+    adaptive_lambda: Any,
+    parameters: list[Tensor],
+    travel_grads: list[Tensor | None],
+    modules: Sequence[nn.Module | None],
+) -> float:
+    """lambda from the norms at the balanced parameter of ``.grad`` (adversarial) and ``travel_grads``;
+    then ``.grad`` = adversarial + lambda * travel, averaged across ranks for DDP modules."""
+    position = next((i for i, p in enumerate(parameters) if p is adaptive_lambda.parameter), None)
+    if position is None:
+        raise ValueError("adaptive_lambda: its parameter is not among the trained parameters of this step")
+    adversarial_at, travel_at = parameters[position].grad, travel_grads[position]
+    if adversarial_at is None or travel_at is None:
+        raise ValueError("adaptive_lambda: the adversarial or travel loss does not depend on its parameter")
+    norms = (torch.linalg.vector_norm(t.detach().double()) for t in (adversarial_at, travel_at))
+    lam = adaptive_lambda.update_from_norms(*norms)
+    for parameter, travel in zip(parameters, travel_grads):
+        if travel is not None:
+            parameter.grad = travel.mul_(lam) if parameter.grad is None else parameter.grad.add_(travel, alpha=lam)
+    for module in modules:
+        if isinstance(module, DistributedDataParallel):
+            world_size = dist.get_world_size()
+            for parameter in module.parameters():
+                if parameter.grad is not None:
+                    dist.all_reduce(parameter.grad)
+                    parameter.grad.div_(world_size)
+    return lam
+
+
+def _at_least_float32(embeddings: Tensor) -> Tensor:
+    """float16/bfloat16 (autocast) embeddings in float32 for the loss; float32 and float64 unchanged."""
+    return embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+
+
+def _optimizer_step(optimizers: Sequence[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None) -> None:
+    if scaler is None or not scaler.is_enabled():
+        for optimizer in optimizers:
+            optimizer.step()
+        return
+    for optimizer in optimizers:
+        scaler.step(optimizer)
+    scaler.update()
+
+
+@contextlib.contextmanager
+def _no_sync_unless(sync: bool, *modules: nn.Module | None) -> Iterator[None]:
+    """``no_sync()`` of every DDP module among ``modules`` unless ``sync``: gradients accumulate
+    locally, and the next synchronised backward reduces the sum across ranks."""
+    with contextlib.ExitStack() as stack:
+        if not sync:
+            for module in modules:
+                if isinstance(module, DistributedDataParallel):
+                    stack.enter_context(module.no_sync())
+        yield
 
 
 def discriminator_step(

@@ -66,6 +66,28 @@ def _worker(rank: int, init_file: str, tmp: str, encoder: str) -> None:
         train_module.train(dataclasses.replace(config, out=str(tmp_path / "halves"), steps=2), progress=False)
         train_module.train(dataclasses.replace(config, out=str(tmp_path / "halves"), resume=True), progress=False)
 
+        # The same first step in micro-batches of one image (gradient caching, no_sync until the last).
+        micro_gradients: list = []
+        original_optimizer_step = train_module._optimizer_step
+
+        def recording_optimizer_step(optimizers, scaler):  # one call per run: steps=1, only G's update uses it
+            parameters = [p for o in optimizers for group in o.param_groups for p in group["params"]]
+            micro_gradients.append([p.grad.detach().clone() for p in parameters])
+            original_optimizer_step(optimizers, scaler)
+
+        train_module._optimizer_step = recording_optimizer_step
+        micro = dataclasses.replace(config, out=str(tmp_path / f"micro{rank}"), steps=1, micro_batch=1)
+        train_module.train(micro, progress=False)
+        # ... and with the adaptive lambda, against the whole-batch step with it
+        train_module.train(dataclasses.replace(micro, out=str(tmp_path / f"mauto{rank}"), lambda_travel="auto"),
+                           progress=False)  # fmt: skip
+        train_module._optimizer_step = original_optimizer_step
+        auto_gradients: list = []
+        train_module._backward_and_step = original_step
+        record_first_generator_gradients(train_module, auto_gradients)
+        whole_auto = dataclasses.replace(micro, out=str(tmp_path / f"auto{rank}"), lambda_travel="auto", micro_batch=0)
+        train_module.train(whole_auto, progress=False)
+
         # The same run with a per-rank travel loss (no gather): pairs never span ranks.
         local_gradients: list = []
         train_module._backward_and_step = original_step
@@ -74,7 +96,10 @@ def _worker(rank: int, init_file: str, tmp: str, encoder: str) -> None:
         train_module.train(dataclasses.replace(config, out=str(tmp_path / f"local{rank}"), steps=1), progress=False)
 
         torch.save(
-            {"saves": len(saves), "global": global_gradients[0], "local": local_gradients[0]},
+            {
+                "saves": len(saves), "global": global_gradients[0], "local": local_gradients[0],
+                "micro": micro_gradients[0], "micro_auto": micro_gradients[1], "auto": auto_gradients[0],
+            },  # fmt: skip
             tmp_path / f"rank{rank}.pt",
         )
     finally:
@@ -112,6 +137,11 @@ def test_ddp_training_uses_the_global_batch_and_resumes_exactly(tmp_path, tiny_c
     for rank in ranks:
         # float32 round-off alone (1 vs 2 threads) moves this gradient by ~1e-5 relative
         assert relative_error(rank["global"]) < 1e-4
+        assert relative_error(rank["micro"]) < 1e-4  # --micro-batch 1 under DDP: the global-batch gradient
+        auto_error = sum(float((g - e).double().square().sum()) for g, e in zip(rank["micro_auto"], rank["auto"]))
+        auto_norm = sum(float(e.double().square().sum()) for e in rank["auto"])
+        assert (auto_error / auto_norm) ** 0.5 < 1e-4  # adaptive lambda: the same update in micro-batches
+        assert relative_error(rank["auto"]) > 1e-2  # lambda 'auto' is not 5: the comparison can fail
         # A per-rank travel loss would give another gradient: the test can tell them apart.
         assert relative_error(rank["local"]) > 1e-2
 

@@ -9,6 +9,7 @@
 """
 
 from travel_loss.encoder import CheckpointNotFoundError, EncoderEnsemble, FrozenCLIPEncoder, FrozenEncoder
+from travel_loss.gradcache import backward_chunk, embed_in_chunks, travel_loss_and_embedding_grads  # noqa: F401
 from travel_loss.loss import TravelLoss, siamese_margin_loss, travel_loss
 from travel_loss.queue import TravelQueue
 

@@ -228,10 +228,28 @@ class GradientBalancedLambda:
         can follow. On calls skipped by ``every`` no gradient is computed and the current value
         is returned.
         """
-        if self._calls % self.every != 0 and self._count > 0:
+        if not self.computes_next:
+            return self.update_from_norms(None, None)
+        return self.update_from_norms(*self.gradient_norms(adv_loss, travel_loss))
+
+    @property
+    def computes_next(self) -> bool:
+        """Whether the next :meth:`update` computes gradient norms (``False`` on calls skipped by ``every``)."""
+        return self._calls % self.every == 0 or self._count == 0
+
+    def update_from_norms(self, adv_norm: Tensor | None, travel_norm: Tensor | None) -> float:
+        r""":meth:`update` from :math:`\|\nabla_\theta L_\mathrm{adv}\|` and :math:`\|\nabla_\theta L_\mathrm{travel}\|`
+        computed elsewhere (e.g. summed over micro-batches); 0-D tensors. On calls skipped by
+        ``every`` (:attr:`computes_next` is ``False``) they are not used: pass ``None``.
+        """
+        if not self.computes_next:
             self._calls += 1
             return self.value  # type: ignore[return-value]
-        adv_norm, travel_norm = self.gradient_norms(adv_loss, travel_loss)
+        if not isinstance(adv_norm, Tensor) or not isinstance(travel_norm, Tensor):
+            raise ValueError(
+                f"adv_norm, travel_norm: expected two 0-D tensors on a computed update, got "
+                f"{type(adv_norm).__name__} and {type(travel_norm).__name__}"
+            )
         ratio_tensor = self.scale * adv_norm / (travel_norm + self.eps)
         if self.distributed and dist.is_available() and dist.is_initialized():
             # every process must use the same lambda: average the raw ratios of all ranks
