@@ -98,7 +98,7 @@ class RunFolderLock:
 
     def acquire(self) -> RunFolderLock:
         try:
-            import fcntl  # noqa: PLC0415
+            import fcntl
         except ImportError:  # Windows: no advisory locks; the folder is not guarded
             return self
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from reference.data import ImageFolder, UnreadableImageWarning, is_readable_image, load_image
+from reference.data import (
+    ImageFolder,
+    UnreadableImageWarning,
+    is_readable_image,
+    load_image,
+)
 from reference.translate import translate_folder
 
 RNG = np.random.default_rng(11)

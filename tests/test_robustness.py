@@ -17,9 +17,18 @@ from PIL import Image
 
 from reference import evaluate
 from reference import translate as translate_tool
-from reference.checkpoint import DamagedCheckpointError, load_checkpoint, save_checkpoint
+from reference.checkpoint import (
+    DamagedCheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from reference.models import ResnetGenerator
-from reference.outputs import RunFolderBusyError, RunFolderLock, check_output_file, check_writable_folder
+from reference.outputs import (
+    RunFolderBusyError,
+    RunFolderLock,
+    check_output_file,
+    check_writable_folder,
+)
 from travel_loss import travel_loss
 
 GENERATOR_KWARGS = {"in_channels": 3, "out_channels": 3, "width": 4, "n_blocks": 1}
