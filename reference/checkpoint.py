@@ -2,6 +2,9 @@
 
 A checkpoint is a dict of tensors and plain python values only, so that it loads with
 ``torch.load(path, weights_only=True)`` (no pickled code runs when a checkpoint is read).
+:func:`training_state` assembles everything a bit-exact resume needs (weights, optimizer moments,
+schedules, gradient scalers, the adaptive lambda, the RNG states of every rank, the data
+position); :func:`restore_training_state` puts it back.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+
+from reference.runtime import Runtime
 
 __all__ = [
     "LATEST",
@@ -24,9 +32,11 @@ __all__ = [
     "capture_rng_state",
     "load_checkpoint",
     "restore_rng_state",
+    "restore_training_state",
     "save_atomic",
     "save_checkpoint",
     "step_checkpoints",
+    "training_state",
 ]
 
 LATEST = "latest.pt"
@@ -191,3 +201,72 @@ def restore_rng_state(state: dict[str, Any], cuda_device: torch.device | None = 
     torch.set_rng_state(state["torch"].cpu())
     if cuda_device is not None and cuda_device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), cuda_device)
+
+
+def training_state(
+    config: dict[str, Any], step: int, runtime: Runtime, modules: dict[str, nn.Module], optimizers: dict[str, Any],
+    schedulers: dict[str, Any], scalers: dict[str, Any], adaptive: Any,
+) -> dict[str, Any] | None:  # fmt: skip
+    """Everything a bit-exact resume needs; collective under DDP (RNG states of all ranks), None off rank 0.
+
+    ``config`` is the run's configuration as a dict (``dataclasses.asdict(TrainConfig)``); ``modules``
+    holds at least ``"generator"`` (a :class:`reference.models.ResnetGenerator`).
+    """
+    rng = capture_rng_state(runtime.device if runtime.device.type == "cuda" else None)
+    if runtime.xla is not None:
+        rng["xla"] = int(runtime.xla.get_rng_state())
+    rng_states = [rng]
+    if runtime.distributed:
+        rng_states = [None] * runtime.world_size
+        dist.all_gather_object(rng_states, rng, group=runtime.control_group)
+    if not runtime.is_main:
+        return None
+    generator = modules["generator"]
+    return {
+        "format": 1,
+        "step": step,
+        "config": dict(config),
+        "generator_kwargs": dict(
+            in_channels=generator.in_channels, out_channels=generator.out_channels,
+            width=generator.width, n_blocks=generator.n_blocks,
+        ),  # fmt: skip
+        "discriminator_kwargs": dict(in_channels=3, width=config["d_width"], n_layers=config["d_layers"]),
+        **{name: module.state_dict() for name, module in modules.items()},
+        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+        "schedulers": {name: sched.state_dict() for name, sched in schedulers.items()},
+        "grad_scalers": {name: scaler.state_dict() for name, scaler in scalers.items()},
+        "adaptive_lambda": None if adaptive is None else adaptive.state_dict(),
+        "rng": rng_states,
+        "data": {"position": step * config["batch_size"] * runtime.world_size, "world_size": runtime.world_size},
+    }
+
+
+def restore_training_state(
+    checkpoint: dict[str, Any], runtime: Runtime, modules: dict[str, nn.Module], optimizers: dict[str, Any],
+    schedulers: dict[str, Any], scalers: dict[str, Any], adaptive: Any,
+) -> tuple[int, int]:  # fmt: skip
+    """Load a :func:`training_state` into the given objects (in place); returns (step, data position).
+
+    The RNG states come back only when the checkpoint has one per rank of this run (a warning
+    otherwise: the random streams restart).
+    """
+    for name, module in modules.items():
+        module.load_state_dict(checkpoint[name])
+    for name, opt in optimizers.items():
+        opt.load_state_dict(checkpoint["optimizers"][name])
+    for name, sched in schedulers.items():
+        sched.load_state_dict(checkpoint["schedulers"][name])
+    for name, scaler in scalers.items():
+        if checkpoint["grad_scalers"].get(name):
+            scaler.load_state_dict(checkpoint["grad_scalers"][name])
+    if adaptive is not None and checkpoint["adaptive_lambda"] is not None:
+        adaptive.load_state_dict(checkpoint["adaptive_lambda"])
+    rng_states = checkpoint["rng"]
+    if len(rng_states) == runtime.world_size:
+        device = runtime.device
+        restore_rng_state(rng_states[runtime.rank], device if device.type == "cuda" else None)
+        if runtime.xla is not None and "xla" in rng_states[runtime.rank]:
+            runtime.xla.set_rng_state(rng_states[runtime.rank]["xla"])
+    else:
+        warnings.warn(f"resuming {len(rng_states)} ranks' run on {runtime.world_size}: random streams restart")
+    return int(checkpoint["step"]), int(checkpoint["data"]["position"])

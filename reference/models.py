@@ -21,6 +21,8 @@ PatchDiscriminator (the 70x70 PatchGAN of pix2pix/CycleGAN), all convs 4x4 with 
 
 IN is ``InstanceNorm2d(affine=False)``; every conv has a bias (with a non-affine norm the bias
 is the only shift the layer has). Weights start from normal(0, 0.02), biases from 0.
+
+SiameseEmbedder is TraVeLGAN's trainable embedder, the baseline encoder of the travel loss.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "PatchDiscriminator",
     "ResidualBlock",
     "ResnetGenerator",
+    "SiameseEmbedder",
     "default_n_blocks",
     "init_weights",
     "receptive_field",
@@ -218,3 +221,25 @@ def receptive_field(network: nn.Module) -> int:
         field += (conv.kernel_size[0] - 1) * conv.dilation[0] * jump
         jump *= conv.stride[0]
     return field
+
+
+class SiameseEmbedder(nn.Module):
+    """TraVeLGAN's trainable embedder S: 4x4 stride-2 convs with LeakyReLU(0.2) down to at most
+    4x4 pixels (channels doubling from ``width``, capped at 8 width), then a linear map to ``dim``.
+
+    (N, 3, size, size) -> (N, dim). No normalisation layer: each embedding depends on its image alone.
+    """
+
+    def __init__(self, size: int, width: int = 32, dim: int = 1000) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, out, side = 3, width, size
+        while side > 4:
+            layers += [nn.Conv2d(channels, out, kernel_size=4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+            channels, out, side = out, min(2 * out, 8 * width), side // 2
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels * side * side, dim)
+        init_weights(self)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images).flatten(1))

@@ -30,9 +30,9 @@ from reference.losses import (
     notebook_travel_loss,
 )
 from reference.models import PatchDiscriminator, ResnetGenerator
+from reference.stream import StreamBatches
 from reference.train import (
     SetupError,
-    StreamBatches,
     TrainConfig,
     build_encoder,
     build_parser,

@@ -1,0 +1,192 @@
+"""The options of a reference training run: :class:`TrainConfig` and its validation.
+
+One dataclass field per option; ``reference/train.py``'s command line maps one flag to each
+field (``--g-width`` -> ``g_width``) and uses the comment after a field as the flag's help.
+:func:`check_config` rejects a bad value with a ValueError naming the field before any work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from reference.losses import AUGMENT_OPS, GAN_LOSSES
+from reference.models import PatchDiscriminator, default_n_blocks
+
+__all__ = [
+    "AMP_MODES",
+    "DEVICES",
+    "ENCODER_MODES",
+    "PAPER_ENCODER",
+    "TRAVEL_OBJECTIVES",
+    "TrainConfig",
+    "check_config",
+]
+
+PAPER_ENCODER = "openai/clip-vit-large-patch14"
+ENCODER_MODES = ("clip", "random-clip", "siamese", "toy")
+TRAVEL_OBJECTIVES = ("paper", "notebook")
+AMP_MODES = ("off", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "xla")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a run; the command line maps one flag to each field (``--g-width`` -> g_width)."""
+
+    # data: a CycleGAN-layout root (trainA/, trainB/), two folders, or the toy streets
+    data: str | None = None  # a CycleGAN-layout root with trainA/ and trainB/
+    data_a: str | None = None  # a folder of source-domain images (with --data-b)
+    data_b: str | None = None  # a folder of target-domain images
+    toy_streets: bool = False  # train on the generated toy streets (reference.data.ToyStreets)
+    toy_length: int = 10_000  # training scenes per toy domain (generated on the fly)
+    toy_seed: int = 0  # the toy training set; evaluate on other seeds
+    size: int = 256  # images are resized to size x size
+    flip: bool = True  # random horizontal flips of training images
+    num_workers: int | None = None  # None: 0 for the toy streets, min(4, cpus) for folders
+
+    # objective
+    lambda_travel: float | str = 1.0  # a number, or "auto" (reference.adaptive_lambda)
+    lambda_auto_scale: float = 1.0  # "auto": wanted ratio of travel to adversarial gradient norm
+    lambda_auto_momentum: float = 0.9  # "auto": moving-average momentum of the gradient ratio
+    travel_objective: str = "paper"  # "paper": equation 2; "notebook": the original code's variant
+    travel_distance: str = "cosine"  # travel_loss distance: cosine | squared_euclidean | travelgan
+    travel_reduction: str = "mean"  # mean | sum over the N(N-1) pairs (lambda conventions: README)
+    gan_loss: str = "bce"  # bce (non-saturating) | lsgan | hinge
+    augment: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"
+
+    # encoder E
+    encoder: str = PAPER_ENCODER  # hub id or local folder of a CLIP checkpoint
+    encoder_mode: str = "clip"  # clip | random-clip (the ablation) | siamese (TraVeLGAN) | toy
+    crop: str = "center"  # FrozenCLIPEncoder crop policy: center | resize | full
+    features: str = "pooled"  # FrozenCLIPEncoder features: pooled | projected
+    siamese_width: int = 32  # siamese mode: the embedder's first conv width
+    siamese_dim: int = 1000  # siamese mode: embedding size (TraVeLGAN's 1000)
+    siamese_margin: float = 10.0  # siamese mode: margin of siamese_margin_loss
+
+    # networks
+    g_width: int = 64  # generator width (channels after the stem)
+    g_blocks: int | None = None  # None: 9 above 128 px, else 6
+    d_width: int = 64  # discriminator width
+    d_layers: int = 3  # stride-2 layers of the PatchGAN (3: 70 x 70 patches)
+
+    # optimisation
+    steps: int = 20_000  # training iterations (one G and one D update each)
+    batch_size: int = 16  # per process; the travel loss sees batch_size * world_size images
+    lr: float = 2e-4  # generator learning rate
+    lr_d: float | None = None  # None: 2 * lr
+    beta1: float = 0.5  # Adam betas of both optimizers
+    beta2: float = 0.999
+    decay_steps: int = 0  # linear decay of both learning rates to 0 over the last decay_steps
+
+    # engineering
+    device: str = "auto"  # auto | cpu | cuda | xla
+    amp: str = "off"  # off | bf16 | fp16 (CUDA only)
+    compile: bool = False  # torch.compile G, D and the encoder forward
+    compile_backend: str = "inductor"
+    channels_last: bool = False  # channels-last memory format (pays under --compile on CUDA)
+    seed: int = 0
+
+    # output
+    out: str = "runs/cliptravelgan"  # run folder: latest.pt, metrics.jsonl, samples/
+    resume: bool = False  # continue from OUT/latest.pt
+    log_every: int = 50  # steps between metric lines (the only host syncs)
+    sample_every: int = 500  # steps between input | translation PNG grids
+    sample_count: int = 8
+    checkpoint_every: int = 1000  # steps between atomic checkpoints
+    keep_checkpoints: int = 0  # also keep the last K checkpoints as step_XXXXXX.pt
+
+    @property
+    def discriminator_lr(self) -> float:
+        return 2 * self.lr if self.lr_d is None else self.lr_d
+
+    @property
+    def generator_blocks(self) -> int:
+        return default_n_blocks(self.size) if self.g_blocks is None else self.g_blocks
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise ValueError naming the first bad field, before any work is done."""
+
+    def fail(name: str, expected: str) -> None:
+        raise ValueError(f"{name}: expected {expected}, got {getattr(config, name)!r}")
+
+    def positive_int(name: str, minimum: int = 1) -> None:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            fail(name, f"an int >= {minimum}")
+
+    def choice(name: str, allowed: Sequence[str]) -> None:
+        if getattr(config, name) not in allowed:
+            fail(name, f"one of {', '.join(map(repr, allowed))}")
+
+    sources = [config.data is not None, config.data_a is not None or config.data_b is not None, config.toy_streets]
+    if sum(sources) != 1:
+        raise ValueError(
+            "data: give exactly one of data (a CycleGAN-layout root), data_a and data_b (two folders) or "
+            f"toy_streets=True; got data={config.data!r}, data_a={config.data_a!r}, data_b={config.data_b!r}, "
+            f"toy_streets={config.toy_streets!r}"
+        )
+    if (config.data_a is None) != (config.data_b is None):
+        raise ValueError(f"data_a, data_b: give both folders, got data_a={config.data_a!r}, data_b={config.data_b!r}")
+    positive_int("size", 8)
+    if config.size % 4:
+        fail("size", "a multiple of 4 (the generator downsamples twice)")
+    positive_int("toy_length")
+    positive_int("toy_seed", 0)
+    if config.num_workers is not None:
+        positive_int("num_workers", 0)
+    lam = config.lambda_travel
+    if lam != "auto" and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or not math.isfinite(lam)):
+        fail("lambda_travel", "a finite number >= 0 or 'auto'")
+    for name in ("lambda_auto_scale", "lr", "siamese_margin"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+            fail(name, "a finite number > 0")
+    if config.lr_d is not None and (isinstance(config.lr_d, bool) or not isinstance(config.lr_d, (int, float)) or not config.lr_d > 0):
+        fail("lr_d", "None (twice lr) or a number > 0")
+    for name in ("lambda_auto_momentum", "beta1", "beta2"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            fail(name, "a number in [0, 1)")
+    choice("travel_objective", TRAVEL_OBJECTIVES)
+    choice("travel_distance", ("cosine", "squared_euclidean", "travelgan"))
+    choice("travel_reduction", ("mean", "sum"))
+    if config.travel_objective == "notebook" and (config.travel_distance, config.travel_reduction) != ("cosine", "mean"):
+        raise ValueError(
+            "travel_objective: 'notebook' fixes its own distance and reduction (cosine over the batch axis, summed); "
+            f"leave travel_distance and travel_reduction at their defaults, got {config.travel_distance!r}, "
+            f"{config.travel_reduction!r}"
+        )
+    choice("gan_loss", GAN_LOSSES)
+    if not isinstance(config.augment, str) or any(
+        op.strip() and op.strip() not in AUGMENT_OPS for op in config.augment.split(",")
+    ):
+        fail("augment", f"'' or a comma-separated list of {sorted(AUGMENT_OPS)}")
+    choice("encoder_mode", ENCODER_MODES)
+    choice("crop", ("center", "resize", "full"))
+    choice("features", ("pooled", "projected"))
+    for name in ("siamese_width", "siamese_dim", "g_width", "d_width", "d_layers", "steps", "batch_size"):
+        positive_int(name)
+    if config.batch_size < 2:
+        fail("batch_size", "an int >= 2 (the travel loss compares pairs)")
+    if config.g_blocks is not None:
+        positive_int("g_blocks", 0)
+    probe = PatchDiscriminator(3, width=1, n_layers=config.d_layers)
+    if probe.output_size(config.size) < 1:
+        smallest = next(s for s in range(4, 4096, 4) if probe.output_size(s) >= 1)
+        fail("size", f"a size of at least {smallest} for a discriminator with d_layers={config.d_layers} (or fewer d_layers)")
+    positive_int("decay_steps", 0)
+    if config.decay_steps > config.steps:
+        fail("decay_steps", f"an int <= steps = {config.steps}")
+    choice("device", DEVICES)
+    choice("amp", AMP_MODES)
+    if config.amp == "fp16" and config.device in ("cpu", "xla"):
+        fail("amp", f"'off' or 'bf16' on device {config.device!r}: float16 autocast needs CUDA (use bf16)")
+    positive_int("seed", 0)
+    for name in ("log_every", "sample_every", "checkpoint_every", "sample_count"):
+        positive_int(name)
+    positive_int("keep_checkpoints", 0)
+    if not config.out:
+        fail("out", "an output folder")

@@ -1,0 +1,187 @@
+"""Where a training run executes: the device, the process group, seeds, signals, torch.compile.
+
+:func:`setup_runtime` picks the device (CPU, CUDA, or an XLA device through ``torch_xla``) and
+joins the process group that ``torchrun`` describes (``WORLD_SIZE > 1``); :class:`Runtime` is
+what the training loop needs to know about it. :class:`StopSignal` turns SIGTERM / SIGINT into
+a stop at the end of a step on which all ranks agree.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "Runtime",
+    "SetupError",
+    "StopSignal",
+    "compile_modules",
+    "compiled_graph_count",
+    "import_xla",
+    "rank_seed",
+    "seed_everything",
+    "setup_runtime",
+]
+
+
+class SetupError(RuntimeError):
+    """The environment cannot run the requested configuration (a missing package, an unsupported feature)."""
+
+
+@dataclass
+class Runtime:
+    """The device of this process and its place in the process group (rank 0 of 1 without DDP)."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    owns_process_group: bool = False
+    control_group: Any = None  # a gloo group for CPU-side agreement (stop flag, RNG states)
+    xla: Any = None  # torch_xla.core.xla_model when on an XLA device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def import_xla() -> Any:
+    """``torch_xla.core.xla_model``, or a SetupError that says how to get it."""
+    try:
+        import torch_xla.core.xla_model as xm  # noqa: PLC0415
+    except ImportError as error:
+        raise SetupError(
+            "--device xla needs torch_xla, which is not installed (pip install torch_xla, on a TPU host); "
+            "use --device cpu or --device cuda on other machines"
+        ) from error
+    return xm
+
+
+def setup_runtime(device: str = "auto", amp: str = "off") -> Runtime:
+    """Pick the device (auto | cpu | cuda | xla) and join the process group that torchrun describes (WORLD_SIZE > 1).
+
+    ``amp`` is the run's autocast mode (off | bf16 | fp16); fp16 needs a CUDA device.
+    """
+    kind = device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SetupError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    if amp == "fp16" and kind != "cuda":
+        raise ValueError(f"amp: 'fp16' needs a CUDA device, but the run uses {kind!r}; use --amp bf16 or --amp off")
+    xm = import_xla() if kind == "xla" else None
+
+    wants_group = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    owns = False
+    if wants_group and not dist.is_initialized():
+        if xm is not None:
+            raise SetupError("--device xla: this trainer runs one XLA device per process without torchrun")
+        dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo")
+        owns = True
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if kind == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+        chosen = torch.device("cuda", local_rank)
+        torch.cuda.set_device(chosen)
+    elif kind == "xla":
+        chosen = xm.xla_device()
+    else:
+        chosen = torch.device("cpu")
+    control = None
+    if world > 1:
+        control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return Runtime(device=chosen, rank=rank, world_size=world, owns_process_group=owns, control_group=control, xla=xm)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed of its own for each rank, derived from the run's seed."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+class StopSignal:
+    """SIGTERM or SIGINT asks the loop to save a checkpoint and stop at the end of the step.
+
+    A second SIGINT raises KeyboardInterrupt at once. Under DDP the ranks agree on the step
+    to stop at through an asynchronous all-reduce of the flag on a CPU group: the flag raised
+    during step t is seen by every rank at the end of step t + 1, without stalling a GPU.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.received: str | None = None
+        self._runtime = runtime
+        self._previous: dict[int, Any] = {}
+        self._pending: tuple[Any, Tensor] | None = None
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wait()
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def should_stop(self) -> bool:
+        if not self._runtime.distributed:
+            return self.received is not None
+        agreed = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            agreed = bool(flag.item())
+        flag = torch.tensor([int(self.received is not None)])
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._runtime.control_group, async_op=True)
+        self._pending = (work, flag)
+        return agreed
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+
+
+def compile_modules(modules: list[nn.Module], backend: str) -> list[nn.Module]:
+    """``torch.compile`` each distinct module once; a module listed twice comes back as the same compiled object."""
+    import torch._dynamo  # noqa: PLC0415
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise SetupError(f"--compile: torch.compile is not supported here (Python {sys.version.split()[0]}, torch {torch.__version__}); run without --compile")
+    compiled: dict[int, nn.Module] = {}
+    for module in modules:
+        if id(module) not in compiled:
+            compiled[id(module)] = torch.compile(module, backend=backend)
+    return [compiled[id(module)] for module in modules]
+
+
+def compiled_graph_count() -> int:
+    """Graphs dynamo has compiled so far in this process (a recompilation adds one)."""
+    from torch._dynamo.utils import counters  # noqa: PLC0415
+
+    return int(counters["stats"]["unique_graphs"])
