@@ -31,6 +31,8 @@ __all__ = [
     "DamagedCheckpointError",
     "capture_rng_state",
     "load_checkpoint",
+    "looks_intact",
+    "remove_stale_temporaries",
     "restore_rng_state",
     "restore_training_state",
     "save_atomic",
@@ -78,6 +80,19 @@ def _fsync_directory(folder: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the ``.<name>.tmp-<pid>`` files that a writer killed mid-write left in ``folder``; returns them.
+
+    Call it only while holding the folder's run lock (:class:`reference.outputs.RunFolderLock`),
+    when no other process can be writing there.
+    """
+    folder = Path(folder)
+    stale = [p for p in folder.glob(".*.tmp-*") if p.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def step_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:

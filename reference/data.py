@@ -60,6 +60,7 @@ __all__ = [
     "resolve_unpaired_folders",
     "score_translations",
     "to_rgb",
+    "unreadable_count",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -242,6 +243,22 @@ class ImageFolder(Dataset):
                     self.unreadable[candidate] = True
                     warnings.warn(f"skipping {error}", UnreadableImageWarning, stacklevel=3)
         raise OSError(f"{self.folder}: none of the {count} image files decodes")
+
+
+def unreadable_count(*datasets: Dataset, group: object = None) -> int:
+    """Files of the :class:`ImageFolder` datasets among ``datasets`` that failed to decode so far.
+
+    With a process ``group`` (torch.distributed), the largest count of any rank: every rank
+    reads other files, and all must agree on stopping.
+    """
+    count = sum(d.unreadable_count for d in datasets if isinstance(d, ImageFolder))
+    if group is not None:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        total = torch.tensor([count])
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
+        count = int(total)
+    return count
 
 
 def resolve_unpaired_folders(
