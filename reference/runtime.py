@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from reference.data import IMAGE_EXTENSIONS, list_images
 from reference.outputs import check_writable_folder
 
 __all__ = [
@@ -79,6 +80,16 @@ def check_run_inputs(config: Any) -> None:
     for flag, folder in (("--data-a", config.data_a), ("--data-b", config.data_b)):
         if folder is not None and not Path(folder).is_dir():
             raise RunInputError(f"{flag}: expected a folder of images, found {_found(Path(folder))} at {folder}")
+    if config.data is not None:
+        image_folders = [("--data", Path(config.data) / "trainA"), ("--data", Path(config.data) / "trainB")]
+    else:
+        image_folders = [(flag, Path(f)) for flag, f in (("--data-a", config.data_a), ("--data-b", config.data_b)) if f]
+    for flag, folder in image_folders:
+        if not list_images(folder):
+            raise RunInputError(
+                f"{flag}: expected image files ({', '.join(IMAGE_EXTENSIONS)}) in {folder}, found none "
+                f"(it holds {sum(1 for _ in folder.iterdir())} other entries)"
+            )
     try:
         check_writable_folder(config.out, "--out")
     except OSError as error:

@@ -371,6 +371,7 @@ def _batches(images: Dataset, config: TrainConfig, runtime: Runtime, domain: int
 _RESUME_FREE_FIELDS = {
     "out", "resume", "steps", "log_every", "sample_every", "sample_count", "checkpoint_every",
     "keep_checkpoints", "num_workers", "device", "compile", "compile_backend", "channels_last",
+    "resume_from", "max_unreadable_fraction",
 }  # fmt: skip
 
 
@@ -420,7 +421,8 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
         out.mkdir(parents=True, exist_ok=True)
     say = print if runtime.is_main and progress else (lambda *a, **k: None)
     images_a, images_b = build_datasets(config)  # folder mistakes surface before any model is built
-    check_datasets({"domain A": images_a, "domain B": images_b}, config.batch_size, runtime.world_size)
+    check_datasets({f"domain {d} ({getattr(x, 'folder', 'toy streets')})": x for d, x in zip("AB", (images_a, images_b))},
+                   config.batch_size, runtime.world_size)  # fmt: skip
 
     # ---- models, encoder, optimizers: the same initial weights on every rank
     seed_everything(config.seed)
