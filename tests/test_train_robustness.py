@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from reference.checkpoint import DamagedCheckpointError, load_checkpoint
