@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,11 @@ from reference.runtime import Runtime
 
 __all__ = [
     "LATEST",
+    "DamagedCheckpointError",
     "capture_rng_state",
     "load_checkpoint",
+    "looks_intact",
+    "remove_stale_temporaries",
     "restore_rng_state",
     "restore_training_state",
     "save_atomic",
@@ -78,6 +82,19 @@ def _fsync_directory(folder: Path) -> None:
         os.close(descriptor)
 
 
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the ``.<name>.tmp-<pid>`` files that a writer killed mid-write left in ``folder``; returns them.
+
+    Call it only while holding the folder's run lock (:class:`reference.outputs.RunFolderLock`),
+    when no other process can be writing there.
+    """
+    folder = Path(folder)
+    stale = [p for p in folder.glob(".*.tmp-*") if p.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def step_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
     """The ``step_XXXXXX.pt`` files of ``folder``, oldest step first."""
     folder = Path(folder)
@@ -118,12 +135,63 @@ def save_checkpoint(
     return latest
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``; a clear error if it is missing."""
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file exists but cannot be read (truncated, empty, overwritten, not a checkpoint)."""
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *, advice: str = ""
+) -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises FileNotFoundError if it is missing and :class:`DamagedCheckpointError` (a ValueError)
+    if it cannot be read: the message names the file, says it is damaged, and lists the
+    ``step_*.pt`` files beside it that look intact, followed by ``advice`` (e.g. which flag
+    resumes from one of them).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        stored = torch.load(path, map_location=map_location, weights_only=True)
+    except (MemoryError, KeyboardInterrupt, PermissionError):
+        raise
+    except Exception as error:  # truncated zip, EOFError, UnpicklingError, ...: all mean "damaged"
+        raise DamagedCheckpointError(_damaged_message(path, _first_line(error), advice)) from error
+    if not isinstance(stored, dict):
+        raise DamagedCheckpointError(
+            _damaged_message(path, f"it holds a {type(stored).__name__}, not a checkpoint dict", advice)
+        )
+    return stored
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _damaged_message(path: Path, reason: str, advice: str) -> str:
+    intact = [p for p in step_checkpoints(path.parent) if p.resolve() != path.resolve() and looks_intact(p)]
+    if intact:
+        listing = f"step checkpoints beside it that could be resumed from: {', '.join(str(p) for p in intact)}"
+    else:
+        listing = f"no intact step_*.pt checkpoint beside it in {path.parent}"
+    return f"checkpoint {path} is damaged ({reason}); {listing}" + (f"; {advice}" if advice and intact else "")
+
+
+def looks_intact(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a complete ``torch.save`` archive, checked cheaply (its zip directory is
+    read and the CRC of its small records checked; tensor data is not read)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = [info for info in archive.infolist() if info.filename.endswith(("data.pkl", "version"))]
+            if not any(info.filename.endswith("data.pkl") for info in records):
+                return False
+            for info in records:
+                archive.read(info)  # raises on a CRC mismatch
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, ValueError):
+        return False
+    return True
 
 
 def capture_rng_state(cuda_device: torch.device | None = None) -> dict[str, Any]:

@@ -109,6 +109,8 @@ class TrainConfig:
     # output
     out: str = "runs/cliptravelgan"  # run folder: latest.pt, metrics.jsonl, samples/
     resume: bool = False  # continue from OUT/latest.pt
+    resume_from: str | None = None  # continue from this checkpoint file instead (e.g. OUT/step_001000.pt)
+    max_unreadable_fraction: float = 0.05  # stop (after a checkpoint) when more of the image files fail to decode
     log_every: int = 50  # steps between metric lines (the only host syncs)
     sample_every: int = 500  # steps between input | translation PNG grids
     sample_count: int = 8
@@ -219,3 +221,6 @@ def check_config(config: TrainConfig) -> None:
     positive_int("keep_checkpoints", 0)
     if not config.out:
         fail("out", "an output folder")
+    fraction = config.max_unreadable_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        fail("max_unreadable_fraction", "a number in [0, 1]")

@@ -1,6 +1,9 @@
 """Data for the reference trainer: unpaired image folders and the toy-street benchmark.
 
 Images are float32 tensors (3, size, size) with values in [-1, 1] (``pixel / 127.5 - 1``).
+Every PIL mode is read with its own range (:func:`to_rgb`): 16-bit and 32-bit integer images
+are scaled by 255 / 65535, floating-point images are taken in [0, 1], and transparency is
+composited on black.
 
 Toy streets mimic the paper's GTA -> Cityscapes task with a known ground truth. Every scene
 is a flat-coloured street seen from a car, drawn from a label map with classes
@@ -46,6 +49,7 @@ __all__ = [
     "PALETTE_A",
     "PALETTE_B",
     "ImageFolder",
+    "TooManyUnreadableImagesError",
     "ToyStreets",
     "UnreadableImageWarning",
     "classify_pixels",
@@ -55,9 +59,11 @@ __all__ = [
     "paint_labels",
     "resolve_unpaired_folders",
     "score_translations",
+    "to_rgb",
+    "unreadable_count",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +102,32 @@ def is_readable_image(path: str | os.PathLike[str], size: int = 256) -> bool:
     return True
 
 
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB, with each mode read in its own range.
+
+    - "1", "L", "P", "RGB", "CMYK", "YCbCr", ...: PIL's own conversion to RGB.
+    - 16-bit ("I;16", "I;16B", ...) and 32-bit integer ("I", how older Pillow versions open
+      16-bit PNGs) greyscale: ``round(value * 255 / 65535)``, values outside [0, 65535] clipped.
+    - "F" (32-bit float) greyscale: values in [0, 1], ``round(value * 255)``, clipped; NaN -> 0.
+    - With transparency ("LA", "PA", "RGBA", "La", "RGBa", or a palette / "L" / "RGB" image
+      with a transparent colour): composited on black, ``round(colour * alpha / 255)``, so a
+      fully transparent pixel is black whatever colour the file stores under it.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
+        scale = 255.0 if image.mode == "F" else 255.0 / 65535.0
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
+    if image.has_transparency_data:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.uint32)
+        composited = (rgba[..., :3] * rgba[..., 3:] + 127) // 255  # exact rounding of colour * alpha / 255
+        return Image.fromarray(composited.astype(np.uint8))
+    return image.convert("RGB")
+
+
 def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 (3, H, W) in [-1, 1]."""
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
@@ -105,16 +137,22 @@ def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
 def load_image(path: str | os.PathLike[str], size: int | None = None) -> torch.Tensor:
     """Image file -> float32 (3, H, W) in [-1, 1] (``pixel / 127.5 - 1``), RGB, optionally resized to ``size x size`` (bicubic).
 
-    Raises OSError naming the file if PIL cannot decode it.
+    Any PIL mode is read in its own range (:func:`to_rgb`: 16-bit scaled by 255 / 65535, float
+    in [0, 1], transparency composited on black). Raises OSError naming the file if PIL cannot
+    decode it.
     """
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = to_rgb(image)
             if size is not None:
                 image = image.resize((size, size), Image.Resampling.BICUBIC)
     except Exception as error:
         raise OSError(f"cannot decode image file {path}: {error}") from error
     return _pil_to_tensor(image)
+
+
+class TooManyUnreadableImagesError(RuntimeError):
+    """More image files failed to decode during training than the allowed fraction."""
 
 
 class ImageFolder(Dataset):
@@ -125,7 +163,14 @@ class ImageFolder(Dataset):
     file is checked at construction (:func:`is_readable_image`, cheap); each one that fails is
     skipped with one :class:`UnreadableImageWarning` naming it, and when any was skipped a
     last warning gives the count. A missing folder raises ``FileNotFoundError``, a folder
-    without a usable image ``ValueError``, both before any training work. With ``flip=True``
+    without a usable image ``ValueError``, both before any training work.
+
+    A file that passes that check but fails to decode when it is read (corrupt compressed data
+    behind valid checksums) is skipped: one :class:`UnreadableImageWarning` names it and the
+    next readable file in order stands in for it, so training continues. Such files are marked
+    in :attr:`unreadable`, a bool tensor in shared memory, so that the count
+    (:attr:`unreadable_count`) is seen by the training process even when DataLoader workers
+    read the files. With ``flip=True``
     an image is mirrored left-right with probability 1/2, drawn from torch's global RNG, so
     runs are reproducible by seed (DataLoader workers get seeds derived from it too).
     """
@@ -164,14 +209,56 @@ class ImageFolder(Dataset):
                 f"{len(self.skipped)} unreadable)"
             )
 
+        self.unreadable = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
+
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def unreadable_count(self) -> int:
+        """How many files failed to decode when read (each counted once)."""
+        return int(self.unreadable.sum())
+
+    @property
+    def unreadable_paths(self) -> list[Path]:
+        return [self.paths[i] for i in self.unreadable.nonzero().flatten().tolist()]
+
     def __getitem__(self, index: int) -> torch.Tensor:
-        tensor = load_image(self.paths[index], self.size)
+        tensor = self._load_or_stand_in(index)
         if self.flip and torch.rand(()) < 0.5:
             tensor = tensor.flip(-1)
         return tensor
+
+    def _load_or_stand_in(self, index: int) -> torch.Tensor:
+        """The image at ``index``, or the next one in order that decodes; OSError if none does."""
+        count = len(self.paths)
+        for offset in range(count):
+            candidate = (index + offset) % count
+            if offset and self.unreadable[candidate]:
+                continue
+            try:
+                return load_image(self.paths[candidate], self.size)
+            except OSError as error:
+                if not self.unreadable[candidate]:
+                    self.unreadable[candidate] = True
+                    warnings.warn(f"skipping {error}", UnreadableImageWarning, stacklevel=3)
+        raise OSError(f"{self.folder}: none of the {count} image files decodes")
+
+
+def unreadable_count(*datasets: Dataset, group: object = None) -> int:
+    """Files of the :class:`ImageFolder` datasets among ``datasets`` that failed to decode so far.
+
+    With a process ``group`` (torch.distributed), the largest count of any rank: every rank
+    reads other files, and all must agree on stopping.
+    """
+    count = sum(d.unreadable_count for d in datasets if isinstance(d, ImageFolder))
+    if group is not None:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        total = torch.tensor([count])
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
+        count = int(total)
+    return count
 
 
 def resolve_unpaired_folders(

@@ -35,6 +35,9 @@ Toy streets on disk: write a held-out A set (and a B target set), translate it w
     python reference/translate.py --checkpoint OUT/latest.pt --input toy/testA --output toy/fakeB
     python reference/evaluate.py --translations toy/fakeB --target toy/testB --sources toy/testA \
         --toy-streets --encoder PATH --size 64 --out toy_metrics.json
+
+An existing ``--out`` file or toy-street images are not replaced unless ``--overwrite`` is given;
+every mistake in the arguments is reported in one line before anything is computed (exit status 2).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from reference.data import ImageFolder, ToyStreets, score_translations  # noqa: E402
+from reference.outputs import check_output_file, check_writable_folder, error_line  # noqa: E402
 from travel_loss import travel_loss  # noqa: E402
 from travel_loss.metrics import TravelConsistency  # noqa: E402
 
@@ -445,19 +449,34 @@ def evaluate_toy_streets(
 
 
 def write_toy_streets(
-    folder: str | os.PathLike[str], domain: str = "A", count: int = 256, size: int = 64, seed: int | None = None
+    folder: str | os.PathLike[str],
+    domain: str = "A",
+    count: int = 256,
+    size: int = 64,
+    seed: int | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``count`` toy-street images of ``domain`` as ``00000.png``... plus a ``toy_streets.json`` manifest.
 
     The manifest (domain, size, seed, count) lets :func:`toy_street_labels` regenerate each
     image's label map from its file stem, so translations of the folder can be scored.
-    Default seeds: the held-out evaluation seeds of this module.
+    Default seeds: the held-out evaluation seeds of this module. Raises FileExistsError,
+    before writing anything, if any of these files exists and ``overwrite`` is False.
     """
     from PIL import Image
 
     seed = (TOY_EVAL_SEED_A if domain == "A" else TOY_EVAL_SEED_B) if seed is None else seed
     dataset = ToyStreets(domain, size=size, length=count, seed=seed)
     folder = Path(folder)
+    check_writable_folder(folder, "--write-toy-streets")
+    names = [f"{index:05d}.png" for index in range(count)] + [TOY_MANIFEST]
+    existing = [name for name in names if (folder / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"--write-toy-streets: {folder} already holds {len(existing)} of the {len(names)} files to write "
+            f"(first: {existing[0]}); pass --overwrite (overwrite=True) to replace them"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
         image, _ = dataset[index]
@@ -746,6 +765,7 @@ def load_encoder(spec: str, *, crop: str = "center", features: str = "pooled", d
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="reference/evaluate.py",
         description="Evaluate translations: encoder Fréchet distance, travel consistency, toy-street scores, "
         "and Inception FID/KID with a local weights file."
     )
@@ -761,6 +781,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="JSON file for the results")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file or toy-street images")
     parser.add_argument("--write-toy-streets", metavar="DIR", help="write a toy-street image folder and exit")
     parser.add_argument("--toy-domain", default="A", choices=["A", "B"])
     parser.add_argument("--toy-count", type=int, default=256)
@@ -773,12 +794,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.write_toy_streets:
-        folder = write_toy_streets(args.write_toy_streets, args.toy_domain, args.toy_count, args.toy_size, args.toy_seed)
+        try:
+            folder = write_toy_streets(
+                args.write_toy_streets, args.toy_domain, args.toy_count, args.toy_size, args.toy_seed, overwrite=args.overwrite
+            )
+        except (OSError, ValueError) as error:
+            print(error_line(parser.prog, error), file=sys.stderr)
+            return 2
         print(f"wrote {args.toy_count} toy-street {args.toy_domain} images to {folder}")
         return 0
     missing = [flag for flag, value in (("--translations", args.translations), ("--target", args.target), ("--out", args.out)) if not value]
     if missing:
         parser.error(f"missing {', '.join(missing)}")
+    try:
+        for flag, folder in (("--translations", args.translations), ("--target", args.target), ("--sources", args.sources)):
+            if folder is not None and not Path(folder).is_dir():
+                found = "a file" if Path(folder).exists() else "nothing"
+                raise FileNotFoundError(f"{flag}: expected a folder of images, found {found} at {folder}")
+        check_output_file(args.out, "--out", overwrite=args.overwrite)  # before computing anything
+    except OSError as error:
+        print(error_line(parser.prog, error), file=sys.stderr)
+        return 2
     encoder = None
     if args.encoder:
         try:
@@ -799,7 +835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
         )
     except (FileNotFoundError, ImportError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(error_line(parser.prog, error), file=sys.stderr)
         return 2
     result["inputs"] = {
         "translations": args.translations,

@@ -56,15 +56,15 @@ def save_image_grid(columns: Sequence[Tensor], path: str | os.PathLike[str], pad
 class MetricsLog:
     """One JSON object per line in OUT/metrics.jsonl, and TensorBoard scalars when it is installed.
 
-    On resume the lines of steps after the checkpoint (written before a crash) are dropped.
+    The file is only ever appended to, never truncated: a resumed run adds its lines after the
+    earlier ones. After a crash, the steps between the last checkpoint and the crash appear
+    twice, the earlier line from the crashed run and the later one from the resumed run (their
+    losses are equal: resuming is bit-exact); readers should keep the last line of each step.
     """
 
     def __init__(self, out: Path, resume_step: int) -> None:
         self.path = out / "metrics.jsonl"
-        kept = []
-        if resume_step > 0 and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        self.path.touch()
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 

@@ -3,7 +3,9 @@
 :func:`setup_runtime` picks the device (CPU, CUDA, or an XLA device through ``torch_xla``) and
 joins the process group that ``torchrun`` describes (``WORLD_SIZE > 1``); :class:`Runtime` is
 what the training loop needs to know about it. :class:`StopSignal` turns SIGTERM / SIGINT into
-a stop at the end of a step on which all ranks agree.
+a stop at the end of a step on which all ranks agree. :func:`check_run_inputs` and
+:func:`check_datasets` find the user's mistakes (data folders, ``--out``, ``--size``, the batch
+size) before any work and raise :class:`RunInputError`, whose message is one line naming the flag.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import random
 import signal
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,10 +25,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from reference.data import IMAGE_EXTENSIONS, list_images
+from reference.outputs import check_writable_folder
+
 __all__ = [
+    "RunInputError",
     "Runtime",
     "SetupError",
     "StopSignal",
+    "check_datasets",
+    "check_encoder_input_size",
+    "check_run_inputs",
     "compile_modules",
     "compiled_graph_count",
     "import_xla",
@@ -36,6 +47,81 @@ __all__ = [
 
 class SetupError(RuntimeError):
     """The environment cannot run the requested configuration (a missing package, an unsupported feature)."""
+
+
+class RunInputError(ValueError):
+    """A mistake in a run's inputs (a data folder, ``--out``, ``--size``, a checkpoint), found before
+    training; the message is one line that names the flag, what was expected and what was found."""
+
+
+def _found(path: Path) -> str:
+    return "a file" if path.is_file() else "a folder" if path.is_dir() else "nothing"
+
+
+def check_run_inputs(config: Any) -> None:
+    """The data folders, ``--out`` and ``--resume-from`` of a :class:`reference.config.TrainConfig`, before any work.
+
+    Raises :class:`RunInputError` naming the flag: a missing data folder or root, a root
+    without ``trainA/`` or ``trainB/``, an ``--out`` that is a file or not writable, a
+    ``--resume-from`` that is not a file. (Empty or unreadable folders are found when the
+    datasets are opened, see :func:`reference.data.ImageFolder`.)
+    """
+    if config.data is not None:
+        root = Path(config.data)
+        if not root.is_dir():
+            raise RunInputError(f"--data: expected a dataset folder holding trainA/ and trainB/, found {_found(root)} at {root}")
+        for side in ("A", "B"):
+            if not (root / f"train{side}").is_dir():
+                present = sorted(p.name + "/" for p in root.iterdir() if p.is_dir())[:6]
+                raise RunInputError(
+                    f"--data: expected {root} to hold train{side}/ (CycleGAN layout: trainA/, trainB/), "
+                    f"found {', '.join(present) if present else 'no subfolders'}"
+                )
+    for flag, folder in (("--data-a", config.data_a), ("--data-b", config.data_b)):
+        if folder is not None and not Path(folder).is_dir():
+            raise RunInputError(f"{flag}: expected a folder of images, found {_found(Path(folder))} at {folder}")
+    if config.data is not None:
+        image_folders = [("--data", Path(config.data) / "trainA"), ("--data", Path(config.data) / "trainB")]
+    else:
+        image_folders = [(flag, Path(f)) for flag, f in (("--data-a", config.data_a), ("--data-b", config.data_b)) if f]
+    for flag, folder in image_folders:
+        if not list_images(folder):
+            raise RunInputError(
+                f"{flag}: expected image files ({', '.join(IMAGE_EXTENSIONS)}) in {folder}, found none "
+                f"(it holds {sum(1 for _ in folder.iterdir())} other entries)"
+            )
+    try:
+        check_writable_folder(config.out, "--out")
+    except OSError as error:
+        raise RunInputError(str(error)) from None
+    resume_from = getattr(config, "resume_from", None)
+    if resume_from is not None and not Path(resume_from).is_file():
+        raise RunInputError(f"--resume-from: expected a checkpoint file, found {_found(Path(resume_from))} at {resume_from}")
+
+
+def check_datasets(datasets: dict[str, Any], batch_size: int, world_size: int) -> None:
+    """Warn, before training, for each dataset smaller than one global batch (every batch then repeats images).
+
+    ``datasets`` maps a label (e.g. "--data-a photos/") to a sized dataset.
+    """
+    images_per_step = batch_size * world_size
+    for label, dataset in datasets.items():
+        if len(dataset) < images_per_step:
+            warnings.warn(
+                f"--batch-size: {batch_size} x {world_size} process(es) = {images_per_step} images a step, "
+                f"but {label} holds only {len(dataset)}: every batch repeats images",
+                stacklevel=2,
+            )
+
+
+def check_encoder_input_size(encoder: nn.Module, size: int) -> None:
+    """RunInputError if ``--size`` is below the input size of a CLIP encoder that crops (``--crop center``)."""
+    image_size, crop = getattr(encoder, "image_size", None), getattr(encoder, "crop", None)
+    if isinstance(image_size, int) and crop == "center" and size < image_size:
+        raise RunInputError(
+            f"--size: expected at least {image_size} (the encoder's input size; --crop center takes a "
+            f"{image_size} x {image_size} crop), got {size}; use a larger --size or --crop resize / full"
+        )
 
 
 @dataclass

@@ -51,7 +51,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from reference.checkpoint import LATEST, load_checkpoint, restore_training_state, save_checkpoint, training_state
+from reference.checkpoint import (
+    LATEST,
+    load_checkpoint,
+    remove_stale_temporaries,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
 from reference.config import (
     AMP_MODES,
     DEVICES,
@@ -62,7 +69,7 @@ from reference.config import (
     TrainConfig,
     check_config,
 )
-from reference.data import ImageFolder, ToyStreets, resolve_unpaired_folders
+from reference.data import ImageFolder, TooManyUnreadableImagesError, ToyStreets, resolve_unpaired_folders, unreadable_count
 from reference.logs import MetricsLog, log_record, progress_bar, save_image_grid, write_samples
 from reference.losses import (
     GAN_LOSSES,
@@ -72,10 +79,15 @@ from reference.losses import (
     notebook_travel_loss,
 )
 from reference.models import PatchDiscriminator, ResnetGenerator, SiameseEmbedder
+from reference.outputs import RunFolderBusyError, RunFolderLock, error_line
 from reference.runtime import (
+    RunInputError,
     Runtime,
     SetupError,
     StopSignal,
+    check_datasets,
+    check_encoder_input_size,
+    check_run_inputs,
     compile_modules,
     compiled_graph_count,
     rank_seed,
@@ -534,7 +546,14 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
             ToyStreets("B", size=config.size, length=config.toy_length, seed=config.toy_seed),
         )
     folder_a, folder_b = resolve_unpaired_folders(config.data, config.data_a, config.data_b, split="train")
-    return ImageFolder(folder_a, size=config.size), ImageFolder(folder_b, size=config.size)
+    flag_a, flag_b = ("--data", "--data") if config.data is not None else ("--data-a", "--data-b")
+    datasets = []
+    for flag, folder in ((flag_a, folder_a), (flag_b, folder_b)):
+        try:
+            datasets.append(ImageFolder(folder, size=config.size))
+        except (OSError, ValueError) as error:  # a folder without a usable image
+            raise RunInputError(f"{flag}: {error}") from error
+    return datasets[0], datasets[1]
 
 
 def _batches(images: Dataset, config: TrainConfig, runtime: Runtime, domain: int, start: int) -> Iterator[Tensor]:
@@ -555,6 +574,7 @@ def _batches(images: Dataset, config: TrainConfig, runtime: Runtime, domain: int
 _RESUME_FREE_FIELDS = {
     "out", "resume", "steps", "log_every", "sample_every", "sample_count", "checkpoint_every",
     "keep_checkpoints", "num_workers", "device", "compile", "compile_backend", "channels_last",
+    "resume_from", "max_unreadable_fraction",
 }  # fmt: skip
 
 
@@ -565,13 +585,29 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     (source images translated per second, all ranks), ``out``, ``rank``, ``checkpoint`` (path of
     latest.pt), ``interrupted`` (the signal name, or None), ``metrics`` (the last logged record),
     ``compiled_graphs`` (with ``compile``: graphs compiled after the first step and at the end;
-    equal means no recompilation).
+    equal means no recompilation), ``unreadable_images`` (image files that failed to decode and
+    were skipped; also in every metrics.jsonl line of a run on image folders).
+
+    The run owns ``config.out`` (:class:`reference.outputs.RunFolderLock`): a second run on the
+    same folder raises :class:`reference.outputs.RunFolderBusyError` at once. Mistakes in the
+    inputs raise :class:`reference.runtime.RunInputError` before any work; a damaged checkpoint
+    raises :class:`reference.checkpoint.DamagedCheckpointError`, which lists the step files that
+    ``resume_from`` can take. When more than ``max_unreadable_fraction`` of the image files
+    fail to decode, the run saves a checkpoint at the last finished step and raises
+    :class:`reference.data.TooManyUnreadableImagesError`.
     """
     check_config(config)
+    check_run_inputs(config)
     runtime = setup_runtime(config.device, config.amp)
+    lock = RunFolderLock(config.out) if runtime.is_main else None  # a second run on --out stops here
     try:
+        if lock is not None:
+            lock.acquire()
+            remove_stale_temporaries(config.out)  # left by a writer killed mid-checkpoint
         return _train(config, runtime, progress=progress)
     finally:
+        if lock is not None:
+            lock.release()
         if runtime.owns_process_group:
             dist.destroy_process_group()
 
@@ -580,17 +616,23 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     device = runtime.device
     out = Path(config.out)
     latest = out / LATEST
-    if latest.exists() and not config.resume:
+    resume_path = Path(config.resume_from) if config.resume_from is not None else latest
+    resuming = config.resume_from is not None or (config.resume and latest.exists())
+    if latest.exists() and not (config.resume or config.resume_from is not None):
         raise ValueError(f"out: {out} already holds a checkpoint ({LATEST}); pass resume=True (--resume) or choose another folder")
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
     say = print if runtime.is_main and progress else (lambda *a, **k: None)
+    images_a, images_b = build_datasets(config)  # folder mistakes surface before any model is built
+    check_datasets({f"domain {d} ({getattr(x, 'folder', 'toy streets')})": x for d, x in zip("AB", (images_a, images_b))},
+                   config.batch_size, runtime.world_size)  # fmt: skip
 
     # ---- models, encoder, optimizers: the same initial weights on every rank
     seed_everything(config.seed)
     generator = ResnetGenerator(3, 3, width=config.g_width, n_blocks=config.generator_blocks).to(device)
     discriminator = PatchDiscriminator(3, width=config.d_width, n_layers=config.d_layers).to(device)
     encoder = build_encoder(config).to(device)
+    check_encoder_input_size(encoder, config.size)
     trainable_encoder = config.encoder_mode == "siamese"
     if config.channels_last:
         for module in (generator, discriminator, encoder):
@@ -622,15 +664,21 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
 
     # ---- resume: weights, optimizer moments, schedules, scalers, RNG states, data position
     start_step = 0
-    if config.resume and latest.exists():
-        checkpoint = load_checkpoint(latest)
-        changed = sorted(k for k, v in checkpoint["config"].items() if k not in _RESUME_FREE_FIELDS and asdict(config).get(k) != v)
+    if resuming:
+        checkpoint = load_checkpoint(resume_path, advice="resume from one of them with --resume-from FILE")
+        changed = sorted(k for k, v in checkpoint.get("config", {}).items() if k not in _RESUME_FREE_FIELDS and asdict(config).get(k) != v)
+        try:
+            start_step, data_position = restore_training_state(
+                checkpoint, runtime, modules, optimizers, schedulers, scalers, adaptive
+            )
+        except (KeyError, RuntimeError, ValueError) as error:  # another architecture, or not a training checkpoint
+            raise RunInputError(
+                f"--resume: {resume_path} does not fit this run (settings that differ: {changed or 'none recorded'}; "
+                f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}); resume with its settings or use a new --out"
+            ) from None
         if changed:
-            warnings.warn(f"resuming {latest} with changed settings {changed}: the run will differ from an uninterrupted one")
-        start_step, data_position = restore_training_state(
-            checkpoint, runtime, modules, optimizers, schedulers, scalers, adaptive
-        )
-        say(f"resumed {latest} at step {start_step}")
+            warnings.warn(f"resuming {resume_path} with changed settings {changed}: the run will differ from an uninterrupted one")
+        say(f"resumed {resume_path} at step {start_step}")
         del checkpoint
     else:
         data_position = 0
@@ -649,7 +697,6 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
         g_train, d_train, e_train, d_for_g = compile_modules([g_train, d_train, e_train, d_for_g], config.compile_backend)
 
     # ---- data
-    images_a, images_b = build_datasets(config)
     batches_a = _batches(images_a, config, runtime, domain=0, start=data_position)
     batches_b = _batches(images_b, config, runtime, domain=1, start=data_position)
     sample_inputs = torch.stack([FlippedImages(images_a)[(i, False)] for i in range(min(config.sample_count, len(images_a)))])
@@ -674,6 +721,8 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
             save_checkpoint(state, out, step, keep=config.keep_checkpoints, save=writer)
 
     interrupted = None
+    unreadable, too_many_unreadable = 0, None
+    image_files = sum(len(d) for d in (images_a, images_b) if isinstance(d, ImageFolder))
     with StopSignal(runtime) as stop:
         for step in range(start_step + 1, config.steps + 1):
             real_a = next(batches_a).to(device, non_blocking=True)
@@ -699,6 +748,15 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
                 record = log_record(step, running, step - interval_start_step, runtime, optimizers)
                 record["images_per_second"] = images_per_step * (step - interval_start_step) / (time.perf_counter() - interval_started)
                 running, interval_started, interval_start_step = {}, time.perf_counter(), step
+                if image_files:
+                    unreadable = unreadable_count(images_a, images_b, group=runtime.control_group if runtime.distributed else None)
+                    record["unreadable_images"] = unreadable
+                    if unreadable > config.max_unreadable_fraction * image_files:
+                        too_many_unreadable = (
+                            f"stopped at step {step}: {unreadable} of {image_files} image files failed to decode, more than "
+                            f"--max-unreadable-fraction {config.max_unreadable_fraction}; a checkpoint was saved in {out}: "
+                            "fix or remove the files (named in the warnings above) and continue with --resume"
+                        )
                 if log is not None:
                     log.write(record)
                 bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss_g", "loss_d", "loss_travel", "images_per_second")})
@@ -709,6 +767,8 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
                 save(step)
                 last_saved = step
             bar.update(1)
+            if too_many_unreadable is not None:
+                break
             if step < config.steps and stop.should_stop():
                 interrupted = stop.received or "signal on another rank"
                 say(f"\n{interrupted}: saving a checkpoint at step {step} and exiting")
@@ -725,6 +785,10 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
             warnings.warn(f"torch.compile recompiled after the first step: {compiled_graphs}")
     if runtime.distributed:
         dist.barrier(group=runtime.control_group)  # latest.pt is complete before any rank reads it
+    if too_many_unreadable is not None:
+        raise TooManyUnreadableImagesError(too_many_unreadable)
+    if image_files:
+        unreadable = unreadable_count(images_a, images_b, group=runtime.control_group if runtime.distributed else None)
     done = step - start_step
     return {
         "step": step,
@@ -736,6 +800,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
         "interrupted": interrupted,
         "metrics": record,
         "compiled_graphs": compiled_graphs or None,
+        "unreadable_images": unreadable,
     }
 
 
@@ -836,12 +901,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_config(config)
     except ValueError as error:
-        parser.error(str(error))
+        print(error_line(parser.prog, error), file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         summary = train(config)
-    except SetupError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+    except (SetupError, RunFolderBusyError, ValueError) as error:  # ValueError: RunInputError, DamagedCheckpointError
+        print(error_line(parser.prog, error), file=sys.stderr)
         return 2
+    except TooManyUnreadableImagesError as error:
+        print(error_line(parser.prog, error), file=sys.stderr)
+        return 1
     if summary["rank"] != 0:
         return 0
     if summary["interrupted"]:

@@ -2,12 +2,13 @@
 
     python reference/translate.py --checkpoint OUT/latest.pt --input photos/ --output translated/
 
-Every image of ``--input`` (jpg, png, webp) is translated at its own size: the (1, 3, H, W)
+Every image of ``--input`` (jpg, png, webp, bmp, tif) is translated at its own size: the (1, 3, H, W)
 image in [-1, 1] is reflect-padded at the bottom and right to H' x W', the next multiples of 4
 (at least 8, the generator's smallest input), translated, and cropped back to H x W. The result
 is written to ``--output`` as ``<base name>.png``. ``--size S`` instead resizes each image so
 that its shorter side is S (bicubic), translates it, and resizes the result back to H x W;
-use it when the images are much larger or smaller than the training images.
+use it when the images are much larger or smaller than the training images. Files of the same
+name already in ``--output`` are not replaced unless ``--overwrite`` is given.
 
 The checkpoint is read with ``torch.load(weights_only=True)``. It is either the trainer's
 dict, holding ``"generator"`` (a state_dict) and ``"generator_kwargs"`` (the
@@ -35,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from reference.checkpoint import load_checkpoint
 from reference.data import IMAGE_EXTENSIONS, UnreadableImageWarning, is_readable_image, list_images, load_image
 from reference.models import ResnetGenerator
 
@@ -78,13 +80,14 @@ def _strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
 def load_generator(checkpoint: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ResnetGenerator:
     """The generator stored in ``checkpoint``, on ``device``, in eval mode.
 
-    Raises FileNotFoundError if the file does not exist and ValueError if it holds neither
-    the trainer's dict nor a generator state_dict.
+    Raises FileNotFoundError if the file does not exist, and ValueError if it is damaged
+    (:class:`reference.checkpoint.DamagedCheckpointError`, which names the step checkpoints
+    beside it) or holds neither the trainer's dict nor a generator state_dict.
     """
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    stored = torch.load(path, map_location="cpu", weights_only=True)
+    stored = load_checkpoint(path, advice="translate with one of them: --checkpoint FILE")
     if isinstance(stored, Mapping) and "generator" in stored:
         state_dict, kwargs = stored["generator"], stored.get("generator_kwargs")
     elif isinstance(stored, Mapping) and stored and all(isinstance(v, torch.Tensor) for v in stored.values()):
@@ -97,7 +100,13 @@ def load_generator(checkpoint: str | os.PathLike[str], *, device: str | torch.de
     state_dict = _strip_wrapper_prefixes(state_dict)
     kwargs = dict(kwargs) if kwargs is not None else generator_kwargs_from_state_dict(state_dict)
     generator = ResnetGenerator(**kwargs)
-    generator.load_state_dict(state_dict)
+    try:
+        generator.load_state_dict(state_dict)
+    except RuntimeError as error:  # size mismatches: one line per tensor
+        raise ValueError(
+            f"checkpoint {path}: its generator weights do not fit a ResnetGenerator({kwargs}) "
+            f"({str(error).splitlines()[-1].strip()})"
+        ) from error
     return generator.to(device).eval()
 
 
@@ -145,7 +154,7 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     Image.fromarray(np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())).save(path)
 
 
-def _usable_images(input_dir: Path, output_dir: Path) -> list[Path]:
+def _usable_images(input_dir: Path, output_dir: Path, overwrite: bool = False) -> list[Path]:
     """The readable images of ``input_dir``; every check that can fail before translating fails here."""
     if not input_dir.exists():
         raise FileNotFoundError(f"input folder does not exist: {input_dir}")
@@ -161,6 +170,14 @@ def _usable_images(input_dir: Path, output_dir: Path) -> list[Path]:
         if path.stem in stems:
             raise ValueError(f"{stems[path.stem].name} and {path.name} would both be written as {path.stem}.png")
         stems[path.stem] = path
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"output folder is a file: {output_dir}")
+    existing = [output_dir / f"{stem}.png" for stem in stems if (output_dir / f"{stem}.png").exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"output folder {output_dir} already holds {len(existing)} of the {len(stems)} files to write "
+            f"(first: {existing[0].name}); pass --overwrite (overwrite=True) to replace them"
+        )
     usable = []
     for path in candidates:
         if is_readable_image(path):
@@ -187,6 +204,7 @@ def translate_folder(
     batch_size: int = 1,
     size: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Translate every image of ``input_dir`` and write ``output_dir/<base name>.png``; returns the written paths in input order.
 
@@ -194,15 +212,16 @@ def translate_folder(
     size share a batch of up to ``batch_size``. ``device`` None keeps the generator where it
     is; otherwise it is moved there. The generator runs in eval mode and gets its mode back
     afterwards. Unreadable files are skipped with one warning each and a count. Raises
-    FileNotFoundError / NotADirectoryError for a missing input folder and ValueError for a
-    folder without a readable image, before translating anything.
+    FileNotFoundError / NotADirectoryError for a missing input folder, ValueError for a
+    folder without a readable image, and FileExistsError if an output file exists and
+    ``overwrite`` is False, all before translating anything.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
         raise ValueError(f"size must be None or an int >= 1, got {size!r}")
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    paths = _usable_images(input_dir, output_dir)
+    paths = _usable_images(input_dir, output_dir, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     if device is not None:
         generator.to(device)
@@ -248,10 +267,11 @@ def _positive_int(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        prog="reference/translate.py",
         description="Translate every image of a folder with a trained generator; writes PNGs with the same base names."
     )
     parser.add_argument("--checkpoint", required=True, type=Path, help="trainer checkpoint (e.g. OUT/latest.pt) or generator state_dict")
-    parser.add_argument("--input", required=True, type=Path, help="folder of jpg/png/webp images")
+    parser.add_argument("--input", required=True, type=Path, help="folder of jpg/png/webp/bmp/tif images")
     parser.add_argument("--output", required=True, type=Path, help="folder for the translated PNGs (created if missing)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--batch-size", type=_positive_int, default=1, help="images per batch; only equal-sized images share one")
@@ -259,19 +279,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--size", type=_positive_int, default=None, help="resize the shorter side to this before translating (default: native size)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="replace files of the same name in --output")
     args = parser.parse_args(argv)
     try:
         if not args.checkpoint.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+            raise FileNotFoundError(f"--checkpoint: checkpoint not found: {args.checkpoint}")
         with warnings.catch_warnings():  # translate_folder warns about unreadable files, once
             warnings.simplefilter("ignore", UnreadableImageWarning)
-            _usable_images(args.input, args.output)  # fail on a bad input folder before loading the model
+            _usable_images(args.input, args.output, args.overwrite)  # fail on a bad folder before loading the model
         generator = load_generator(args.checkpoint, device=args.device)
         written = translate_folder(
-            generator, args.input, args.output, batch_size=args.batch_size, size=args.size, progress=not args.no_progress
-        )
-    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
-        parser.error(str(error))
+            generator, args.input, args.output, batch_size=args.batch_size, size=args.size,
+            progress=not args.no_progress, overwrite=args.overwrite,
+        )  # fmt: skip
+    except (OSError, ValueError) as error:  # missing/damaged files, existing outputs, unwritable folders
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"wrote {len(written)} images to {args.output}")
     return 0
 

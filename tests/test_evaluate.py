@@ -358,7 +358,7 @@ def test_command_line_with_a_clip_checkpoint_on_disk(tmp_path, tiny_clip_dir, ca
     metrics = json.loads(out.read_text())["metrics"]
     assert -1.0 <= metrics["travel_consistency"] <= 1.0
     assert metrics["encoder_frechet_distance"] > 0
-    assert evaluate.main([*arguments, "--encoder", str(tmp_path / "no-such-checkpoint")]) == 2
+    assert evaluate.main([*arguments, "--overwrite", "--encoder", str(tmp_path / "no-such-checkpoint")]) == 2
     assert "no-such-checkpoint" in capsys.readouterr().err
 
 

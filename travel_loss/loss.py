@@ -295,6 +295,14 @@ def _travel_loss_over_encoders(
             "emb_src, emb_gen: expected equally long, non-empty sequences (one tensor per "
             f"encoder), got lengths {len(emb_src)} and {len(emb_gen)}"
         )
+    for name, sequence in (("emb_src", emb_src), ("emb_gen", emb_gen)):
+        for index, member in enumerate(sequence):
+            if not isinstance(member, Tensor):
+                raise TypeError(
+                    f"{name}: expected a tensor or a sequence of tensors (one per encoder), got a "
+                    f"{type(sequence).__name__} whose item {index} is a {type(member).__name__}; "
+                    "convert nested lists of numbers with torch.tensor(...)"
+                )
     losses = [travel_loss(s, g, **options) for s, g in zip(emb_src, emb_gen)]  # type: ignore[arg-type]
     return torch.stack(losses).mean(dim=0)
 
@@ -343,6 +351,8 @@ def _validated_embeddings(*named: tuple[str, Tensor], check_finite: bool) -> lis
             )
         if not tensor.is_floating_point():
             raise ValueError(f"{name}: expected a floating-point tensor, got dtype {tensor.dtype}")
+        if tensor[0].numel() == 0:
+            raise ValueError(f"{name}: expected embeddings of dimension D >= 1, got shape {tuple(tensor.shape)}")
         flattened.append(tensor.flatten(1))
     if check_finite:
         _check_all_finite(*zip((name for name, _ in named), flattened))

@@ -1,0 +1,220 @@
+"""The trainer under user mistakes and bad data: one line and exit status 2 before any work, an owned
+--out, decode failures skipped and counted, damaged checkpoints named, metrics never truncated."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reference.checkpoint import DamagedCheckpointError, load_checkpoint
+from reference.config import TrainConfig
+from reference.data import TooManyUnreadableImagesError
+from reference.outputs import RunFolderBusyError, RunFolderLock
+from reference.runtime import RunInputError
+from reference.train import main, train
+
+TINY = [
+    "--size", "16", "--batch-size", "2", "--steps", "2", "--g-width", "4", "--g-blocks", "0", "--d-width", "4",
+    "--d-layers", "1", "--encoder-mode", "siamese", "--siamese-width", "4", "--siamese-dim", "4",
+    "--log-every", "1", "--sample-every", "1000", "--num-workers", "0",
+]  # fmt: skip
+
+
+def tiny(out: Path, **overrides: object) -> TrainConfig:
+    options: dict[str, object] = dict(
+        size=16, batch_size=2, steps=2, g_width=4, g_blocks=0, d_width=4, d_layers=1, encoder_mode="siamese",
+        siamese_width=4, siamese_dim=4, log_every=1, sample_every=1000, num_workers=0, out=str(out),
+    )  # fmt: skip
+    options.update(overrides)
+    return TrainConfig(**options)  # type: ignore[arg-type]
+
+
+def corrupt_png_idat(data: bytes) -> bytes:
+    """The PNG with its compressed pixel data scrambled under correct CRCs (passes ``verify()``)."""
+    out, position = bytearray(data[:8]), 8
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind, body = data[position + 4 : position + 8], data[position + 8 : position + 8 + length]
+        if kind == b"IDAT":
+            body = bytes(b ^ 0x5A for b in body)
+        out += struct.pack(">I", length) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        position += 12 + length
+    return bytes(out)
+
+
+def image_root(root: Path, count: int = 4, corrupt: int = 0) -> Path:
+    """root/trainA and root/trainB with ``count`` 16 px PNGs each; the first ``corrupt`` of trainA fail to decode."""
+    rng = np.random.default_rng(0)
+    for side in "AB":
+        (root / f"train{side}").mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            path = root / f"train{side}" / f"{index}.png"
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+            if side == "A" and index < corrupt:
+                path.write_bytes(corrupt_png_idat(path.read_bytes()))
+    return root
+
+
+def run_main(capsys: pytest.CaptureFixture, *arguments: str) -> tuple[int, str]:
+    try:
+        code = main([*TINY, *arguments])
+    except SystemExit as exit_info:
+        code = exit_info.code  # type: ignore[assignment]
+    return code, capsys.readouterr().err
+
+
+def one_line(err: str, *fragments: str) -> None:
+    progress_bar = "step/s"
+    lines = [line for line in err.splitlines() if line.strip() and progress_bar not in line and "Warning" not in line]
+    lines = [line for line in lines if not line.startswith("  ")]  # the source line under a warning
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# User mistakes: one line, exit status 2, before any work
+
+
+def test_data_folder_mistakes_are_one_line_naming_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    code, err = run_main(capsys, "--data", str(tmp_path / "missing"), "--out", str(out))
+    assert code == 2
+    one_line(err, "--data", "found nothing", "missing")
+    (tmp_path / "half" / "trainA").mkdir(parents=True)
+    code, err = run_main(capsys, "--data", str(tmp_path / "half"), "--out", str(out))
+    assert code == 2
+    one_line(err, "--data", "trainB/", "trainA/")
+    (tmp_path / "empty").mkdir()
+    image_root(tmp_path / "ok")
+    code, err = run_main(capsys, "--data-a", str(tmp_path / "empty"), "--data-b", str(tmp_path / "ok" / "trainB"), "--out", str(out))
+    assert code == 2
+    one_line(err, "--data-a", "expected image files", "found none", "empty")
+    assert "dir_a" not in err
+    code, err = run_main(capsys, "--data-a", str(tmp_path / "ok" / "trainA"), "--data-b", str(tmp_path / "nope"), "--out", str(out))
+    assert code == 2
+    one_line(err, "--data-b", "nope")
+    assert not out.exists()  # nothing was started
+
+
+def test_out_that_is_a_file_or_read_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("mine")
+    code, err = run_main(capsys, "--toy-streets", "--out", str(tmp_path / "file"))
+    assert code == 2
+    one_line(err, "--out", "found a file", str(tmp_path / "file"))
+    assert (tmp_path / "file").read_text() == "mine"
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        if os.access(read_only, os.W_OK) and Path("/sys/kernel").is_dir():  # root: use a folder refused to anyone
+            read_only = Path("/sys/kernel")
+        code, err = run_main(capsys, "--toy-streets", "--out", str(read_only / "run"))
+        assert code == 2
+        one_line(err, "--out", "not writable")
+    finally:
+        (tmp_path / "read-only").chmod(0o755)
+
+
+def test_size_below_the_clip_input_is_refused_before_training(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    config = tiny(tmp_path / "run", toy_streets=True, encoder_mode="clip", encoder=str(tiny_clip_dir), size=16)
+    with pytest.raises(RunInputError, match=r"--size: expected at least 32 .* got 16"):
+        train(config, progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    train(tiny(tmp_path / "resized", toy_streets=True, encoder_mode="clip", encoder=str(tiny_clip_dir), size=16, crop="resize", steps=1), progress=False)
+
+
+def test_a_batch_larger_than_the_data_set_warns_before_training(tmp_path: Path) -> None:
+    root = image_root(tmp_path / "data", count=3)
+    with pytest.warns(UserWarning, match=r"--batch-size: 4 x 1 process\(es\) = 4 images a step, but domain A .*data.trainA. holds only 3"):
+        train(tiny(tmp_path / "run", data=str(root), batch_size=4, steps=1), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per --out; metrics never truncated
+
+
+def test_a_second_run_on_the_same_out_stops_at_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    with RunFolderLock(out):  # another live run holds the folder
+        code, err = run_main(capsys, "--toy-streets", "--out", str(out))
+        with pytest.raises(RunFolderBusyError):
+            train(tiny(out, toy_streets=True), progress=False)
+    assert code == 2
+    one_line(err, f"--out {out} is in use by another run (pid {os.getpid()})")
+    assert not (out / "metrics.jsonl").exists()
+    train(tiny(out, toy_streets=True, steps=1), progress=False)  # free again once the holder is gone
+
+
+def test_metrics_are_appended_never_truncated(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 7, "from": "an earlier run without latest.pt"}\n')
+    train(tiny(out, toy_streets=True, steps=2), progress=False)
+    train(tiny(out, toy_streets=True, steps=3, resume=True), progress=False)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0] == {"step": 7, "from": "an earlier run without latest.pt"}
+    assert [line["step"] for line in lines[1:]] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Files that fail to decode during training
+
+
+def test_decode_failures_are_skipped_counted_and_logged(tmp_path: Path) -> None:
+    root = image_root(tmp_path / "data", count=4, corrupt=1)
+    with pytest.warns(UserWarning, match=r"skipping cannot decode image file .*trainA.0\.png"):
+        summary = train(tiny(tmp_path / "run", data=str(root), steps=3, max_unreadable_fraction=0.5), progress=False)
+    assert summary["step"] == 3 and summary["unreadable_images"] == 1
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["unreadable_images"] == 1
+
+
+def test_too_many_decode_failures_stop_after_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = image_root(tmp_path / "data", count=4, corrupt=2)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning), pytest.raises(TooManyUnreadableImagesError, match=r"stopped at step 1: 2 of 8 image files"):
+        train(tiny(out, data=str(root), steps=5, max_unreadable_fraction=0.2), progress=False)
+    assert load_checkpoint(out / "latest.pt")["step"] == 1
+    code, err = run_main(capsys, "--data", str(root), "--out", str(out), "--resume", "--max-unreadable-fraction", "0.2", "--steps", "5")
+    assert code == 1
+    one_line(err, "2 of 8 image files failed to decode", "--max-unreadable-fraction 0.2", "--resume")
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged or mismatched checkpoints on --resume
+
+
+def test_a_damaged_latest_names_the_step_files_and_resume_from_takes_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    train(tiny(out, toy_streets=True, steps=2, checkpoint_every=1, keep_checkpoints=2), progress=False)
+    (out / "latest.pt").unlink()
+    (out / "latest.pt").write_bytes(b"")
+    with pytest.raises(DamagedCheckpointError):
+        train(tiny(out, toy_streets=True, steps=3, resume=True), progress=False)
+    code, err = run_main(capsys, "--toy-streets", "--out", str(out), "--resume", "--steps", "3")
+    assert code == 2
+    one_line(err, f"checkpoint {out / 'latest.pt'} is damaged", "step_000001.pt", "step_000002.pt", "--resume-from FILE")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # resuming from a step file changes no setting of the run
+        summary = train(tiny(out, toy_streets=True, steps=3, resume_from=str(out / "step_000002.pt")), progress=False)
+    assert summary["step"] == 3 and load_checkpoint(out / "latest.pt")["step"] == 3
+
+
+def test_resume_with_another_architecture_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    train(tiny(out, toy_streets=True, steps=1), progress=False)
+    code, err = run_main(capsys, "--toy-streets", "--out", str(out), "--resume", "--g-width", "8")
+    assert code == 2
+    one_line(err, f"--resume: {out / 'latest.pt'} does not fit this run", "g_width")
+    code, err = run_main(capsys, "--toy-streets", "--out", str(out), "--resume-from", str(tmp_path / "nope.pt"))
+    assert code == 2
+    one_line(err, "--resume-from", "nope.pt")
