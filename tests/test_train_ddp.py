@@ -173,3 +173,21 @@ def test_torchrun_runs_the_script_on_two_cpu_processes(tmp_path):
     assert len(checkpoint["rng"]) == WORLD_SIZE and checkpoint["siamese"]
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert result.stdout.count("done: 2 steps") == 1  # one rank reports
+
+
+def test_torchrun_with_a_users_module_encoder(tmp_path):
+    """--encoder-mode module under DDP: every rank builds and checks the embedder; the run finishes."""
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD_SIZE),
+        str(REPO / "reference" / "train.py"), "--toy-streets", "--toy-length", "16", "--size", "16", "--d-layers", "1",
+        "--batch-size", "2", "--g-width", "4", "--g-blocks", "0", "--d-width", "4", "--encoder-mode", "module",
+        "--encoder", f"{REPO / 'reference' / 'toy_encoder.py'}:self_similarity_embedder", "--lambda-travel", "3",
+        "--steps", "2", "--log-every", "1", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["loss_travel"] > 0 for r in records)
+    assert load_checkpoint(out / "latest.pt")["data"]["world_size"] == WORLD_SIZE
