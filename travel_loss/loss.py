@@ -23,7 +23,7 @@ definition to float32 precision even where :math:`1 - \cos` is tiny.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import Literal, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -100,7 +100,8 @@ def travel_loss(
         return _travel_loss_over_encoders(
             emb_src, emb_gen, distance=distance, reduction=reduction, check_finite=check_finite
         )
-    src, gen = _validated_pair(emb_src, emb_gen, "emb_src", "emb_gen", check_finite)
+    # Not lists or tuples: tensors, or anything else, which the check rejects with a TypeError.
+    src, gen = _validated_pair(cast(Tensor, emb_src), cast(Tensor, emb_gen), "emb_src", "emb_gen", check_finite)
     pair_distances = _pair_distances(src, gen, distance)
     return _reduce(pair_distances, reduction).to(_result_dtype(src.dtype))
 

@@ -149,11 +149,11 @@ class TravelQueue(nn.Module):
         self._gen = None if gen is None else gen.detach().clone()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> TravelQueue:
-        super()._apply(fn, recurse)
-        if self._src is not None:
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # unannotated in torch
+        if self._src is not None and self._gen is not None:  # both or neither
             # Device moves only: the queue keeps its own float32/float64 dtype.
             self._src = fn(self._src).to(self._src.dtype)
-            self._gen = fn(self._gen).to(self._gen.dtype)  # type: ignore[arg-type]
+            self._gen = fn(self._gen).to(self._gen.dtype)
         return self
 
     def extra_repr(self) -> str:
