@@ -660,6 +660,10 @@ class EncoderEnsemble(nn.Module):
                 )
         self.encoders = nn.ModuleList(encoders)
 
+    if TYPE_CHECKING:
+        # nn.Module.__call__ is typed (...) -> Any; calling the ensemble runs forward.
+        def __call__(self, images: Tensor) -> tuple[Tensor, ...]: ...
+
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         """(N, 3, H, W) images -> tuple of K tensors, the k-th (N, D_k)."""
         return tuple(encoder(images) for encoder in self.encoders)

@@ -23,7 +23,7 @@ definition to float32 precision even where :math:`1 - \cos` is tiny.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Union, cast
+from typing import TYPE_CHECKING, Literal, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -147,6 +147,10 @@ class TravelLoss(nn.Module):
     >>> loss_fn = TravelLoss(encoder=FrozenEncoder("google/siglip-base-patch16-224")).to(device)
     >>> loss_g = adversarial + lam * loss_fn(real_a, fake_b)
     """
+
+    if TYPE_CHECKING:
+        # nn.Module.__call__ is typed (...) -> Any; calling the module runs forward.
+        def __call__(self, first: Embeddings, second: Embeddings) -> Tensor: ...
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ batch under :func:`travel_loss` when q > 0.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +70,10 @@ class TravelQueue(nn.Module):
         ...     emb_src = encoder(real_a)
         >>> loss_g = loss_g + lam * queue(emb_src, encoder(fake_b))
     """
+
+    if TYPE_CHECKING:
+        # nn.Module.__call__ is typed (...) -> Any; calling the queue runs forward.
+        def __call__(self, emb_src: Tensor, emb_gen: Tensor) -> Tensor: ...
 
     def __init__(
         self,
