@@ -70,6 +70,10 @@ _HUB_LOOKUP_KEYS = ("cache_dir", "revision", "local_files_only", "token", "subfo
 
 # A resize target: an int is the shortest edge (aspect ratio kept), a pair is (height, width).
 ResizeSize = Union[int, tuple[int, int]]
+# A checkpoint's preprocessor_config.json, as read by json.load ({} where it has none).
+ProcessorConfig = dict[str, Any]
+# What names a checkpoint: a hub id or a folder.
+ModelSource = str | os.PathLike[str]
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -131,9 +135,19 @@ class FrozenEncoder(nn.Module):
         >>> encoder = FrozenEncoder(timm_model, mean=IMAGENET_MEAN, std=IMAGENET_STD, image_size=224)
     """
 
+    # Set by _setup: the backbone through object.__setattr__ (a plain attribute, not a registered
+    # submodule), the normalisation as non-persistent buffers.
+    _backbone: nn.Module
+    _scale: Tensor
+    _shift: Tensor
+
+    if TYPE_CHECKING:
+        # nn.Module.__call__ is typed (...) -> Any; calling the encoder runs forward.
+        def __call__(self, images: Tensor) -> Tensor: ...
+
     def __init__(
         self,
-        model: Union[str, os.PathLike, nn.Module],
+        model: ModelSource | nn.Module,
         *,
         input_range: tuple[float, float] = (-1.0, 1.0),
         crop: Crop = "center",
@@ -151,11 +165,11 @@ class FrozenEncoder(nn.Module):
                 raise ValueError(
                     f"features: expected one of {', '.join(map(repr, FEATURES))} for a CLIP model, got {features!r}"
                 )
-            FrozenCLIPEncoder.__init__(
-                self, model, input_range=input_range, crop=crop,
-                features=features or "pooled",  # type: ignore[arg-type]
-                image_size=image_size, mean=mean, std=std, check_range=check_range, verbose=verbose,
-                **from_pretrained_kwargs,
+            nn.Module.__init__(self)
+            self._init_clip(
+                model, input_range=input_range, crop=crop, features=features or "pooled", image_size=image_size,
+                mean=mean, std=std, check_range=check_range, verbose=verbose,
+                from_pretrained_kwargs=from_pretrained_kwargs,
             )  # fmt: skip
             return
         super().__init__()
@@ -167,37 +181,35 @@ class FrozenEncoder(nn.Module):
                 f"features: expected one of {', '.join(map(repr, allowed))} for a {family} model, got {features!r}"
             )
         lo, hi = _check_options(input_range, crop, "pooled", image_size, mean, std)
-        if family == "module":
+        processor: ProcessorConfig = {}
+        config: Any
+        if isinstance(model, nn.Module):
             if from_pretrained_kwargs:
                 raise ValueError(
                     "from_pretrained_kwargs: only used when loading a checkpoint by id or path, got "
                     f"{sorted(from_pretrained_kwargs)} together with a model instance"
                 )
-            missing = [n for n, v in (("mean", mean), ("std", std), ("image_size", image_size)) if v is None]
-            if missing:
-                raise ValueError(
-                    f"{', '.join(missing)}: required for a plain nn.Module ({type(model).__name__}), which carries "
-                    "no preprocessing config; pass the mean, std and input size the model was trained with, e.g. "
-                    "mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), image_size=224 for ImageNet models"
-                )
-            backbone, tower, processor, name, config = model, model, {}, type(model).__name__, None
-        elif isinstance(model, nn.Module):
-            if from_pretrained_kwargs:
-                raise ValueError(
-                    "from_pretrained_kwargs: only used when loading a checkpoint by id or path, got "
-                    f"{sorted(from_pretrained_kwargs)} together with a model instance"
-                )
-            missing = [n for n, v in (("mean", mean), ("std", std)) if v is None]
-            if missing:
-                raise ValueError(
-                    f"{', '.join(missing)}: required for a {family} model instance, which carries no "
-                    "preprocessor_config.json; pass the image_mean / image_std of its checkpoint's processor, or "
-                    "pass the checkpoint's hub id or folder instead of the instance"
-                )
-            backbone, processor, name = model, {}, type(model).__name__
-            tower, config = _family_tower(backbone, family)
+            backbone, name = model, type(model).__name__
+            if family == "module":
+                missing = [n for n, v in (("mean", mean), ("std", std), ("image_size", image_size)) if v is None]
+                if missing:
+                    raise ValueError(
+                        f"{', '.join(missing)}: required for a plain nn.Module ({name}), which carries no "
+                        "preprocessing config; pass the mean, std and input size the model was trained with, e.g. "
+                        "mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), image_size=224 for ImageNet models"
+                    )
+                tower, config = model, None
+            else:
+                missing = [n for n, v in (("mean", mean), ("std", std)) if v is None]
+                if missing:
+                    raise ValueError(
+                        f"{', '.join(missing)}: required for a {family} model instance, which carries no "
+                        "preprocessor_config.json; pass the image_mean / image_std of its checkpoint's processor, "
+                        "or pass the checkpoint's hub id or folder instead of the instance"
+                    )
+                tower, config = _family_tower(backbone, family)
         else:
-            name = os.fspath(model)  # type: ignore[arg-type]
+            name = os.fspath(model)
             backbone, processor = _load_family(name, family, dict(from_pretrained_kwargs), verbose)
             tower, config = _family_tower(backbone, family)
             if (mean is None or std is None) and not processor:
@@ -205,6 +217,9 @@ class FrozenEncoder(nn.Module):
                     f"mean, std: {name!r} has no preprocessor_config.json to read them from; pass the mean and std "
                     "the model was trained with"
                 )
+        size: int
+        resize_size: ResizeSize
+        embedding_dim: int | None
         if config is not None:
             native_size = int(config.image_size)
             size, resize_size = _geometry(processor, native_size, image_size, family in ("vit", "siglip"))
@@ -214,10 +229,11 @@ class FrozenEncoder(nn.Module):
                     f"image_size: expected a multiple of the patch size {patch_size}, got {size} (the pixels of a "
                     "partial patch would be ignored)"
                 )
-            embedding_dim: Optional[int] = int(config.hidden_size)
+            embedding_dim = int(config.hidden_size)
             interpolate = size != native_size and family in ("siglip", "vit")
-        else:
-            size, resize_size = image_size, image_size  # type: ignore[assignment]
+        else:  # a plain module, whose image_size was checked above
+            assert image_size is not None
+            size, resize_size = image_size, image_size
             embedding_dim, interpolate = None, False
         self._setup(
             backbone=backbone, tower=tower, projection=None, name=name, family=family, features=features,
@@ -226,6 +242,57 @@ class FrozenEncoder(nn.Module):
             std=_per_channel("std", std if std is not None else _processor_std(processor)),
             check_range=check_range, embedding_dim=embedding_dim, resample=_processor_resample(processor),
             patch_start=1 + int(getattr(config, "num_register_tokens", 0) or 0) if config is not None else 1,
+        )  # fmt: skip
+
+    def _init_clip(
+        self, model: ModelSource | nn.Module, *, input_range: tuple[float, float], crop: str, features: str,
+        image_size: int | None, mean: float | Sequence[float] | None, std: float | Sequence[float] | None,
+        check_range: bool, verbose: bool, from_pretrained_kwargs: dict[str, Any],
+    ) -> None:  # fmt: skip
+        """Load or wrap a CLIP model and set up the encoder (FrozenCLIPEncoder, and FrozenEncoder for CLIP)."""
+        lo, hi = _check_options(input_range, crop, features, image_size, mean, std)
+        processor: ProcessorConfig = {}
+        if isinstance(model, nn.Module):
+            if from_pretrained_kwargs:
+                raise ValueError(
+                    "from_pretrained_kwargs: only used when loading a checkpoint by id or path, "
+                    f"got {sorted(from_pretrained_kwargs)} together with a model instance"
+                )
+            clip, name, has_projection = model, type(model).__name__, True
+        elif isinstance(model, (str, os.PathLike)):
+            name = os.fspath(model)
+            clip, processor, has_projection = _load_checkpoint(name, dict(from_pretrained_kwargs), verbose)
+        else:
+            raise TypeError(
+                "model: expected a hub id, a folder path or a transformers CLIP model, got "
+                f"{type(model).__name__}"
+            )
+        tower, projection, vision_config = _vision_parts(clip)
+        if not has_projection:
+            projection = None
+        if features != "projected":
+            projection = None
+        elif projection is None:
+            raise ValueError(
+                f"features: 'projected' needs a visual projection, and {name!r} has none (a "
+                "CLIPVisionModel checkpoint); use features='pooled' or a "
+                "CLIPVisionModelWithProjection"
+            )
+        native_size = int(vision_config.image_size)
+        size, resize_size = _geometry(processor, native_size, image_size)
+        patch_size = getattr(vision_config, "patch_size", None)
+        if patch_size and size % patch_size:
+            raise ValueError(
+                f"image_size: expected a multiple of the patch size {patch_size}, got {size} (the "
+                "pixels of a partial patch would be ignored)"
+            )
+        self._setup(
+            backbone=clip, tower=tower, projection=projection, name=name, family="clip", features=features,
+            input_range=(lo, hi), crop=crop, size=size, resize_size=resize_size, interpolate=size != native_size,
+            mean=_per_channel("mean", mean if mean is not None else _processor_mean(processor)),
+            std=_per_channel("std", std if std is not None else _processor_std(processor)),
+            check_range=check_range,
+            embedding_dim=int(vision_config.hidden_size) if projection is None else projection.out_features,
         )  # fmt: skip
 
     def _setup(
@@ -343,25 +410,28 @@ class FrozenEncoder(nn.Module):
         backbone = self._backbone_for(pixel_values.device)
         pixel_values = pixel_values.to(_weight_dtype(backbone))
         tower = backbone.get_submodule(self._tower_path)
+        embeddings: Tensor
         if self._family == "module":
-            return tower(pixel_values).flatten(1)
+            embeddings = tower(pixel_values).flatten(1)
+            return embeddings
         extra = {"interpolate_pos_encoding": True} if self._interpolate_pos_encoding else {}
         output = tower(pixel_values=pixel_values, **extra)
         if self._features == "mean":
             start = self._patch_start if self._family in ("vit", "dinov2", "dinov3") else 0
-            return output.last_hidden_state[:, start:].mean(dim=1)
-        if self._family == "vit":
-            return output.last_hidden_state[:, 0]
-        pooled = output.pooler_output
-        if self._projection_path is None:
-            return pooled
-        return backbone.get_submodule(self._projection_path)(pooled)
+            embeddings = output.last_hidden_state[:, start:].mean(dim=1)
+        elif self._family == "vit":
+            embeddings = output.last_hidden_state[:, 0]
+        elif self._projection_path is None:
+            embeddings = output.pooler_output
+        else:
+            embeddings = backbone.get_submodule(self._projection_path)(output.pooler_output)
+        return embeddings
 
     # ----------------------------------------------------------------------------------------
     # nn.Module plumbing for the unregistered model
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FrozenEncoder:
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # unannotated in torch
         if recurse:
             self._backbone._apply(fn)
             self._device_copies.clear()
@@ -374,7 +444,7 @@ class FrozenEncoder(nn.Module):
     def _replicate_for_data_parallel(self) -> FrozenEncoder:
         # nn.DataParallel copies registered parameters to each device, never plain attributes;
         # a replica therefore fetches (and caches) a copy of the backbone on its input's device.
-        replica = super()._replicate_for_data_parallel()
+        replica: FrozenEncoder = super()._replicate_for_data_parallel()  # type: ignore[no-untyped-call]  # as _apply
         replica._is_replica = True
         return replica
 
@@ -494,7 +564,7 @@ class FrozenCLIPEncoder(FrozenEncoder):
 
     def __init__(
         self,
-        model: Union[str, os.PathLike, nn.Module] = "openai/clip-vit-large-patch14",
+        model: ModelSource | nn.Module = "openai/clip-vit-large-patch14",
         *,
         input_range: tuple[float, float] = (-1.0, 1.0),
         crop: Crop = "center",
@@ -507,53 +577,15 @@ class FrozenCLIPEncoder(FrozenEncoder):
         **from_pretrained_kwargs: Any,
     ) -> None:
         nn.Module.__init__(self)
-        lo, hi = _check_options(input_range, crop, features, image_size, mean, std)
-        if isinstance(model, nn.Module):
-            if from_pretrained_kwargs:
-                raise ValueError(
-                    "from_pretrained_kwargs: only used when loading a checkpoint by id or path, "
-                    f"got {sorted(from_pretrained_kwargs)} together with a model instance"
-                )
-            clip, processor, name, has_projection = model, {}, type(model).__name__, True
-        elif isinstance(model, (str, os.PathLike)):
-            name = os.fspath(model)
-            clip, processor, has_projection = _load_checkpoint(name, dict(from_pretrained_kwargs), verbose)
-        else:
-            raise TypeError(
-                "model: expected a hub id, a folder path or a transformers CLIP model, got "
-                f"{type(model).__name__}"
-            )
-        tower, projection, vision_config = _vision_parts(clip)
-        if not has_projection:
-            projection = None
-        if features == "projected" and projection is None:
-            raise ValueError(
-                f"features: 'projected' needs a visual projection, and {name!r} has none (a "
-                "CLIPVisionModel checkpoint); use features='pooled' or a "
-                "CLIPVisionModelWithProjection"
-            )
-        native_size = int(vision_config.image_size)
-        size, resize_size = _geometry(processor, native_size, image_size)
-        patch_size = getattr(vision_config, "patch_size", None)
-        if patch_size and size % patch_size:
-            raise ValueError(
-                f"image_size: expected a multiple of the patch size {patch_size}, got {size} (the "
-                "pixels of a partial patch would be ignored)"
-            )
-        mean = _per_channel("mean", mean if mean is not None else _processor_mean(processor))
-        std = _per_channel("std", std if std is not None else _processor_std(processor))
-
-        self._setup(
-            backbone=clip, tower=tower, projection=projection if features == "projected" else None, name=name,
-            family="clip", features=features, input_range=(lo, hi), crop=crop, size=size, resize_size=resize_size,
-            interpolate=size != native_size, mean=mean, std=std, check_range=check_range,
-            embedding_dim=int(projection.out_features if features == "projected" else vision_config.hidden_size),
+        self._init_clip(
+            model, input_range=input_range, crop=crop, features=features, image_size=image_size, mean=mean,
+            std=std, check_range=check_range, verbose=verbose, from_pretrained_kwargs=from_pretrained_kwargs,
         )  # fmt: skip
 
     @classmethod
     def from_config(
         cls,
-        vision_config: Union[CLIPVisionConfig, dict],
+        vision_config: Union[CLIPVisionConfig, dict[str, Any]],
         *,
         seed: Optional[int] = None,
         **options: Any,
@@ -628,6 +660,10 @@ class EncoderEnsemble(nn.Module):
                 )
         self.encoders = nn.ModuleList(encoders)
 
+    if TYPE_CHECKING:
+        # nn.Module.__call__ is typed (...) -> Any; calling the ensemble runs forward.
+        def __call__(self, images: Tensor) -> tuple[Tensor, ...]: ...
+
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         """(N, 3, H, W) images -> tuple of K tensors, the k-th (N, D_k)."""
         return tuple(encoder(images) for encoder in self.encoders)
@@ -675,7 +711,7 @@ def _resized_shape(height: int, width: int, resize_size: ResizeSize) -> tuple[in
 
 
 def _geometry(
-    processor: dict, native_size: int, image_size: Optional[int], int_size_is_square: bool = False
+    processor: ProcessorConfig, native_size: int, image_size: Optional[int], int_size_is_square: bool = False
 ) -> tuple[int, ResizeSize]:
     """(image_size, resize size) from an explicit size, the processor config, or the model.
 
@@ -686,18 +722,20 @@ def _geometry(
     resize_size = _processor_size("size", processor.get("size"))
     if int_size_is_square and isinstance(resize_size, int):
         resize_size = (resize_size, resize_size)
-    crop_size = None
+    crop_entry = None
     if processor.get("do_center_crop", True):
-        crop_size = _processor_size("crop_size", processor.get("crop_size"))
-        if isinstance(crop_size, tuple):
-            if crop_size[0] != crop_size[1]:
-                raise ValueError(
-                    f"preprocessor_config.json: expected a square crop_size, got {crop_size}"
-                )
-            crop_size = crop_size[0]
-    if crop_size is None:
-        square_resize = isinstance(resize_size, tuple) and resize_size[0] == resize_size[1]
-        crop_size = resize_size[0] if square_resize else native_size  # type: ignore[index]
+        crop_entry = _processor_size("crop_size", processor.get("crop_size"))
+    crop_size: int
+    if isinstance(crop_entry, tuple):
+        if crop_entry[0] != crop_entry[1]:
+            raise ValueError(f"preprocessor_config.json: expected a square crop_size, got {crop_entry}")
+        crop_size = crop_entry[0]
+    elif crop_entry is not None:
+        crop_size = crop_entry
+    elif isinstance(resize_size, tuple) and resize_size[0] == resize_size[1]:
+        crop_size = resize_size[0]
+    else:
+        crop_size = native_size
     if resize_size is None:
         resize_size = crop_size
     too_small = (
@@ -729,13 +767,13 @@ def _processor_size(key: str, value: Any) -> Optional[ResizeSize]:
     )
 
 
-def _processor_mean(processor: dict) -> Sequence[float]:
+def _processor_mean(processor: ProcessorConfig) -> Sequence[float]:
     if processor.get("do_normalize", True) is False:
         return (0.0, 0.0, 0.0)
     return processor.get("image_mean") or OPENAI_CLIP_MEAN
 
 
-def _processor_std(processor: dict) -> Sequence[float]:
+def _processor_std(processor: ProcessorConfig) -> Sequence[float]:
     if processor.get("do_normalize", True) is False:
         return (1.0, 1.0, 1.0)
     return processor.get("image_std") or OPENAI_CLIP_STD
@@ -750,7 +788,9 @@ _OPTION_NAMES = frozenset(
 )
 
 
-def _load_checkpoint(name: str, kwargs: dict, verbose: bool = False) -> tuple[nn.Module, dict, bool]:
+def _load_checkpoint(
+    name: str, kwargs: dict[str, Any], verbose: bool = False
+) -> tuple[nn.Module, ProcessorConfig, bool]:
     """(CLIPVisionModelWithProjection, its preprocessor config or {}, whether the checkpoint
     holds a visual projection) from a folder or a hub id."""
     from transformers import CLIPVisionModelWithProjection
@@ -770,9 +810,12 @@ def _load_checkpoint(name: str, kwargs: dict, verbose: bool = False) -> tuple[nn
     # unexpected; missing keys, the ones that matter, are checked below instead.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    model: nn.Module
+    info: dict[str, list[str]]
     try:
         with _quiet(verbose):
-            model, info = CLIPVisionModelWithProjection.from_pretrained(
+            # With output_loading_info=True it returns (model, info); the stub knows only the model.
+            model, info = CLIPVisionModelWithProjection.from_pretrained(  # type: ignore[misc]
                 source, output_loading_info=True, **kwargs
             )
     except OSError as error:
@@ -790,12 +833,12 @@ def _load_checkpoint(name: str, kwargs: dict, verbose: bool = False) -> tuple[nn
     return model, _read_processor_config(source, kwargs), not missing
 
 
-def _read_processor_config(source: str, kwargs: dict) -> dict:
+def _read_processor_config(source: str, kwargs: dict[str, Any]) -> ProcessorConfig:
     """The checkpoint's preprocessor_config.json as a dict, {} where it has none.
 
     Resolved like the weights (folder, or HF cache honouring ``HF_HUB_OFFLINE`` and
     ``local_files_only``, downloading only when online)."""
-    from transformers.utils import cached_file
+    from transformers.utils.hub import cached_file
 
     lookup = {key: kwargs[key] for key in _HUB_LOOKUP_KEYS if key in kwargs}
     try:
@@ -811,10 +854,11 @@ def _read_processor_config(source: str, kwargs: dict) -> dict:
     if path is None:
         return {}
     with open(path, encoding="utf-8") as file:
-        return json.load(file)
+        config: ProcessorConfig = json.load(file)
+    return config
 
 
-def _not_found_message(name: str, source: str, kwargs: dict, error: OSError, kind: str = "CLIP") -> str:
+def _not_found_message(name: str, source: str, kwargs: dict[str, Any], error: OSError, kind: str = "CLIP") -> str:
     kind = f"{kind} " if kind else ""
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     if os.path.isdir(source):
@@ -857,7 +901,7 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _vision_parts(clip: nn.Module) -> tuple[nn.Module, Optional[nn.Module], Any]:
+def _vision_parts(clip: nn.Module) -> tuple[nn.Module, nn.Linear | None, Any]:
     """(vision tower returning ``pooler_output``, visual projection or None, vision config)."""
     config = getattr(clip, "config", None)
     config = getattr(config, "vision_config", config)
@@ -920,7 +964,7 @@ def _model_type_family(model_type: Optional[str], where: str) -> str:
     return _MODEL_TYPES[model_type][0]
 
 
-def _family_of(model: Any, kwargs: dict, verbose: bool) -> str:
+def _family_of(model: Any, kwargs: dict[str, Any], verbose: bool) -> str:
     """The family of a checkpoint (from its config.json) or of a model instance."""
     if isinstance(model, nn.Module):
         config = getattr(model, "config", None)
@@ -951,7 +995,7 @@ def _family_of(model: Any, kwargs: dict, verbose: bool) -> str:
     return _model_type_family(getattr(config, "model_type", None), repr(name))
 
 
-def _load_family(name: str, family: str, kwargs: dict, verbose: bool) -> tuple[nn.Module, dict]:
+def _load_family(name: str, family: str, kwargs: dict[str, Any], verbose: bool) -> tuple[nn.Module, ProcessorConfig]:
     """(vision backbone, preprocessor config or {}) of a non-CLIP checkpoint."""
     import transformers
     from transformers import AutoConfig
@@ -993,7 +1037,7 @@ def _family_tower(model: nn.Module, family: str) -> tuple[nn.Module, Any]:
     return (tower if tower is not None else model), config
 
 
-def _processor_resample(processor: dict) -> str:
+def _processor_resample(processor: ProcessorConfig) -> str:
     return _RESAMPLE_MODES.get(processor.get("resample", 3), "bicubic")
 
 
@@ -1001,7 +1045,7 @@ def _submodule_path(root: nn.Module, module: nn.Module) -> str:
     """The name of ``module`` inside ``root`` ("" for root itself), for get_submodule on copies."""
     for name, candidate in root.named_modules(remove_duplicate=False):
         if candidate is module:
-            return name
+            return str(name)  # named_modules is unannotated in torch
     raise ValueError(f"model: {type(module).__name__} is not a submodule of {type(root).__name__}")
 
 
@@ -1024,15 +1068,15 @@ def _quiet(verbose: bool) -> Iterator[None]:
     if verbose:
         yield
         return
-    import huggingface_hub.utils as hub_utils
+    from huggingface_hub.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
-    hub_bars = hub_utils.are_progress_bars_disabled()
+    hub_bars = are_progress_bars_disabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    hub_utils.disable_progress_bars()
+    disable_progress_bars()
     try:
         yield
     finally:
@@ -1040,7 +1084,7 @@ def _quiet(verbose: bool) -> Iterator[None]:
         if bars:
             hf_logging.enable_progress_bar()
         if not hub_bars:
-            hub_utils.enable_progress_bars()
+            enable_progress_bars()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1098,8 +1142,8 @@ def _is_real(value: Any) -> bool:
 def _check_range(images: Tensor, input_range: tuple[float, float]) -> None:
     lo, hi = input_range
     tolerance = RANGE_TOLERANCE * (hi - lo)
-    smallest, largest = torch.aminmax(images.detach())
-    smallest, largest = float(smallest), float(largest)
+    extremes = torch.aminmax(images.detach())
+    smallest, largest = float(extremes.min), float(extremes.max)
     if lo - tolerance <= smallest and largest <= hi + tolerance:
         return
     hint = " (pass input_range=(0, 1) for images in [0, 1])" if (lo, hi) != (0, 1) else ""

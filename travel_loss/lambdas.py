@@ -117,7 +117,7 @@ def _check_lambda(value: float) -> float:
     return float(value)
 
 
-def last_layer_weight(module: nn.Module) -> nn.Parameter:
+def last_layer_weight(module: nn.Module) -> Tensor:
     """The weight of the last convolution or linear layer of ``module`` in registration order.
 
     For a ResNet generator (``reference.models.ResnetGenerator``) this is the 7x7 output convolution before

@@ -23,7 +23,7 @@ definition to float32 precision even where :math:`1 - \cos` is tiny.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import TYPE_CHECKING, Literal, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -100,7 +100,8 @@ def travel_loss(
         return _travel_loss_over_encoders(
             emb_src, emb_gen, distance=distance, reduction=reduction, check_finite=check_finite
         )
-    src, gen = _validated_pair(emb_src, emb_gen, "emb_src", "emb_gen", check_finite)
+    # Not lists or tuples: tensors, or anything else, which the check rejects with a TypeError.
+    src, gen = _validated_pair(cast(Tensor, emb_src), cast(Tensor, emb_gen), "emb_src", "emb_gen", check_finite)
     pair_distances = _pair_distances(src, gen, distance)
     return _reduce(pair_distances, reduction).to(_result_dtype(src.dtype))
 
@@ -146,6 +147,10 @@ class TravelLoss(nn.Module):
     >>> loss_fn = TravelLoss(encoder=FrozenEncoder("google/siglip-base-patch16-224")).to(device)
     >>> loss_g = adversarial + lam * loss_fn(real_a, fake_b)
     """
+
+    if TYPE_CHECKING:
+        # nn.Module.__call__ is typed (...) -> Any; calling the module runs forward.
+        def __call__(self, first: Embeddings, second: Embeddings) -> Tensor: ...
 
     def __init__(
         self,

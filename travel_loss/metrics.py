@@ -15,7 +15,7 @@ Gram matrices (fine up to several thousand rows; subsample larger sets).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -74,8 +74,9 @@ class TravelConsistency:
                 "emb_src, emb_gen: expected two tensors or two sequences of tensors (one per encoder), got "
                 f"{type(emb_src).__name__} and {type(emb_gen).__name__}"
             )
-        srcs = list(emb_src) if as_sequence else [emb_src]  # type: ignore[arg-type]
-        gens = list(emb_gen) if as_sequence else [emb_gen]  # type: ignore[arg-type]
+        # Elements as given; _checked rejects what is not a tensor.
+        srcs: list[Any] = list(emb_src) if as_sequence else [emb_src]
+        gens: list[Any] = list(emb_gen) if as_sequence else [emb_gen]
         if len(srcs) != len(gens) or not srcs:
             raise ValueError(
                 f"emb_src, emb_gen: expected equally long, non-empty sequences, got lengths {len(srcs)} and {len(gens)}"
@@ -104,7 +105,7 @@ class TravelConsistency:
             gen = torch.cat(self._gen[k]) if self._gen else None
             if synced:
                 src, gen = _gather_rows(src, self.group), _gather_rows(gen, self.group)
-            if src is None or src.shape[0] < 2:
+            if src is None or gen is None or src.shape[0] < 2:
                 got = 0 if src is None else src.shape[0]
                 raise ValueError(f"compute: expected at least 2 rows in total (pairs), got {got}")
             values.append(1.0 - travel_loss(src, gen, distance="cosine", reduction="mean"))
@@ -137,7 +138,7 @@ def _gather_rows(rows: Optional[Tensor], group: Optional[dist.ProcessGroup]) -> 
     """Concatenate every rank's (n_r, D) rows in rank order (n_r may differ; a rank may have none)."""
     world = dist.get_world_size(group)
     meta = None if rows is None else (rows.shape[0], rows.shape[1], str(rows.dtype).replace("torch.", ""))
-    metas: list = [None] * world
+    metas: list[tuple[int, int, str] | None] = [None] * world
     dist.all_gather_object(metas, meta, group=group)
     known = [m for m in metas if m is not None]
     if not known:

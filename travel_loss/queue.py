@@ -23,7 +23,7 @@ batch under :func:`travel_loss` when q > 0.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +70,10 @@ class TravelQueue(nn.Module):
         ...     emb_src = encoder(real_a)
         >>> loss_g = loss_g + lam * queue(emb_src, encoder(fake_b))
     """
+
+    if TYPE_CHECKING:
+        # nn.Module.__call__ is typed (...) -> Any; calling the queue runs forward.
+        def __call__(self, emb_src: Tensor, emb_gen: Tensor) -> Tensor: ...
 
     def __init__(
         self,
@@ -149,11 +153,11 @@ class TravelQueue(nn.Module):
         self._gen = None if gen is None else gen.detach().clone()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> TravelQueue:
-        super()._apply(fn, recurse)
-        if self._src is not None:
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # unannotated in torch
+        if self._src is not None and self._gen is not None:  # both or neither
             # Device moves only: the queue keeps its own float32/float64 dtype.
             self._src = fn(self._src).to(self._src.dtype)
-            self._gen = fn(self._gen).to(self._gen.dtype)  # type: ignore[arg-type]
+            self._gen = fn(self._gen).to(self._gen.dtype)
         return self
 
     def extra_repr(self) -> str:

@@ -15,10 +15,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Union
+from typing import TYPE_CHECKING, Literal, Union
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from hypothesis.strategies import DrawFn, SearchStrategy
 
 __all__ = ["check_embedder", "embeddings", "embedding_pairs", "image_batches"]
 
@@ -412,21 +415,24 @@ def _check_input_gradient(
 # Hypothesis strategies
 
 
-def _hypothesis() -> tuple[Any, Any]:
-    """(hypothesis.strategies, hypothesis.extra.numpy.arrays), or a clear ImportError."""
+def _require_hypothesis() -> None:
+    """Raise a clear ImportError where hypothesis (or numpy) is missing."""
     try:
-        from hypothesis import strategies
-        from hypothesis.extra.numpy import arrays
+        import hypothesis.extra.numpy  # noqa: F401, PLC0415
     except ImportError as error:
         raise ImportError(
             "The strategies of travel_loss.testing need hypothesis (and numpy): "
             "pip install hypothesis, or pip install 'travel-loss[test]'."
         ) from error
-    return strategies, arrays
 
 
 _NUMPY_DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
-_FLOAT_WIDTHS = {torch.float16: 16, torch.float32: 32, torch.float64: 64, torch.bfloat16: 32}
+_FLOAT_WIDTHS: dict[torch.dtype, Literal[16, 32, 64]] = {
+    torch.float16: 16,
+    torch.float32: 32,
+    torch.float64: 64,
+    torch.bfloat16: 32,
+}
 
 
 def embeddings(
@@ -439,7 +445,7 @@ def embeddings(
     scale: float = 10.0,
     max_offset: float = 1e3,
     duplicates: bool = True,
-) -> Any:
+) -> SearchStrategy[Tensor]:
     r"""Hypothesis strategy for one (N, D) tensor of embeddings, on the CPU.
 
     Entries are finite: :math:`e_{nd} = u_{nd} + c_d` with :math:`|u_{nd}| \le` ``scale`` and a
@@ -461,15 +467,16 @@ def embeddings(
         ... def test_zero_for_identity(e):
         ...     assert travel_loss(e, e, distance="squared_euclidean") == 0
     """
-    strategies, arrays = _hypothesis()
+    _require_hypothesis()
+    from hypothesis import strategies  # noqa: PLC0415
+
     _validate_embedding_options(min_n, max_n, min_dim, max_dim, dtype, scale, max_offset)
 
     @strategies.composite
-    def strategy(draw: Any) -> Tensor:
+    def strategy(draw: DrawFn) -> Tensor:
         n = draw(strategies.integers(min_n, max_n))
         dim = draw(strategies.integers(min_dim, max_dim))
-        one = _embedding_of_shape(strategies, arrays, n, dim, dtype, scale, max_offset, duplicates)
-        return draw(one)
+        return draw(_embedding_of_shape(n, dim, dtype, scale, max_offset, duplicates))
 
     return strategy()
 
@@ -484,7 +491,7 @@ def embedding_pairs(
     scale: float = 10.0,
     max_offset: float = 1e3,
     duplicates: bool = True,
-) -> Any:
+) -> SearchStrategy[tuple[Tensor, Tensor]]:
     """Hypothesis strategy for ``(emb_src, emb_gen)``: two (N, D) tensors of the same shape.
 
     Each is drawn as by :func:`embeddings` with the same options, independently (its own
@@ -496,14 +503,16 @@ def embedding_pairs(
         ...     src, gen = pair
         ...     assert torch.allclose(travel_loss(src, gen), travel_loss(gen, src))
     """
-    strategies, arrays = _hypothesis()
+    _require_hypothesis()
+    from hypothesis import strategies  # noqa: PLC0415
+
     _validate_embedding_options(min_n, max_n, min_dim, max_dim, dtype, scale, max_offset)
 
     @strategies.composite
-    def strategy(draw: Any) -> tuple[Tensor, Tensor]:
+    def strategy(draw: DrawFn) -> tuple[Tensor, Tensor]:
         n = draw(strategies.integers(min_n, max_n))
         dim = draw(strategies.integers(min_dim, max_dim))
-        one = _embedding_of_shape(strategies, arrays, n, dim, dtype, scale, max_offset, duplicates)
+        one = _embedding_of_shape(n, dim, dtype, scale, max_offset, duplicates)
         return draw(one), draw(one)
 
     return strategy()
@@ -544,23 +553,24 @@ def _validate_embedding_options(
 
 
 def _embedding_of_shape(
-    strategies: Any,
-    arrays: Any,
     n: int,
     dim: int,
     dtype: torch.dtype,
     scale: float,
     max_offset: float,
     duplicates: bool,
-) -> Any:
+) -> SearchStrategy[Tensor]:
+    from hypothesis import strategies  # noqa: PLC0415
+    from hypothesis.extra.numpy import arrays  # noqa: PLC0415
+
     width = _FLOAT_WIDTHS[dtype]
     numpy_dtype = _NUMPY_DTYPES.get(dtype, "float32")
 
-    def floats(bound: float) -> Any:
+    def floats(bound: float) -> SearchStrategy[float]:
         return strategies.floats(-bound, bound, allow_subnormal=False, width=width)
 
     @strategies.composite
-    def strategy(draw: Any) -> Tensor:
+    def strategy(draw: DrawFn) -> Tensor:
         values = torch.from_numpy(draw(arrays(numpy_dtype, (n, dim), elements=floats(scale))))
         values = values.to(torch.float64)
         if duplicates and n > 1:
@@ -591,7 +601,7 @@ def image_batches(
     sizes: Sequence[ImageSize] = (8, 16, 32),
     input_range: tuple[float, float] = (-1.0, 1.0),
     dtype: torch.dtype = torch.float32,
-) -> Any:
+) -> SearchStrategy[Tensor]:
     """Hypothesis strategy for an (N, C, H, W) batch of images with values in ``input_range``.
 
     Each image follows a pattern: uniform noise, a constant, pixels at the two ends of the range
@@ -612,15 +622,18 @@ def image_batches(
         ... def test_encoder(images):
         ...     assert encoder(images).shape[0] == images.shape[0]
     """
-    strategies, _ = _hypothesis()
+    _require_hypothesis()
+    from hypothesis import strategies  # noqa: PLC0415
+
     if not (isinstance(min_n, int) and isinstance(max_n, int) and 1 <= min_n <= max_n):
         raise ValueError(
             f"min_n, max_n: expected ints with 1 <= min_n <= max_n, got {min_n!r} and {max_n!r}"
         )
     if not (isinstance(channels, int) and channels >= 1):
         raise ValueError(f"channels: expected an int >= 1, got {channels!r}")
-    hw_sizes = [_as_height_width(size) for size in sizes] if isinstance(sizes, Sequence) else []
-    if not hw_sizes or not all(hw is not None for hw in hw_sizes):
+    given_sizes = [_as_height_width(size) for size in sizes] if isinstance(sizes, Sequence) else []
+    hw_sizes = [hw for hw in given_sizes if hw is not None]
+    if not hw_sizes or len(hw_sizes) != len(given_sizes):
         raise ValueError(
             f"sizes: expected a non-empty sequence of positive ints or (height, width) pairs, got "
             f"{sizes!r}"
@@ -640,7 +653,7 @@ def image_batches(
     low, high = float(input_range[0]), float(input_range[1])
 
     @strategies.composite
-    def strategy(draw: Any) -> Tensor:
+    def strategy(draw: DrawFn) -> Tensor:
         n = draw(strategies.integers(min_n, max_n))
         height, width = draw(strategies.sampled_from(hw_sizes))
         pattern = strategies.sampled_from(_PATTERNS)
