@@ -339,7 +339,7 @@ def test_command_line_maps_onto_the_config():
         "--data-a", "a", "--data-b", "b", "--lambda-travel", "auto", "--augment", "--no-flip", "--g-blocks", "3",
         "--lr-d", "1e-3", "--travel-objective", "notebook", "--encoder-mode", "random-clip", "--keep-checkpoints", "2",
     ]))  # fmt: skip
-    args.pop("demo"), args.pop("quick")
+    args.pop("demo"), args.pop("quick"), args.pop("preset")
     config = TrainConfig(**args)
     assert (config.data_a, config.data_b, config.lambda_travel, config.augment) == ("a", "b", "auto", "color,translation,cutout")
     assert (config.flip, config.g_blocks, config.lr_d, config.discriminator_lr) == (False, 3, 1e-3, 1e-3)
