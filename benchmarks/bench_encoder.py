@@ -77,9 +77,7 @@ def _now(device: torch.device) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256, help="hidden size (MLP: 4x)")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--heads", type=int, default=4)
@@ -126,8 +124,7 @@ def main() -> None:
 def print_table(statistic: str, reduce, samples: dict[str, list[dict]]) -> dict[str, float]:
     """Prints one table of ``reduce`` over the steps; returns frozen/trainable per phase."""
     value = {
-        name: {phase: reduce(step[phase] for step in steps) for phase in PHASES}
-        for name, steps in samples.items()
+        name: {phase: reduce(step[phase] for step in steps) for phase in PHASES} for name, steps in samples.items()
     }
     header = f"{statistic:<10} | " + " | ".join(f"{phase:>17}" for phase in PHASES)
     print("\n" + header)

@@ -82,8 +82,20 @@ def _measure(method: str, n: int, d: int, device: str, repeats: int) -> dict:
 
 
 def _run_child(method: str, n: int, d: int, device: str, repeats: int) -> dict:
-    command = [sys.executable, __file__, "--child", method, "--n", str(n), "--d", str(d),
-               "--device", device, "--repeats", str(repeats)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        method,
+        "--n",
+        str(n),
+        "--d",
+        str(d),
+        "--device",
+        device,
+        "--repeats",
+        str(repeats),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -102,8 +114,12 @@ def main() -> None:
     parser.add_argument("--d", type=int, nargs="+", default=[768, 1024])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--max-gib", type=float, default=4.0,
-                        help="skip the baseline where its two (N, N, D) float32 tensors exceed this")
+    parser.add_argument(
+        "--max-gib",
+        type=float,
+        default=4.0,
+        help="skip the baseline where its two (N, N, D) float32 tensors exceed this",
+    )
     parser.add_argument("--child", choices=["gram", "materialising"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -111,9 +127,14 @@ def main() -> None:
         print(json.dumps(_measure(args.child, args.n[0], args.d[0], args.device, args.repeats)))
         return
 
-    print(f"travel_loss forward+backward, float32, {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; best of >= {args.repeats}")
-    header = f"{'N':>5} {'D':>5} | {'Gram ms':>9} {'Gram peak':>10} | {'materialising ms':>16} {'peak':>10} | {'speed-up':>8} {'memory':>7}"
+    print(
+        f"travel_loss forward+backward, float32, {args.device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; best of >= {args.repeats}"
+    )
+    header = (
+        f"{'N':>5} {'D':>5} | {'Gram ms':>9} {'Gram peak':>10} | "
+        f"{'materialising ms':>16} {'peak':>10} | {'speed-up':>8} {'memory':>7}"
+    )
     print(header)
     print("-" * len(header))
     for d in args.d:
@@ -126,10 +147,14 @@ def main() -> None:
                 base = _run_child("materialising", n, d, args.device, max(1, min(args.repeats, 3)))
                 speedup = base["seconds"] / gram["seconds"]
                 memory_ratio = base["peak_bytes"] / max(gram["peak_bytes"], 1)
-                base_text = (f"{base['seconds'] * 1e3:16.2f} {_format_bytes(base['peak_bytes']):>10} | "
-                             f"{speedup:7.0f}x {memory_ratio:6.0f}x")
-            print(f"{n:5d} {d:5d} | {gram['seconds'] * 1e3:9.3f} {_format_bytes(gram['peak_bytes']):>10} | {base_text}",
-                  flush=True)
+                base_text = (
+                    f"{base['seconds'] * 1e3:16.2f} {_format_bytes(base['peak_bytes']):>10} | "
+                    f"{speedup:7.0f}x {memory_ratio:6.0f}x"
+                )
+            print(
+                f"{n:5d} {d:5d} | {gram['seconds'] * 1e3:9.3f} {_format_bytes(gram['peak_bytes']):>10} | {base_text}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -33,14 +33,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import itertools
 
-from reference import logs  # noqa: E402
-from reference.config import TrainConfig  # noqa: E402
-from reference.data import UnreadableImageWarning  # noqa: E402
-from reference.train import train  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
+
+from reference import logs
+from reference.config import TrainConfig
+from reference.data import UnreadableImageWarning
+from reference.train import train
 
 PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -57,7 +59,9 @@ def write_folder(root: Path, count: int) -> None:
     for side in "AB":
         (root / f"train{side}").mkdir(parents=True)
         for index in range(count):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"train{side}" / f"{index}.png")
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                root / f"train{side}" / f"{index}.png"
+            )
     broken = root / "trainA" / "0.png"
     broken.write_bytes(scramble_png_pixels(broken.read_bytes()))
 
@@ -119,13 +123,22 @@ def main(argv: list[str] | None = None) -> int:
     last = statistics.median(step_seconds[s] for s in steps[-tenth:])
     start_step = steps[0]
     rss_start, rss_end = rss_at_step[start_step], rss_at_step[steps[-1]]
-    print(f"soak: {summary['step']} steps in {summary['seconds']:.0f} s, unreadable images {summary['unreadable_images']}")
-    print(f"RSS before training {rss_before:.1f} MiB, at step {start_step} {rss_start:.1f} MiB, at step {steps[-1]} {rss_end:.1f} MiB")
+    print(
+        f"soak: {summary['step']} steps in {summary['seconds']:.0f} s, unreadable images {summary['unreadable_images']}"
+    )
+    print(
+        f"RSS before training {rss_before:.1f} MiB, at step {start_step} {rss_start:.1f} MiB, "
+        f"at step {steps[-1]} {rss_end:.1f} MiB"
+    )
     print(f"RSS growth after warm-up: {rss_end - rss_start:+.1f} MiB ({rss_end / rss_start:.3f}x); "
           f"max {max(rss_at_step.values()):.1f} MiB")  # fmt: skip
-    print(f"step time (wall): first tenth {first * 1e3:.1f} ms, last tenth {last * 1e3:.1f} ms, drift {last / first:.3f}x")
+    print(
+        f"step time (wall): first tenth {first * 1e3:.1f} ms, last tenth {last * 1e3:.1f} ms, drift {last / first:.3f}x"
+    )
     logged = sorted(cpu_at_step)
-    cpu_per_step = {b: (cpu_at_step[b] - cpu_at_step[a]) / (b - a) for a, b in zip(logged, logged[1:]) if b > args.warmup}
+    cpu_per_step = {
+        b: (cpu_at_step[b] - cpu_at_step[a]) / (b - a) for a, b in itertools.pairwise(logged) if b > args.warmup
+    }
     cpu_steps = sorted(cpu_per_step)
     cpu_first = statistics.median(cpu_per_step[s] for s in cpu_steps[:tenth])
     cpu_last = statistics.median(cpu_per_step[s] for s in cpu_steps[-tenth:])

@@ -73,9 +73,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `reference` and `travel_loss` importable
@@ -105,8 +105,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(size=256, batch_size=128, g_width=64, g_blocks=9, d_width=64, d_layers=3, encoder_size="vit-l-14"),
 }
 
-FEATURES = ("bf16", "fp16", "compile", "channels-last", "cached", "trainable", "bf16-weights", "fused-adam", "autotune",
-            "cudagraphs")
+FEATURES = (
+    "bf16",
+    "fp16",
+    "compile",
+    "channels-last",
+    "cached",
+    "trainable",
+    "bf16-weights",
+    "fused-adam",
+    "autotune",
+    "cudagraphs",
+)
 ALIASES = {"baseline": (), "amp": ("bf16",), "all": ("bf16", "compile", "channels-last", "cached")}
 DEFAULT_ROWS = ("baseline", "bf16", "compile", "channels-last", "cached", "trainable", "all")
 
@@ -167,7 +177,9 @@ def parse_row(spec: str, device: str) -> Row:
     if "bf16-weights" in names and "trainable" in names:
         raise ValueError(f"rows: {spec!r}: bf16-weights is for the frozen encoder, not a trainable one")
     if "cached" in names and "trainable" in names:
-        raise ValueError(f"rows: {spec!r}: a trainable encoder's source embeddings change every step and cannot be cached")
+        raise ValueError(
+            f"rows: {spec!r}: a trainable encoder's source embeddings change every step and cannot be cached"
+        )
     amp = "bf16" if "bf16" in names else "fp16" if "fp16" in names else None
     mode = "max-autotune-no-cudagraphs" if "autotune" in names else "reduce-overhead" if "cudagraphs" in names else None
     return Row(
@@ -210,13 +222,17 @@ def _sync(device: torch.device) -> None:
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error)
+    )
 
 
 def _batches(batch: int, size: int, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
     """Two random batches (source A, target B) in [-1, 1], the same for every row."""
     generator = torch.Generator().manual_seed(0)
-    real_a, real_b = (torch.rand(batch, 3, size, size, generator=generator).mul_(2).sub_(1).to(device) for _ in range(2))
+    real_a, real_b = (
+        torch.rand(batch, 3, size, size, generator=generator).mul_(2).sub_(1).to(device) for _ in range(2)
+    )
     if channels_last:
         real_a, real_b = (t.contiguous(memory_format=torch.channels_last) for t in (real_a, real_b))
     return real_a, real_b
@@ -243,7 +259,15 @@ class _Step:
     """One training iteration (generator_step + discriminator_step) for a row at a batch size."""
 
     def __init__(
-        self, models: Models, row: Row, batch: int, size: int, device: torch.device, *, fresh_compile: bool = True, counting: bool = False
+        self,
+        models: Models,
+        row: Row,
+        batch: int,
+        size: int,
+        device: torch.device,
+        *,
+        fresh_compile: bool = True,
+        counting: bool = False,
     ) -> None:
         """``fresh_compile``: forget every earlier compilation first (so the warm-up shows the whole
         compile time); ``counting``: eager float32 and lr-0 SGD, for the FLOP count (no optimizer state)."""
@@ -284,12 +308,14 @@ class _Step:
             self.generator, self.discriminator, self.encoder, self.g_optimizer, self.real_a, self.options,
             scaler=self.g_scaler, encoder_optimizer=self.e_optimizer, emb_src=self.emb_src,
         )  # fmt: skip
-        discriminator_step(self.discriminator, self.d_optimizer, self.real_b, g_out["fake"], self.options, scaler=self.d_scaler)
+        discriminator_step(
+            self.discriminator, self.d_optimizer, self.real_b, g_out["fake"], self.options, scaler=self.d_scaler
+        )
 
 
 def count_flops_per_image(models: Models, row: Row, size: int, device: torch.device, batch: int) -> float:
     """FLOPs of one eager float32 iteration at ``batch`` images, divided by ``batch``."""
-    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+    from torch.utils.flop_counter import FlopCounterMode
 
     _set_layout(models, Row("count", trainable=row.trainable))
     step = _Step(models, row, batch, size, device, counting=True)
@@ -302,13 +328,15 @@ def count_flops_per_image(models: Models, row: Row, size: int, device: torch.dev
 
 def _progress(iterable: range, label: str) -> Any:
     try:
-        from tqdm.auto import tqdm  # noqa: PLC0415
+        from tqdm.auto import tqdm
     except ImportError:
         return iterable
     return tqdm(iterable, desc=label, leave=False, file=sys.stderr)
 
 
-def prepare_row(models: Models, row: Row, batch: int, args: argparse.Namespace, device: torch.device) -> tuple[_Step, Result]:
+def prepare_row(
+    models: Models, row: Row, batch: int, args: argparse.Namespace, device: torch.device
+) -> tuple[_Step, Result]:
     """The row's step at ``batch`` images after its warm-up steps (may raise an out-of-memory error).
 
     With one round each compiled row starts from a clean compiler state; with several, the rows'
@@ -341,7 +369,9 @@ def time_steps(step: _Step, count: int, seconds: float, label: str, device: torc
     return times
 
 
-def prepare_fitting(models: Models, row: Row, args: argparse.Namespace, device: torch.device) -> tuple[_Step | None, Result]:
+def prepare_fitting(
+    models: Models, row: Row, args: argparse.Namespace, device: torch.device
+) -> tuple[_Step | None, Result]:
     """:func:`prepare_row` at ``--batch-size``, halving the batch on out-of-memory errors until it fits."""
     batch = args.batch_size
     while True:
@@ -362,7 +392,15 @@ def prepare_fitting(models: Models, row: Row, args: argparse.Namespace, device: 
         batch //= 2
 
 
-def finish(result: Result, times: list[float], models: Models, row: Row, args: argparse.Namespace, device: torch.device, flops_cache: dict) -> Result:
+def finish(
+    result: Result,
+    times: list[float],
+    models: Models,
+    row: Row,
+    args: argparse.Namespace,
+    device: torch.device,
+    flops_cache: dict,
+) -> Result:
     """Fill in the median step time and the FLOPs per image (counted once per kind of work)."""
     result.step_seconds = statistics.median(times)
     result.timed_steps = len(times)
@@ -387,7 +425,7 @@ def run_rows(models: Models, rows: list[Row], args: argparse.Namespace, device: 
         for row in rows:
             try:
                 step, result = prepare_fitting(models, row, args, device)
-            except Exception as error:  # noqa: BLE001 - one failing candidate must not end the table
+            except Exception as error:
                 torch._dynamo.reset()
                 _release(models)
                 yield Result(row.label, args.batch_size, error=f"failed: {type(error).__name__}: {str(error)[:200]}")
@@ -453,7 +491,10 @@ class Table:
     def __init__(self, device: torch.device, peak: float | None) -> None:
         self.cuda, self.peak = device.type == "cuda", peak
         self.base: Result | None = None
-        header = f"{'row':<28} {'batch':>5} {'warm-up s':>9} {'ms/step':>9} {'img/s':>8} {'vs base':>7} {'GFLOP/img':>9} {'TFLOP/s':>8}"
+        header = (
+            f"{'row':<28} {'batch':>5} {'warm-up s':>9} {'ms/step':>9} {'img/s':>8} "
+            f"{'vs base':>7} {'GFLOP/img':>9} {'TFLOP/s':>8}"
+        )
         if self.cuda:
             header += f" {'% peak':>6} {'peak GiB':>8}"
         print(header)
@@ -466,9 +507,11 @@ class Table:
         self.base = self.base or r  # the first row that ran is the reference
         tflops = r.flops_per_image * r.images_per_second / 1e12 if r.flops_per_image else None
         line = (
-            f"{r.label:<28} {r.batch:>5} {r.warmup_seconds:9.1f} {1e3 * r.step_seconds:9.1f} {r.images_per_second:8.1f} "
+            f"{r.label:<28} {r.batch:>5} {r.warmup_seconds:9.1f} {1e3 * r.step_seconds:9.1f} "
+            f"{r.images_per_second:8.1f} "
             f"{r.images_per_second / self.base.images_per_second:6.2f}x "
-            f"{_fmt(r.flops_per_image and r.flops_per_image / 1e9, '.1f', 9)} {_fmt(tflops, '.1f' if self.cuda else '.3f', 8)}"
+            f"{_fmt(r.flops_per_image and r.flops_per_image / 1e9, '.1f', 9)} "
+            f"{_fmt(tflops, '.1f' if self.cuda else '.3f', 8)}"
         )
         if self.cuda:
             line += f" {_fmt(tflops and self.peak and 100 * tflops / self.peak, '.1f', 6)} {_fmt(r.peak_gib, '.1f', 8)}"
@@ -555,23 +598,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--d-width", type=int)
     parser.add_argument("--d-layers", type=int)
     parser.add_argument("--encoder-size", choices=sorted(ENCODER_PRESETS))
-    parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS),
-                        help=f"'+'-joined sets of {', '.join(FEATURES)}; aliases baseline, amp (= bf16), all")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=list(DEFAULT_ROWS),
+        help=f"'+'-joined sets of {', '.join(FEATURES)}; aliases baseline, amp (= bf16), all",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per eager row")
     parser.add_argument("--compile-warmup", type=int, default=3, help="untimed steps per compiled row")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row and round (at most)")
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default: 3 on cpu, 1 on cuda)")
-    parser.add_argument("--row-seconds", type=float, default=30.0, help="stop timing a row after this long (>= 2 steps)")
+    parser.add_argument(
+        "--row-seconds", type=float, default=30.0, help="stop timing a row after this long (>= 2 steps)"
+    )
     parser.add_argument("--count-batch", type=int, default=4, help="batch of the FLOP-counting step")
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if not detected")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", type=Path, help="also write the configuration and the rows here")
-    parser.add_argument("--memory", type=int, nargs="+", metavar="M",
-                        help="instead of the table: peak memory and time of one step per micro-batch size M "
-                        "(0: off), each in a child process, for the first of --rows")
+    parser.add_argument(
+        "--memory",
+        type=int,
+        nargs="+",
+        metavar="M",
+        help="instead of the table: peak memory and time of one step per micro-batch size M "
+        "(0: off), each in a child process, for the first of --rows",
+    )
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--memory-fraction-gib", type=float,
-                        help="CUDA: cap this process's memory at this many GiB (set_per_process_memory_fraction)")
+    parser.add_argument(
+        "--memory-fraction-gib",
+        type=float,
+        help="CUDA: cap this process's memory at this many GiB (set_per_process_memory_fraction)",
+    )
     return parser
 
 
@@ -619,7 +676,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_child is not None:
         print(json.dumps(measure_memory(args, args.memory_child, device)))
         return
-    import transformers  # noqa: PLC0415
+    import transformers
 
     models = build_models(args, torch.device("cpu") if args.memory else device)  # --memory: the children measure
     encoder_parameters = sum(p.numel() for p in models.encoder.model.parameters())
@@ -628,25 +685,31 @@ def main(argv: list[str] | None = None) -> None:
         name = torch.cuda.get_device_name(device)
         peak, peak_source = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else bf16_peak(name)
         hardware = (
-            f"{name}, {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB; CUDA {torch.version.cuda}; "
-            f"float32 matmul precision {torch.get_float32_matmul_precision()!r}, cudnn TF32 {torch.backends.cudnn.allow_tf32}"
+            f"{name}, {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB; "
+            f"CUDA {torch.version.cuda}; "
+            f"float32 matmul precision {torch.get_float32_matmul_precision()!r}, "
+            f"cudnn TF32 {torch.backends.cudnn.allow_tf32}"
         )
     else:
-        import platform  # noqa: PLC0415
+        import platform
 
         peak, peak_source = None, "n/a"
         hardware = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"training iteration (generator_step + discriminator_step): {hardware}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, Python {sys.version.split()[0]}")
     print(
-        f"{args.size} px, batch {args.batch_size}; G width {args.g_width}, {args.g_blocks} blocks ({g_parameters / 1e6:.1f} M); "
+        f"{args.size} px, batch {args.batch_size}; G width {args.g_width}, {args.g_blocks} blocks "
+        f"({g_parameters / 1e6:.1f} M); "
         f"PatchGAN width {args.d_width}, {args.d_layers} layers; encoder {args.encoder_size} random weights "
         f"({encoder_parameters / 1e6:.1f} M, {models.encoder.image_size} px centre crop)"
     )
     if args.memory:
         what = "resident memory" if device.type == "cpu" else "torch.cuda.max_memory_allocated"
-        print(f"row {args.rows[0]!r}: growth of peak {what} during one step, one child process per micro-batch "
-              f"size; time: best of that step and {max(args.steps, 2)} more", flush=True)
+        print(
+            f"row {args.rows[0]!r}: growth of peak {what} during one step, one child process per micro-batch "
+            f"size; time: best of that step and {max(args.steps, 2)} more",
+            flush=True,
+        )
         if device.type == "cuda" and args.memory_fraction_gib:
             print(f"memory capped at {args.memory_fraction_gib:g} GiB (torch.cuda.set_per_process_memory_fraction)")
         run_memory_table(sys.argv[1:] if argv is None else argv, args)
@@ -669,7 +732,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             config = {k: v for k, v in vars(args).items() if k not in ("parsed_rows", "json")}
             rows = [{**asdict(r), "images_per_second": r.images_per_second} for r in results]
-            record = {"hardware": hardware, "peak_tflops": peak, "peak_source": peak_source, "config": config, "rows": rows}
+            record = {
+                "hardware": hardware,
+                "peak_tflops": peak,
+                "peak_source": peak_source,
+                "config": config,
+                "rows": rows,
+            }
             args.json.write_text(json.dumps(record, indent=1, default=str))
 
 

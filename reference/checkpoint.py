@@ -199,7 +199,13 @@ def capture_rng_state(cuda_device: torch.device | None = None) -> dict[str, Any]
     numpy_name, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": [numpy_name, torch.from_numpy(numpy_keys.astype(np.int64)), int(numpy_pos), int(numpy_has_gauss), float(numpy_gauss)],
+        "numpy": [
+            numpy_name,
+            torch.from_numpy(numpy_keys.astype(np.int64)),
+            int(numpy_pos),
+            int(numpy_has_gauss),
+            float(numpy_gauss),
+        ],
         "torch": torch.get_rng_state(),
     }
     if cuda_device is not None and cuda_device.type == "cuda":
@@ -242,9 +248,11 @@ def training_state(
         "step": step,
         "config": dict(config),
         "generator_kwargs": dict(
-            in_channels=generator.in_channels, out_channels=generator.out_channels,
-            width=generator.width, n_blocks=generator.n_blocks,
-        ),  # fmt: skip
+            in_channels=generator.in_channels,
+            out_channels=generator.out_channels,
+            width=generator.width,
+            n_blocks=generator.n_blocks,
+        ),
         "discriminator_kwargs": dict(in_channels=3, width=config["d_width"], n_layers=config["d_layers"]),
         **{name: module.state_dict() for name, module in modules.items()},
         "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
@@ -283,5 +291,7 @@ def restore_training_state(
         if runtime.xla is not None and "xla" in rng_states[runtime.rank]:
             runtime.xla.set_rng_state(rng_states[runtime.rank]["xla"])
     else:
-        warnings.warn(f"resuming {len(rng_states)} ranks' run on {runtime.world_size}: random streams restart")
+        warnings.warn(
+            f"resuming {len(rng_states)} ranks' run on {runtime.world_size}: random streams restart", stacklevel=2
+        )
     return int(checkpoint["step"]), int(checkpoint["data"]["position"])

@@ -39,9 +39,20 @@ _REFERENCE = Path(__file__).resolve().parent
 # paper's own experiments are in ``reference.presets``.
 TRAINER_PRESETS: dict[str, dict[str, Any]] = {
     "digits-demo": dict(
-        size=16, flip=False, num_workers=0, gan_loss="lsgan", lambda_travel=10.0, encoder_mode="module",
-        encoder=f"{_REFERENCE / 'digits.py'}:stroke_embedder", g_width=16, g_blocks=3, d_width=16, d_layers=2,
-        batch_size=32, steps=1000, lr=2e-4,
+        size=16,
+        flip=False,
+        num_workers=0,
+        gan_loss="lsgan",
+        lambda_travel=10.0,
+        encoder_mode="module",
+        encoder=f"{_REFERENCE / 'digits.py'}:stroke_embedder",
+        g_width=16,
+        g_blocks=3,
+        d_width=16,
+        d_layers=2,
+        batch_size=32,
+        steps=1000,
+        lr=2e-4,
     ),
 }
 
@@ -74,7 +85,9 @@ class TrainConfig:
     lambda_identity: float = 0.0  # baseline: CycleGAN's identity term, + lambda_identity * mean |G(x) - x|
 
     # encoder E
-    encoder: str = PAPER_ENCODER  # hub id or folder of a CLIP checkpoint; module mode: FILE.py:FACTORY or pkg.mod:FACTORY
+    encoder: str = (
+        PAPER_ENCODER  # hub id or folder of a CLIP checkpoint; module mode: FILE.py:FACTORY or pkg.mod:FACTORY
+    )
     encoder_mode: str = "clip"  # clip | random-clip (the ablation) | siamese (TraVeLGAN) | toy | module (your own)
     crop: str = "center"  # FrozenCLIPEncoder crop policy: center | resize | full
     features: str = "pooled"  # FrozenCLIPEncoder features: pooled | projected
@@ -158,7 +171,9 @@ def check_config(config: TrainConfig) -> None:
     if config.num_workers is not None:
         positive_int("num_workers", 0)
     lam = config.lambda_travel
-    if lam != "auto" and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or not math.isfinite(lam)):
+    if lam != "auto" and (
+        isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or not math.isfinite(lam)
+    ):
         fail("lambda_travel", "a finite number >= 0 or 'auto'")
     value = config.lambda_identity
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
@@ -167,7 +182,9 @@ def check_config(config: TrainConfig) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
             fail(name, "a finite number > 0")
-    if config.lr_d is not None and (isinstance(config.lr_d, bool) or not isinstance(config.lr_d, (int, float)) or not config.lr_d > 0):
+    if config.lr_d is not None and (
+        isinstance(config.lr_d, bool) or not isinstance(config.lr_d, (int, float)) or not config.lr_d > 0
+    ):
         fail("lr_d", "None (twice lr) or a number > 0")
     for name in ("lambda_auto_momentum", "beta1", "beta2"):
         value = getattr(config, name)
@@ -176,7 +193,10 @@ def check_config(config: TrainConfig) -> None:
     choice("travel_objective", TRAVEL_OBJECTIVES)
     choice("travel_distance", ("cosine", "squared_euclidean", "travelgan"))
     choice("travel_reduction", ("mean", "sum"))
-    if config.travel_objective == "notebook" and (config.travel_distance, config.travel_reduction) != ("cosine", "mean"):
+    if config.travel_objective == "notebook" and (config.travel_distance, config.travel_reduction) != (
+        "cosine",
+        "mean",
+    ):
         raise ValueError(
             "travel_objective: 'notebook' fixes its own distance and reduction (cosine over the batch axis, summed); "
             f"leave travel_distance and travel_reduction at their defaults, got {config.travel_distance!r}, "
@@ -196,7 +216,10 @@ def check_config(config: TrainConfig) -> None:
         positive_int(name)
     positive_int("travel_queue", 0)
     if config.travel_queue and (config.travel_objective != "paper" or config.encoder_mode == "siamese"):
-        fail("travel_queue", "0 with travel_objective 'notebook' or encoder_mode 'siamese' (queued rows need a frozen encoder)")
+        fail(
+            "travel_queue",
+            "0 with travel_objective 'notebook' or encoder_mode 'siamese' (queued rows need a frozen encoder)",
+        )
     if config.batch_size < 2 and not config.travel_queue:
         fail("batch_size", "an int >= 2 (the travel loss compares pairs), or any with travel_queue > 0")
     positive_int("micro_batch", 0)
@@ -207,7 +230,10 @@ def check_config(config: TrainConfig) -> None:
     probe = PatchDiscriminator(3, width=1, n_layers=config.d_layers)
     if probe.output_size(config.size) < 1:
         smallest = next(s for s in range(4, 4096, 4) if probe.output_size(s) >= 1)
-        fail("size", f"a size of at least {smallest} for a discriminator with d_layers={config.d_layers} (or fewer d_layers)")
+        fail(
+            "size",
+            f"a size of at least {smallest} for a discriminator with d_layers={config.d_layers} (or fewer d_layers)",
+        )
     positive_int("decay_steps", 0)
     if config.decay_steps > config.steps:
         fail("decay_steps", f"an int <= steps = {config.steps}")

@@ -76,7 +76,8 @@ class UnreadableImageWarning(UserWarning):
 
 
 def list_images(folder: str | os.PathLike[str], recursive: bool = False) -> list[Path]:
-    """Files of ``folder`` (and its subfolders with ``recursive``) whose extension is in :data:`IMAGE_EXTENSIONS`, sorted."""
+    """Files of ``folder`` (and its subfolders with ``recursive``) whose extension is in
+    :data:`IMAGE_EXTENSIONS`, sorted."""
     folder = Path(folder)
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -135,7 +136,8 @@ def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def load_image(path: str | os.PathLike[str], size: int | None = None) -> torch.Tensor:
-    """Image file -> float32 (3, H, W) in [-1, 1] (``pixel / 127.5 - 1``), RGB, optionally resized to ``size x size`` (bicubic).
+    """Image file -> float32 (3, H, W) in [-1, 1] (``pixel / 127.5 - 1``), RGB, optionally resized
+    to ``size x size`` (bicubic).
 
     Any PIL mode is read in its own range (:func:`to_rgb`: 16-bit scaled by 255 / 65535, float
     in [0, 1], transparency composited on black). Raises OSError naming the file if PIL cannot
@@ -188,7 +190,9 @@ class ImageFolder(Dataset):
         candidates = list_images(self.folder, recursive)
         self.paths: list[Path] = []
         self.skipped: list[Path] = []
-        checking = tqdm(candidates, desc=f"checking {self.folder.name}", unit="img", leave=False, disable=len(candidates) < 500)
+        checking = tqdm(
+            candidates, desc=f"checking {self.folder.name}", unit="img", leave=False, disable=len(candidates) < 500
+        )
         for path in checking:
             if is_readable_image(path, size):
                 self.paths.append(path)
@@ -253,7 +257,7 @@ def unreadable_count(*datasets: Dataset, group: object = None) -> int:
     """
     count = sum(d.unreadable_count for d in datasets if isinstance(d, ImageFolder))
     if group is not None:
-        import torch.distributed as dist  # noqa: PLC0415
+        import torch.distributed as dist
 
         total = torch.tensor([count])
         dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
@@ -267,7 +271,8 @@ def resolve_unpaired_folders(
     dir_b: str | os.PathLike[str] | None = None,
     split: str = "train",
 ) -> tuple[Path, Path]:
-    """The two image folders of an unpaired task: ``root/{split}A`` and ``root/{split}B`` (CycleGAN layout), or ``dir_a`` and ``dir_b``.
+    """The two image folders of an unpaired task: ``root/{split}A`` and ``root/{split}B``
+    (CycleGAN layout), or ``dir_a`` and ``dir_b``.
 
     Give either ``root`` alone or both ``dir_a`` and ``dir_b``. ``split`` is "train" or "test".
     Raises ValueError for a wrong combination of arguments and FileNotFoundError naming the
@@ -290,9 +295,7 @@ def resolve_unpaired_folders(
                 )
         return folders
     if dir_a is None or dir_b is None:
-        raise ValueError(
-            f"give a dataset root or both dir_a and dir_b; got dir_a={dir_a!r}, dir_b={dir_b!r}"
-        )
+        raise ValueError(f"give a dataset root or both dir_a and dir_b; got dir_a={dir_a!r}, dir_b={dir_b!r}")
     folders = (Path(dir_a), Path(dir_b))
     for name, folder in zip(("dir_a", "dir_b"), folders):
         if not folder.is_dir():
@@ -353,7 +356,9 @@ def _box(ys: np.ndarray, xs: np.ndarray, top: float, bottom: float, left: float,
     return (ys >= top) & (ys < bottom) & (xs >= left) & (xs < right)
 
 
-def _draw_tree(labels: np.ndarray, ys: np.ndarray, xs: np.ndarray, base_y: float, x: float, height: float, radius: float) -> None:
+def _draw_tree(
+    labels: np.ndarray, ys: np.ndarray, xs: np.ndarray, base_y: float, x: float, height: float, radius: float
+) -> None:
     """A trunk from ``base_y`` up to a round canopy of ``radius``, all in the tree class."""
     trunk_half = max(0.25 * radius, 0.6 / labels.shape[0]) / 2
     labels[_box(ys, xs, base_y - height, base_y, x - trunk_half, x + trunk_half)] = TREE
@@ -395,14 +400,18 @@ def _street_labels(domain: str, size: int, rng: np.random.Generator) -> np.ndarr
         if rng.uniform() < 0.5:
             side = rng.choice([-1.0, 1.0])
             x = 0.5 + side * rng.uniform(0.32, 0.45)
-            _draw_tree(labels, ys, xs, horizon + rng.uniform(0.01, 0.05), x, rng.uniform(0.06, 0.12), rng.uniform(0.05, 0.08))
+            _draw_tree(
+                labels, ys, xs, horizon + rng.uniform(0.01, 0.05), x, rng.uniform(0.06, 0.12), rng.uniform(0.05, 0.08)
+            )
     else:
         for side in (-1.0, 1.0):
             for _ in range(rng.integers(2, 4)):
                 x = 0.5 + side * rng.uniform(0.38, 0.55)
                 base = horizon + rng.uniform(0.0, 0.08)
                 _draw_tree(labels, ys, xs, base, x, rng.uniform(0.1, 0.25), rng.uniform(0.08, 0.16))
-        canopy = rng.uniform(0.04, 0.12) + 0.04 * np.sin(2 * np.pi * rng.uniform(1.0, 3.0) * xs + rng.uniform(0, 2 * np.pi))
+        canopy = rng.uniform(0.04, 0.12) + 0.04 * np.sin(
+            2 * np.pi * rng.uniform(1.0, 3.0) * xs + rng.uniform(0, 2 * np.pi)
+        )
         labels[ys < canopy] = TREE
 
     # Cars: far ones first, so near ones occlude them. A car's width is a fraction of the road
@@ -490,7 +499,9 @@ def paint_labels(labels: torch.Tensor, palette: Mapping[str, tuple[float, float,
     ``paint_labels(labels_of_a, PALETTE_B)`` is the ideal translation of an A image.
     """
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() < 2:
-        raise ValueError(f"labels must be an integer tensor (..., H, W), got {labels.dtype} of shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be an integer tensor (..., H, W), got {labels.dtype} of shape {tuple(labels.shape)}"
+        )
     colours, ids = _palette_tensor(palette)
     present = torch.unique(labels).tolist()
     missing = [c for c in present if c not in ids]
@@ -505,13 +516,16 @@ def paint_labels(labels: torch.Tensor, palette: Mapping[str, tuple[float, float,
 def classify_pixels(
     images: torch.Tensor, palette: Mapping[str, tuple[float, float, float]] = PALETTE_B, chunk: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest palette colour of every pixel: (N, 3, H, W) in [-1, 1] -> class ids (N, H, W) int64 and distances (N, H, W).
+    """Nearest palette colour of every pixel: (N, 3, H, W) in [-1, 1] -> class ids (N, H, W) int64
+    and distances (N, H, W).
 
     Distances are Euclidean in RGB with channels in [0, 1] (half the distance in [-1, 1]).
     Work is done ``chunk`` images at a time to bound memory.
     """
     if images.dim() != 4 or images.shape[1] != 3 or not images.dtype.is_floating_point:
-        raise ValueError(f"images must be a float tensor (N, 3, H, W), got {images.dtype} of shape {tuple(images.shape)}")
+        raise ValueError(
+            f"images must be a float tensor (N, 3, H, W), got {images.dtype} of shape {tuple(images.shape)}"
+        )
     colours, ids = _palette_tensor(palette)
     ids_tensor = torch.tensor(ids)
     classes, distances = [], []
@@ -555,14 +569,18 @@ def score_translations(
     - ``predicted_fraction``: class -> fraction of all output pixels given that class.
     """
     if labels.dim() != 3 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor (N, H, W), got {labels.dtype} of shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be an integer tensor (N, H, W), got {labels.dtype} of shape {tuple(labels.shape)}"
+        )
     if translated.dim() != 4 or translated.shape[1] != 3 or translated.shape[:1] + translated.shape[2:] != labels.shape:
         raise ValueError(
             f"translated must be (N, 3, H, W) matching labels (N, H, W) = {tuple(labels.shape)}, "
             f"got {tuple(translated.shape)}"
         )
     if labels.numel() and (labels.min() < 0 or labels.max() >= len(CLASSES)):
-        raise ValueError(f"labels must be class ids in [0, {len(CLASSES)}), got values in [{labels.min()}, {labels.max()}]")
+        raise ValueError(
+            f"labels must be class ids in [0, {len(CLASSES)}), got values in [{labels.min()}, {labels.max()}]"
+        )
     if not torch.isfinite(translated).all():
         raise ValueError("translated holds NaN or infinite values")
 

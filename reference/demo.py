@@ -68,7 +68,7 @@ from reference.toy_encoder import build_toy_encoder
 from reference.train import StepOptions, discriminator_step, generator_step, save_image_grid
 from travel_loss import travel_loss
 
-__all__ = ["DemoSettings", "FULL", "QUICK", "run_demo", "format_table"]
+__all__ = ["FULL", "QUICK", "DemoSettings", "format_table", "run_demo"]
 
 REPORT_NAME = "demo_report.json"
 GRID_NAME = "demo_grid.png"
@@ -98,8 +98,8 @@ class DemoSettings:
 
 FULL = DemoSettings()
 QUICK = DemoSettings(
-    lambdas=(0.0, 100.0), random_encoder_lambdas=(100.0,), size=32, g_width=8, g_blocks=1, d_width=8, batch_size=4, steps=6,
-    warm_start_steps=4, train_scenes=16, eval_scenes=8, grid_rows=4,
+    lambdas=(0.0, 100.0), random_encoder_lambdas=(100.0,), size=32, g_width=8, g_blocks=1, d_width=8, batch_size=4,
+    steps=6, warm_start_steps=4, train_scenes=16, eval_scenes=8, grid_rows=4,
 )  # fmt: skip
 
 EVAL_SEED_OFFSET = 10_000  # the held-out set's ToyStreets seed is seed + this
@@ -179,7 +179,10 @@ def _train_one(
     optimizer_g = torch.optim.Adam(generator.parameters(), lr=settings.lr, betas=(0.5, 0.999))
     optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=2 * settings.lr, betas=(0.5, 0.999))
     options = StepOptions(
-        lambda_travel=lambda_travel, gan_loss=settings.gan_loss, travel_distance=travel_distance, travel_reduction="mean"
+        lambda_travel=lambda_travel,
+        gan_loss=settings.gan_loss,
+        travel_distance=travel_distance,
+        travel_reduction="mean",
     )
     batches = torch.Generator().manual_seed(seed + 2)  # the same batches for every lambda
     bar = _progress(settings.steps, "lambda auto" if adaptive else f"lambda {lambda_travel:g}", progress)
@@ -206,7 +209,7 @@ def _train_one(
 
 
 def _progress(total: int, description: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=description, unit="step", dynamic_ncols=True, disable=not enabled, leave=False)
 
@@ -222,7 +225,11 @@ def format_table(runs: Sequence[dict[str, Any]], references: dict[str, dict[str,
     lines = [header, "-" * len(header)]
 
     def number(value: Any, width: int, digits: int = 3) -> str:
-        return f"{value:>{width}.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else f"{'-':>{width}}"
+        return (
+            f"{value:>{width}.{digits}f}"
+            if isinstance(value, (int, float)) and math.isfinite(value)
+            else f"{'-':>{width}}"
+        )
 
     for run in runs:
         lines.append(
@@ -234,11 +241,13 @@ def format_table(runs: Sequence[dict[str, Any]], references: dict[str, dict[str,
     for name, row in (references or {}).items():
         lines.append(
             f"{name:>26} {number(row['semantic_flip_rate'], 10)} {number(row['lane_accuracy'], 9)} "
-            f"{number(row['realism'], 8)} {number(row['palette_distance'], 8)} {number(row['travel'], 7)} {number(None, 8)}"
+            f"{number(row['realism'], 8)} {number(row['palette_distance'], 8)} {number(row['travel'], 7)} "
+            f"{number(None, 8)}"
         )
     lines.append(
         "flip rate: lower is better (0 ideal); lane acc: higher is better (1 ideal); "
-        "realism: fraction of B-coloured pixels (1 ideal); pal.dist: mean distance to B's palette (lower is more B-like)"
+        "realism: fraction of B-coloured pixels (1 ideal); "
+        "pal.dist: mean distance to B's palette (lower is more B-like)"
     )
     return "\n".join(lines)
 
@@ -266,7 +275,9 @@ def run_demo(
         raise ValueError(f"settings must be a DemoSettings, got {type(settings).__name__}")
     for name in ("lambdas", "random_encoder_lambdas"):
         values = getattr(settings, name)
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or not math.isfinite(v) for v in values):
+        if any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or not math.isfinite(v) for v in values
+        ):
             raise ValueError(f"settings.{name} must be finite numbers >= 0, got {values!r}")
     if not settings.lambdas:
         raise ValueError("settings.lambdas must hold at least one value")
@@ -285,7 +296,9 @@ def _run(out: Path, seed: int, quick: bool, settings: DemoSettings, progress: bo
     images_b, _ = _scenes("B", settings.train_scenes, settings.size, seed)
     eval_images, eval_labels = _scenes("A", settings.eval_scenes, settings.size, seed + EVAL_SEED_OFFSET)
     prepared = time.perf_counter()
-    say(f"toy encoder and {2 * settings.train_scenes + settings.eval_scenes} scenes ready in {prepared - started:.1f} s")
+    say(
+        f"toy encoder and {2 * settings.train_scenes + settings.eval_scenes} scenes ready in {prepared - started:.1f} s"
+    )
 
     torch.manual_seed(seed)
     start = ResnetGenerator(3, 3, width=settings.g_width, n_blocks=settings.g_blocks)
@@ -305,7 +318,9 @@ def _run(out: Path, seed: int, quick: bool, settings: DemoSettings, progress: bo
     runs, columns, column_names = [], [eval_images[: settings.grid_rows]], ["input"]
     for kind, lambda_travel in plan:
         run_started = time.perf_counter()
-        generator, losses = _train_one(float(lambda_travel), start, encoders[kind], images_a, images_b, settings, seed, progress)
+        generator, losses = _train_one(
+            float(lambda_travel), start, encoders[kind], images_a, images_b, settings, seed, progress
+        )
         translated = translate_images(generator, eval_images)
         runs.append({
             "lambda_travel": float(lambda_travel), "encoder": kind,
@@ -315,7 +330,10 @@ def _run(out: Path, seed: int, quick: bool, settings: DemoSettings, progress: bo
         columns.append(translated[: settings.grid_rows])
         column_names.append(_run_name(runs[-1]))
         run = runs[-1]
-        say(f"{column_names[-1]}: flip rate {run['semantic_flip_rate']:.3f}, lane accuracy {run['lane_accuracy']:.3f} ({run['seconds']:.1f} s)")
+        say(
+            f"{column_names[-1]}: flip rate {run['semantic_flip_rate']:.3f}, "
+            f"lane accuracy {run['lane_accuracy']:.3f} ({run['seconds']:.1f} s)"
+        )
     columns.append(ideal[: settings.grid_rows])
     column_names.append("ideal")
     grid = save_image_grid(columns, out / GRID_NAME)
@@ -331,5 +349,8 @@ def _run(out: Path, seed: int, quick: bool, settings: DemoSettings, progress: bo
     }
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
     say(format_table(runs, references))
-    say(f"report: {out / REPORT_NAME}; samples: {grid} ({' | '.join(report['grid_columns'])}); {report['seconds']:.0f} s in all")
+    say(
+        f"report: {out / REPORT_NAME}; samples: {grid} ({' | '.join(report['grid_columns'])}); "
+        f"{report['seconds']:.0f} s in all"
+    )
     return report

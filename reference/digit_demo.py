@@ -97,7 +97,7 @@ QUICK = DigitDemoSettings(
 
 
 def _write_folder(images: Tensor, folder: Path) -> None:
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -153,7 +153,7 @@ def run_digit_demo(
     progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Run the digit study into ``out_dir`` (see the module docstring); returns the report dict."""
-    from reference.train import train  # noqa: PLC0415  (train.py's --demo digits imports this module)
+    from reference.train import train
 
     settings = settings or (QUICK if quick else FULL)
     threads = torch.get_num_threads()
@@ -176,7 +176,10 @@ def _run_study(
         _write_folder(domains.a_train, data / "trainA")
         _write_folder(domains.b, data / "trainB")
     b_counts = torch.bincount(domains.b_labels, minlength=10).tolist()
-    say(f"digits: A-train {len(domains.a_train)}, B {len(domains.b)} (class counts {b_counts}), A-test {len(domains.a_test)}")
+    say(
+        f"digits: A-train {len(domains.a_train)}, B {len(domains.b)} (class counts {b_counts}), "
+        f"A-test {len(domains.a_test)}"
+    )
 
     results, translations = [], {}
     for index, run in enumerate(settings.runs, 1):
@@ -192,13 +195,12 @@ def _run_study(
         translations[name] = translated
         scores = score_digit_translations(translated, domains.a_test_labels, judge)
         predicted = judge.predict(translated)
-        per_class = {
-            str(d): float((predicted[domains.a_test_labels == d] == d).float().mean()) for d in range(10)
-        }
+        per_class = {str(d): float((predicted[domains.a_test_labels == d] == d).float().mean()) for d in range(10)}
         results.append({
             "method": run.method, "weight": run.weight, "lambda_travel": run.lambda_travel,
             "lambda_identity": run.lambda_identity, "embedder": run.embedder, **scores,
-            "label_accuracy_by_class": per_class, "predicted_class_counts": torch.bincount(predicted, minlength=10).tolist(),
+            "label_accuracy_by_class": per_class,
+            "predicted_class_counts": torch.bincount(predicted, minlength=10).tolist(),
             "seconds": time.perf_counter() - run_started, "run_dir": str(config.out),
         })  # fmt: skip
         say(f"    label accuracy {scores['label_accuracy']:.3f}, realism {scores['realism']:.3f}, "
@@ -215,7 +217,9 @@ def _run_study(
                      "b_class_order": list(domains.class_order), "seconds": time.perf_counter() - started},
     }  # fmt: skip
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2))
-    _write_grid(out / GRID_NAME, results, translations, domains.a_test, domains.a_test_ideal, domains.a_test_labels, settings)
+    _write_grid(
+        out / GRID_NAME, results, translations, domains.a_test, domains.a_test_ideal, domains.a_test_labels, settings
+    )
     say(format_table(results, references))
     say(f"report: {out / REPORT_NAME}; grid: {out / GRID_NAME}; {report['settings']['seconds']:.0f} s")
     return report

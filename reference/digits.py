@@ -61,13 +61,15 @@ DEFAULT_SKEW = 0.6
 
 @functools.lru_cache(maxsize=1)
 def _scans() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits  # noqa: PLC0415  (scikit-learn: the reference extra)
+    from sklearn.datasets import load_digits
 
     digits = load_digits()
     return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)
 
 
-def render_digits(scans: Tensor, style: dict, size: int = DIGIT_SIZE, generator: torch.Generator | None = None) -> Tensor:
+def render_digits(
+    scans: Tensor, style: dict, size: int = DIGIT_SIZE, generator: torch.Generator | None = None
+) -> Tensor:
     """Paint 8 x 8 scans (N, 8, 8) in [0, 1] as (N, 3, size, size) images in [-1, 1] in ``style``.
 
     The scan is upsampled bilinearly, thickened by ``style["thickness"]`` 3 x 3 dilations (a max
@@ -153,7 +155,7 @@ class DigitJudge:
     """
 
     def __init__(self, images: Tensor, labels: Tensor) -> None:
-        from sklearn.svm import SVC  # noqa: PLC0415
+        from sklearn.svm import SVC
 
         self._model = SVC(C=10.0, gamma="scale")
         self._model.fit(self._features(images), labels.numpy())

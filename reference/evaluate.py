@@ -50,7 +50,7 @@ import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,10 +61,10 @@ from torch.utils.data import Dataset, Subset
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reference.data import ImageFolder, ToyStreets, score_translations  # noqa: E402
-from reference.outputs import check_output_file, check_writable_folder, error_line  # noqa: E402
-from travel_loss import travel_loss  # noqa: E402
-from travel_loss.metrics import TravelConsistency  # noqa: E402
+from reference.data import ImageFolder, ToyStreets, score_translations
+from reference.outputs import check_output_file, check_writable_folder, error_line
+from travel_loss import travel_loss
+from travel_loss.metrics import TravelConsistency
 
 __all__ = [
     "INCEPTION_WEIGHTS_HELP",
@@ -84,8 +84,8 @@ __all__ = [
     "write_toy_streets",
 ]
 
-Features = Union[Tensor, np.ndarray]
-Images = Union[Tensor, Dataset]
+Features = Tensor | np.ndarray
+Images = Tensor | Dataset
 
 # Held-out toy-street seeds: keep them away from the seeds a training run draws from.
 TOY_EVAL_SEED_A = 90_001
@@ -125,7 +125,8 @@ def frechet_distance(feats_a: Features, feats_b: Features, *, eps: float = 1e-6)
 def frechet_distance_from_statistics(
     mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, sigma_b: np.ndarray, *, eps: float = 1e-6
 ) -> float:
-    r"""Fréchet distance :math:`\|\mu_a - \mu_b\|^2 + \operatorname{tr}(\Sigma_a + \Sigma_b - 2(\Sigma_a\Sigma_b)^{1/2})`.
+    r"""Fréchet distance
+    :math:`\|\mu_a - \mu_b\|^2 + \operatorname{tr}(\Sigma_a + \Sigma_b - 2(\Sigma_a\Sigma_b)^{1/2})`.
 
     Guards, in float64:
 
@@ -258,7 +259,9 @@ def _as_features(name: str, feats: Features) -> np.ndarray:
     elif isinstance(feats, np.ndarray):
         feats = feats.astype(np.float64, copy=False)
     else:
-        raise TypeError(f"{name}: expected a torch.Tensor or numpy array of (N, D) features, got {type(feats).__name__}")
+        raise TypeError(
+            f"{name}: expected a torch.Tensor or numpy array of (N, D) features, got {type(feats).__name__}"
+        )
     if feats.ndim != 2 or feats.shape[0] < 2:
         raise ValueError(f"{name}: expected (N, D) features with N >= 2, got shape {feats.shape}")
     if not np.isfinite(feats).all():
@@ -304,7 +307,9 @@ def embed_images(
             elif isinstance(output, Tensor):
                 parts.append(output.detach().float().cpu().flatten(1))
             else:
-                raise TypeError(f"encoder: expected it to return a tensor or a tuple of tensors, got {type(output).__name__}")
+                raise TypeError(
+                    f"encoder: expected it to return a tensor or a tuple of tensors, got {type(output).__name__}"
+                )
     if not parts:
         raise ValueError("images: expected at least one image, got none")
     if isinstance(parts[0], tuple):
@@ -330,7 +335,10 @@ def translate_images(
     generator.eval()
     try:
         with torch.no_grad():
-            outputs = [generator(batch.to(device)).float().cpu() for batch in _batches(images, batch_size, progress, "translating")]
+            outputs = [
+                generator(batch.to(device)).float().cpu()
+                for batch in _batches(images, batch_size, progress, "translating")
+            ]
     finally:
         generator.train(was_training)
     if not outputs:
@@ -494,7 +502,9 @@ def toy_street_labels(folder: str | os.PathLike[str], stems: Sequence[str]) -> T
     labels = []
     for stem in stems:
         if not stem.isdigit() or int(stem) >= manifest["count"]:
-            raise ValueError(f"{folder}: image {stem!r} is not one of the {manifest['count']} toy-street images of the manifest")
+            raise ValueError(
+                f"{folder}: image {stem!r} is not one of the {manifest['count']} toy-street images of the manifest"
+            )
         labels.append(dataset[int(stem)][1])
     return torch.stack(labels)
 
@@ -508,7 +518,9 @@ def _toy_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
         )
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("domain") != "A":
-        raise ValueError(f"{manifest_path}: expected toy-street domain A sources, got domain {manifest.get('domain')!r}")
+        raise ValueError(
+            f"{manifest_path}: expected toy-street domain A sources, got domain {manifest.get('domain')!r}"
+        )
     return manifest
 
 
@@ -644,7 +656,9 @@ def _pair_by_stem(sources: ImageFolder, translations: ImageFolder) -> tuple[Subs
             f"name in {sources.folder} (first: {orphans[0]!r})"
         )
     stems = sorted(translation_index)
-    return Subset(sources, [source_index[s] for s in stems]), Subset(translations, [translation_index[s] for s in stems])
+    return Subset(sources, [source_index[s] for s in stems]), Subset(
+        translations, [translation_index[s] for s in stems]
+    )
 
 
 def _encoder_metrics(
@@ -767,7 +781,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reference/evaluate.py",
         description="Evaluate translations: encoder Fréchet distance, travel consistency, toy-street scores, "
-        "and Inception FID/KID with a local weights file."
+        "and Inception FID/KID with a local weights file.",
     )
     parser.add_argument("--translations", help="folder of translated images G(x)")
     parser.add_argument("--target", help="folder of real images of the target domain")
@@ -775,8 +789,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--encoder", help="CLIP vision checkpoint: local path or a model id in the HF cache")
     parser.add_argument("--encoder-crop", default="center", choices=["center", "resize", "full"])
     parser.add_argument("--encoder-features", default="pooled", choices=["pooled", "projected"])
-    parser.add_argument("--inception-weights", help=f"local Inception weights file ({INCEPTION_WEIGHTS_FILE}) for FID/KID")
-    parser.add_argument("--toy-streets", action="store_true", help="score against the label maps of a toy-street --sources folder")
+    parser.add_argument(
+        "--inception-weights", help=f"local Inception weights file ({INCEPTION_WEIGHTS_FILE}) for FID/KID"
+    )
+    parser.add_argument(
+        "--toy-streets", action="store_true", help="score against the label maps of a toy-street --sources folder"
+    )
     parser.add_argument("--size", type=int, default=256, help="images are resized to SIZE x SIZE (default 256)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -786,7 +804,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--toy-domain", default="A", choices=["A", "B"])
     parser.add_argument("--toy-count", type=int, default=256)
     parser.add_argument("--toy-size", type=int, default=64)
-    parser.add_argument("--toy-seed", type=int, default=None, help="default: the held-out evaluation seed of the domain")
+    parser.add_argument(
+        "--toy-seed", type=int, default=None, help="default: the held-out evaluation seed of the domain"
+    )
     return parser
 
 
@@ -796,18 +816,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write_toy_streets:
         try:
             folder = write_toy_streets(
-                args.write_toy_streets, args.toy_domain, args.toy_count, args.toy_size, args.toy_seed, overwrite=args.overwrite
+                args.write_toy_streets,
+                args.toy_domain,
+                args.toy_count,
+                args.toy_size,
+                args.toy_seed,
+                overwrite=args.overwrite,
             )
         except (OSError, ValueError) as error:
             print(error_line(parser.prog, error), file=sys.stderr)
             return 2
         print(f"wrote {args.toy_count} toy-street {args.toy_domain} images to {folder}")
         return 0
-    missing = [flag for flag, value in (("--translations", args.translations), ("--target", args.target), ("--out", args.out)) if not value]
+    missing = [
+        flag
+        for flag, value in (("--translations", args.translations), ("--target", args.target), ("--out", args.out))
+        if not value
+    ]
     if missing:
         parser.error(f"missing {', '.join(missing)}")
     try:
-        for flag, folder in (("--translations", args.translations), ("--target", args.target), ("--sources", args.sources)):
+        for flag, folder in (
+            ("--translations", args.translations),
+            ("--target", args.target),
+            ("--sources", args.sources),
+        ):
             if folder is not None and not Path(folder).is_dir():
                 found = "a file" if Path(folder).exists() else "nothing"
                 raise FileNotFoundError(f"{flag}: expected a folder of images, found {found} at {folder}")
@@ -818,7 +851,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     encoder = None
     if args.encoder:
         try:
-            encoder = load_encoder(args.encoder, crop=args.encoder_crop, features=args.encoder_features, device=args.device)
+            encoder = load_encoder(
+                args.encoder, crop=args.encoder_crop, features=args.encoder_features, device=args.device
+            )
         except FileNotFoundError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -36,10 +36,12 @@ def save_image_grid(columns: Sequence[Tensor], path: str | os.PathLike[str], pad
     Every column is (N, 3, H, W) in [-1, 1] with the same N, H, W; cells are separated by
     ``padding`` white pixels.
     """
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     if not columns or any(c.shape != columns[0].shape or c.dim() != 4 or c.shape[1] != 3 for c in columns):
-        raise ValueError(f"columns: expected equally shaped (N, 3, H, W) tensors, got {[tuple(c.shape) for c in columns]}")
+        raise ValueError(
+            f"columns: expected equally shaped (N, 3, H, W) tensors, got {[tuple(c.shape) for c in columns]}"
+        )
     n, _, h, w = columns[0].shape
     cells = [_to_uint8(c) for c in columns]
     grid = np.full((n * (h + padding) + padding, len(cells) * (w + padding) + padding, 3), 255, dtype=np.uint8)
@@ -66,7 +68,7 @@ class MetricsLog:
         self.path = out / "metrics.jsonl"
         self.path.touch()
         try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+            from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(out / "tensorboard", purge_step=resume_step + 1 if resume_step else None)
         except ImportError:
@@ -85,10 +87,14 @@ class MetricsLog:
             self.tensorboard.close()
 
 
-def log_record(step: int, running: dict[str, Any], count: int, runtime: Runtime, optimizers: dict[str, Any]) -> dict[str, float]:
+def log_record(
+    step: int, running: dict[str, Any], count: int, runtime: Runtime, optimizers: dict[str, Any]
+) -> dict[str, float]:
     """Mean of each running sum over the interval (averaged over ranks): the one host sync of a log step."""
     keys = sorted(running)
-    values = torch.stack([torch.as_tensor(running[k], dtype=torch.float32, device=runtime.device) for k in keys]) / max(count, 1)
+    values = torch.stack([torch.as_tensor(running[k], dtype=torch.float32, device=runtime.device) for k in keys]) / max(
+        count, 1
+    )
     if runtime.distributed:
         values = values.cpu()
         dist.all_reduce(values, group=runtime.control_group)
@@ -126,6 +132,6 @@ def progress_bar(start: int, total: int, enabled: bool) -> Any:
     """A tqdm bar of training steps, or an object with the same three methods that shows nothing."""
     if not enabled:
         return _NoBar()
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "GAN_LOSSES",
     "AUGMENT_OPS",
     "DEFAULT_AUGMENT_POLICY",
+    "GAN_LOSSES",
     "diff_augment",
     "discriminator_adversarial_loss",
     "generator_adversarial_loss",
@@ -94,7 +94,10 @@ def _translation(x: Tensor, generator: torch.Generator | None, ratio: float = 0.
     shift_y = torch.randint(-sy, sy + 1, (n, 1, 1), device=x.device, generator=generator)
     shift_x = torch.randint(-sx, sx + 1, (n, 1, 1), device=x.device, generator=generator)
     batch, rows, cols = torch.meshgrid(
-        torch.arange(n, device=x.device), torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij"
+        torch.arange(n, device=x.device),
+        torch.arange(h, device=x.device),
+        torch.arange(w, device=x.device),
+        indexing="ij",
     )
     rows = (rows + shift_y + 1).clamp(0, h + 1)
     cols = (cols + shift_x + 1).clamp(0, w + 1)
@@ -109,7 +112,10 @@ def _cutout(x: Tensor, generator: torch.Generator | None, ratio: float = 0.5) ->
     offset_y = torch.randint(0, h + (1 - ch % 2), (n, 1, 1), device=x.device, generator=generator)
     offset_x = torch.randint(0, w + (1 - cw % 2), (n, 1, 1), device=x.device, generator=generator)
     batch, rows, cols = torch.meshgrid(
-        torch.arange(n, device=x.device), torch.arange(ch, device=x.device), torch.arange(cw, device=x.device), indexing="ij"
+        torch.arange(n, device=x.device),
+        torch.arange(ch, device=x.device),
+        torch.arange(cw, device=x.device),
+        indexing="ij",
     )
     rows = (rows + offset_y - ch // 2).clamp(0, h - 1)
     cols = (cols + offset_x - cw // 2).clamp(0, w - 1)
@@ -126,7 +132,9 @@ AUGMENT_OPS = {
 DEFAULT_AUGMENT_POLICY = "color,translation,cutout"
 
 
-def diff_augment(images: Tensor, policy: str = DEFAULT_AUGMENT_POLICY, generator: torch.Generator | None = None) -> Tensor:
+def diff_augment(
+    images: Tensor, policy: str = DEFAULT_AUGMENT_POLICY, generator: torch.Generator | None = None
+) -> Tensor:
     """Differentiable augmentation of a batch (N, C, H, W) in [-1, 1] before the discriminator.
 
     ``policy`` is a comma-separated list of :data:`AUGMENT_OPS` keys, applied in order, each
@@ -175,7 +183,9 @@ def notebook_travel_loss(emb_src: Tensor, emb_gen: Tensor) -> Tensor:
     relative to that scale. Computed in float32; O(N^2 D) memory. Returns a float32 scalar.
     """
     if not isinstance(emb_src, Tensor) or not isinstance(emb_gen, Tensor):
-        raise TypeError(f"emb_src, emb_gen: expected tensors, got {type(emb_src).__name__} and {type(emb_gen).__name__}")
+        raise TypeError(
+            f"emb_src, emb_gen: expected tensors, got {type(emb_src).__name__} and {type(emb_gen).__name__}"
+        )
     if emb_src.dim() != 2 or emb_src.shape != emb_gen.shape or emb_src.shape[0] < 2:
         raise ValueError(
             f"emb_src, emb_gen: expected two (N, D) tensors of one shape with N >= 2, "

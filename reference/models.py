@@ -211,7 +211,8 @@ def receptive_field(network: nn.Module) -> int:
     """
     if any(isinstance(m, nn.ConvTranspose2d) for m in network.modules()):
         raise ValueError(
-            f"receptive_field needs a plain chain of Conv2d layers; {type(network).__name__} has transposed convolutions"
+            f"receptive_field needs a plain chain of Conv2d layers; "
+            f"{type(network).__name__} has transposed convolutions"
         )
     convs = [m for m in network.modules() if isinstance(m, nn.Conv2d)]
     if not convs:

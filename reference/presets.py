@@ -95,9 +95,9 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reference.data import IMAGE_EXTENSIONS  # noqa: E402
-from reference.models import PatchDiscriminator  # noqa: E402
-from travel_loss.lambdas import mean_to_paper_lambda, paper_to_mean_lambda  # noqa: E402  (re-exported)
+from reference.data import IMAGE_EXTENSIONS
+from reference.models import PatchDiscriminator
+from travel_loss.lambdas import mean_to_paper_lambda, paper_to_mean_lambda
 
 __all__ = [
     "CONVENTIONS",
@@ -144,7 +144,9 @@ def notebook_lambda(lambda_paper: float, *, batch_size: int = PAPER_BATCH_SIZE, 
 
 def _check_batch_and_patches(batch_size: int, patches: int | None) -> tuple[int, int]:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 2:
-        raise ValueError(f"batch_size: expected an int >= 2 (the global batch; pairs need two images), got {batch_size!r}")
+        raise ValueError(
+            f"batch_size: expected an int >= 2 (the global batch; pairs need two images), got {batch_size!r}"
+        )
     patches = patches_per_image() if patches is None else patches
     if not isinstance(patches, int) or isinstance(patches, bool) or patches < 1:
         raise ValueError(f"patches: expected an int >= 1 (logits per image), got {patches!r}")
@@ -298,12 +300,16 @@ def preset_config(
     if convention not in CONVENTIONS:
         raise ValueError(f"convention: expected one of {', '.join(map(repr, CONVENTIONS))}, got {convention!r}")
     if not isinstance(world_size, int) or world_size < 1 or PAPER_BATCH_SIZE % world_size:
-        raise ValueError(f"world_size: expected an int >= 1 that divides the batch of {PAPER_BATCH_SIZE}, got {world_size!r}")
+        raise ValueError(
+            f"world_size: expected an int >= 1 that divides the batch of {PAPER_BATCH_SIZE}, got {world_size!r}"
+        )
     config: dict[str, Any] = {**PAPER_SETTINGS, "steps": preset.steps, **preset.fields}
     if preset.lambda_paper is not None:
         patches = patches_per_image(config["size"], config["d_layers"])
         if convention == "mean":
-            config["lambda_travel"] = paper_to_mean_lambda(preset.lambda_paper, batch_size=PAPER_BATCH_SIZE, patches=patches)
+            config["lambda_travel"] = paper_to_mean_lambda(
+                preset.lambda_paper, batch_size=PAPER_BATCH_SIZE, patches=patches
+            )
         else:
             config["travel_objective"] = "notebook"
             config["lambda_travel"] = notebook_lambda(preset.lambda_paper, batch_size=PAPER_BATCH_SIZE, patches=patches)
@@ -343,7 +349,10 @@ def check_preset_runnable(
     problems: list[str] = []
     if data is None:
         folder_a, folder_b = DATASET_FOLDERS[preset.dataset]
-        problems.append(f"data: no data root given; pass the {preset.dataset} root holding {folder_a}/ and {folder_b}/ ({_data_hint(preset.dataset)})")
+        problems.append(
+            f"data: no data root given; pass the {preset.dataset} root holding {folder_a}/ and {folder_b}/ "
+            f"({_data_hint(preset.dataset)})"
+        )
     elif not Path(data).is_dir():
         problems.append(f"data: the root {data} does not exist ({_data_hint(preset.dataset)})")
     else:
@@ -370,7 +379,10 @@ def check_preset_runnable(
 
 def _data_hint(dataset: str) -> str:
     if dataset == "monet2photo":
-        return "download the Kaggle competition data 'I'm Something of a Painter Myself' (gan-getting-started) and unzip it"
+        return (
+            "download the Kaggle competition data 'I'm Something of a Painter Myself' (gan-getting-started) "
+            "and unzip it"
+        )
     return "put GTA frames in trainA/ and Cityscapes leftImg8bit frames in trainB/ (CycleGAN layout)"
 
 
@@ -385,13 +397,19 @@ def _image_folder_problem(folder: Path) -> str | None:
 def _encoder_problem(encoder: str, cache_dir: str | os.PathLike[str] | None) -> str | None:
     folder = Path(os.path.expanduser(encoder))
     if folder.is_dir():
-        return None if (folder / "config.json").is_file() else f"the folder {folder} holds no config.json (a save_pretrained checkpoint)"
+        return (
+            None
+            if (folder / "config.json").is_file()
+            else f"the folder {folder} holds no config.json (a save_pretrained checkpoint)"
+        )
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return f"{encoder!r} is not a local folder and huggingface_hub is not installed to look in the cache"
     config_file = try_to_load_from_cache(encoder, "config.json", cache_dir=cache_dir)
-    weights = [try_to_load_from_cache(encoder, f, cache_dir=cache_dir) for f in ("model.safetensors", "pytorch_model.bin")]
+    weights = [
+        try_to_load_from_cache(encoder, f, cache_dir=cache_dir) for f in ("model.safetensors", "pytorch_model.bin")
+    ]
     if isinstance(config_file, str) and any(isinstance(w, str) for w in weights):
         return None
     return (
@@ -418,7 +436,9 @@ def preset_command(config: Mapping[str, Any], *, script: str = "reference/train.
 
 
 def _listing(convention_rows: Sequence[Preset]) -> str:
-    lines = [f"{'preset':<34} {'steps':>6} {'lambda paper':>12} {'mean conv.':>11} {'notebook conv.':>15}  paper's result"]
+    lines = [
+        f"{'preset':<34} {'steps':>6} {'lambda paper':>12} {'mean conv.':>11} {'notebook conv.':>15}  paper's result"
+    ]
     for preset in convention_rows:
         if preset.lambda_paper is None:
             weights = f"{'-':>12} {preset.fields.get('lambda_travel', '-'):>11} {'-':>15}"
@@ -441,7 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="run folder (default runs/NAME)")
     parser.add_argument("--convention", choices=CONVENTIONS, default="mean")
     parser.add_argument("--world-size", type=int, default=1, help="processes under torchrun (divides the batch of 128)")
-    parser.add_argument("--encoder", default=PAPER_ENCODER, help="CLIP checkpoint: hub id in the HF cache or local folder")
+    parser.add_argument(
+        "--encoder", default=PAPER_ENCODER, help="CLIP checkpoint: hub id in the HF cache or local folder"
+    )
     parser.add_argument("--no-gpu-check", action="store_true", help="do not require a CUDA GPU")
     args = parser.parse_args(argv)
     if args.name is None:

@@ -69,7 +69,9 @@ def check_run_inputs(config: Any) -> None:
     if config.data is not None:
         root = Path(config.data)
         if not root.is_dir():
-            raise RunInputError(f"--data: expected a dataset folder holding trainA/ and trainB/, found {_found(root)} at {root}")
+            raise RunInputError(
+                f"--data: expected a dataset folder holding trainA/ and trainB/, found {_found(root)} at {root}"
+            )
         for side in ("A", "B"):
             if not (root / f"train{side}").is_dir():
                 present = sorted(p.name + "/" for p in root.iterdir() if p.is_dir())[:6]
@@ -96,7 +98,9 @@ def check_run_inputs(config: Any) -> None:
         raise RunInputError(str(error)) from None
     resume_from = getattr(config, "resume_from", None)
     if resume_from is not None and not Path(resume_from).is_file():
-        raise RunInputError(f"--resume-from: expected a checkpoint file, found {_found(Path(resume_from))} at {resume_from}")
+        raise RunInputError(
+            f"--resume-from: expected a checkpoint file, found {_found(Path(resume_from))} at {resume_from}"
+        )
 
 
 def check_datasets(datasets: dict[str, Any], batch_size: int, world_size: int) -> None:
@@ -147,7 +151,7 @@ class Runtime:
 def import_xla() -> Any:
     """``torch_xla.core.xla_model``, or a SetupError that says how to get it."""
     try:
-        import torch_xla.core.xla_model as xm  # noqa: PLC0415
+        import torch_xla.core.xla_model as xm
     except ImportError as error:
         raise SetupError(
             "--device xla needs torch_xla, which is not installed (pip install torch_xla, on a TPU host); "
@@ -255,10 +259,13 @@ class StopSignal:
 
 def compile_modules(modules: list[nn.Module], backend: str) -> list[nn.Module]:
     """``torch.compile`` each distinct module once; a module listed twice comes back as the same compiled object."""
-    import torch._dynamo  # noqa: PLC0415
+    import torch._dynamo
 
     if not torch._dynamo.is_dynamo_supported():
-        raise SetupError(f"--compile: torch.compile is not supported here (Python {sys.version.split()[0]}, torch {torch.__version__}); run without --compile")
+        raise SetupError(
+            f"--compile: torch.compile is not supported here "
+            f"(Python {sys.version.split()[0]}, torch {torch.__version__}); run without --compile"
+        )
     compiled: dict[int, nn.Module] = {}
     for module in modules:
         if id(module) not in compiled:
@@ -268,6 +275,6 @@ def compile_modules(modules: list[nn.Module], backend: str) -> list[nn.Module]:
 
 def compiled_graph_count() -> int:
     """Graphs dynamo has compiled so far in this process (a recompilation adds one)."""
-    from torch._dynamo.utils import counters  # noqa: PLC0415
+    from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])

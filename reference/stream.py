@@ -1,4 +1,5 @@
-"""The training data as an endless, seeded stream of batches per domain, the same for any number of workers and ranks."""
+"""The training data as an endless, seeded stream of batches per domain, the same for any number of
+workers and ranks."""
 
 from __future__ import annotations
 

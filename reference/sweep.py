@@ -33,7 +33,8 @@ is the travel loss with the training toy encoder (the lambda runs' own teacher).
 Output in ``--out``: ``sweep.json``, ``sweep.md`` (a markdown table) and ``sweep.png`` (flip
 rate, lane accuracy and realism against lambda)::
 
-    python reference/sweep.py --out runs/sweep   # 9 runs of about 30 s each, plus the encoder pretraining and warm start
+    # 9 runs of about 30 s each, plus the encoder pretraining and warm start
+    python reference/sweep.py --out runs/sweep
     python reference/sweep.py --out /tmp/smoke --steps 20 --lambdas 0 100
 """
 
@@ -53,17 +54,17 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import torch
+from torch import Tensor, nn
 
-from reference import demo  # noqa: E402
-from reference.data import PALETTE_B, paint_labels  # noqa: E402
-from reference.evaluate import format_table, frechet_distance, plot_lambda_sweep, translate_images, travel_consistency  # noqa: E402
-from reference.models import ResnetGenerator  # noqa: E402
-from reference.toy_encoder import build_toy_encoder  # noqa: E402
-from reference.train import SiameseEmbedder  # noqa: E402
+from reference import demo
+from reference.data import PALETTE_B, paint_labels
+from reference.evaluate import format_table, frechet_distance, plot_lambda_sweep, translate_images, travel_consistency
+from reference.models import ResnetGenerator
+from reference.toy_encoder import build_toy_encoder
+from reference.train import SiameseEmbedder
 
-__all__ = ["DEFAULT_LAMBDAS", "PooledPixels", "SWEEP_COLUMNS", "run_sweep", "sweep_settings"]
+__all__ = ["DEFAULT_LAMBDAS", "SWEEP_COLUMNS", "PooledPixels", "run_sweep", "sweep_settings"]
 
 DEFAULT_LAMBDAS = (0.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 SIAMESE_LAMBDA = 10.0  # TraVeLGAN's weight of its travel and margin terms
@@ -105,7 +106,9 @@ def sweep_settings(lambdas: Sequence[float], *, auto: bool = True, baselines: bo
         runs.append({"name": "lambda auto", "lambda_travel": "auto", "encoder": "toy"})
     if baselines:
         runs.append({"name": "TraVeLGAN (Siamese)", "lambda_travel": SIAMESE_LAMBDA, "encoder": "siamese"})
-        runs.append({"name": "random encoder (ablation)", "lambda_travel": RANDOM_ENCODER_LAMBDA, "encoder": "toy-random"})
+        runs.append(
+            {"name": "random encoder (ablation)", "lambda_travel": RANDOM_ENCODER_LAMBDA, "encoder": "toy-random"}
+        )
     return runs
 
 
@@ -138,7 +141,12 @@ def run_sweep(
         raise ValueError("lambdas: expected at least one run (give lambdas, or leave auto or baselines on)")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
-    if isinstance(auto_scale, bool) or not isinstance(auto_scale, (int, float)) or not auto_scale > 0 or not math.isfinite(auto_scale):
+    if (
+        isinstance(auto_scale, bool)
+        or not isinstance(auto_scale, (int, float))
+        or not auto_scale > 0
+        or not math.isfinite(auto_scale)
+    ):
         raise ValueError(f"auto_scale: expected a finite number > 0, got {auto_scale!r}")
     settings = demo.FULL if settings is None else settings
     if not isinstance(settings, demo.DemoSettings):
@@ -193,7 +201,10 @@ def _run(
     torch.manual_seed(seed)
     start = ResnetGenerator(3, 3, width=settings.g_width, n_blocks=settings.g_blocks)
     warm_losses = demo._identity_warm_start(start, images_a, images_b, settings, seed)
-    say(f"identity warm start: {settings.warm_start_steps} steps, last L1 {warm_losses[-1] if warm_losses else math.nan:.3f}")
+    say(
+        f"identity warm start: {settings.warm_start_steps} steps, "
+        f"last L1 {warm_losses[-1] if warm_losses else math.nan:.3f}"
+    )
     references = [
         {"name": "input unchanged", **score(eval_images)},
         {"name": "warm start", **score(translate_images(start, eval_images))},
@@ -227,7 +238,10 @@ def _run(
         _write_tables(out, payload)  # after every run: a partial sweep is readable
         bar.update(1)
         if progress:
-            bar.write(f"{row['name']}: flip rate {row['semantic_flip_rate']:.3f}, realism {row['realism']:.3f} ({row['seconds']:.0f} s)")
+            bar.write(
+                f"{row['name']}: flip rate {row['semantic_flip_rate']:.3f}, realism {row['realism']:.3f} "
+                f"({row['seconds']:.0f} s)"
+            )
     bar.close()
     payload["seconds"] = time.perf_counter() - started
     _write_tables(out, payload)
@@ -276,9 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lambdas", type=float, nargs="*", default=list(DEFAULT_LAMBDAS))
     parser.add_argument("--steps", type=int, default=demo.FULL.steps, help="GAN updates per run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--auto-scale", type=float, default=1.0, help="s of the adaptive lambda (travel / adversarial gradient norm)")
+    parser.add_argument(
+        "--auto-scale", type=float, default=1.0, help="s of the adaptive lambda (travel / adversarial gradient norm)"
+    )
     parser.add_argument("--no-auto", action="store_true", help="skip the adaptive-lambda run")
-    parser.add_argument("--no-baselines", action="store_true", help="skip the Siamese baseline and the random-encoder ablation")
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip the Siamese baseline and the random-encoder ablation"
+    )
     args = parser.parse_args(argv)
     run_sweep(
         args.out, lambdas=args.lambdas, steps=args.steps, seed=args.seed, auto=not args.no_auto,

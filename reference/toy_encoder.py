@@ -107,12 +107,16 @@ class ToyLayoutEncoder(nn.Module):
         return self.logits(images).softmax(dim=1).flatten(1)
 
 
-def _palette_matrix(palette: dict[str, tuple[float, float, float]], fallback: dict[str, tuple[float, float, float]]) -> Tensor:
+def _palette_matrix(
+    palette: dict[str, tuple[float, float, float]], fallback: dict[str, tuple[float, float, float]]
+) -> Tensor:
     """(len(CLASSES), 3) RGB in [0, 1]; classes missing from ``palette`` take ``fallback``'s colour."""
     return torch.tensor([palette.get(name, fallback[name]) for name in CLASSES], dtype=torch.float32)
 
 
-def random_palette_images(labels: Tensor, generator: torch.Generator, jitter: float = 0.1, noise: float = 0.1) -> Tensor:
+def random_palette_images(
+    labels: Tensor, generator: torch.Generator, jitter: float = 0.1, noise: float = 0.1
+) -> Tensor:
     r"""Paint label maps (N, H, W) with one random palette per image: (N, 3, H, W) in [-1, 1].
 
     Each image's palette is :math:`(1 - t) P_A + t P_B + u` with :math:`t \sim U(-0.2, 1.2)`
@@ -169,7 +173,13 @@ def cell_class_fractions(labels: Tensor) -> Tensor:
 
 
 def pretrain_layout_encoder(
-    encoder: ToyLayoutEncoder, *, steps: int = 300, batch_size: int = 32, scenes: int = 512, seed: int = 0, lr: float = 3e-3
+    encoder: ToyLayoutEncoder,
+    *,
+    steps: int = 300,
+    batch_size: int = 32,
+    scenes: int = 512,
+    seed: int = 0,
+    lr: float = 3e-3,
 ) -> list[float]:
     r"""Train ``encoder`` in place on the proxy task; returns the loss of every step.
 

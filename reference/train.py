@@ -69,7 +69,13 @@ from reference.config import (
     TrainConfig,
     check_config,
 )
-from reference.data import ImageFolder, TooManyUnreadableImagesError, ToyStreets, resolve_unpaired_folders, unreadable_count
+from reference.data import (
+    ImageFolder,
+    TooManyUnreadableImagesError,
+    ToyStreets,
+    resolve_unpaired_folders,
+    unreadable_count,
+)
 from reference.logs import MetricsLog, log_record, progress_bar, save_image_grid, write_samples
 from reference.losses import (
     GAN_LOSSES,
@@ -152,7 +158,9 @@ class StepOptions:
         )
 
     def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+        return torch.autocast(
+            self.device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        )
 
 
 def travel_term(emb_src: Tensor, emb_gen: Tensor, options: StepOptions) -> Tensor:
@@ -226,7 +234,9 @@ def generator_step(
     (:func:`micro_batched_generator_step`), for the memory of m images' activations.
     """
     if emb_src is not None and encoder_optimizer is not None:
-        raise ValueError("emb_src: precomputed source embeddings cannot be used with a trainable encoder (encoder_optimizer)")
+        raise ValueError(
+            "emb_src: precomputed source embeddings cannot be used with a trainable encoder (encoder_optimizer)"
+        )
     optimizers = [optimizer] if encoder_optimizer is None else [optimizer, encoder_optimizer]
     if 0 < options.micro_batch < real_a.shape[0]:
         return micro_batched_generator_step(
@@ -496,22 +506,22 @@ def build_encoder(config: TrainConfig) -> nn.Module:
     if config.encoder_mode == "siamese":
         return SiameseEmbedder(config.size, width=config.siamese_width, dim=config.siamese_dim)
     if config.encoder_mode == "module":
-        from reference.user_embedder import EmbedderSpecError, build_user_embedder  # noqa: PLC0415
+        from reference.user_embedder import EmbedderSpecError, build_user_embedder
 
         try:
             return build_user_embedder(config.encoder, config.size)
         except EmbedderSpecError as error:
             raise SetupError(str(error)) from error
     if config.encoder_mode == "toy":
-        from reference.toy_encoder import build_toy_encoder  # noqa: PLC0415
+        from reference.toy_encoder import build_toy_encoder
 
         return _frozen(build_toy_encoder(config.size, seed=config.seed))
-    from travel_loss.encoder import FrozenCLIPEncoder  # noqa: PLC0415  (imports transformers)
+    from travel_loss.encoder import FrozenCLIPEncoder
 
     options = dict(crop=config.crop, features=config.features, check_range=False)  # no host sync per call
     if config.encoder_mode == "clip":
         return _frozen(FrozenCLIPEncoder(config.encoder, **options))
-    from transformers import CLIPVisionConfig  # noqa: PLC0415
+    from transformers import CLIPVisionConfig
 
     try:
         vision_config = CLIPVisionConfig.from_pretrained(config.encoder, local_files_only=True)
@@ -619,13 +629,17 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     resume_path = Path(config.resume_from) if config.resume_from is not None else latest
     resuming = config.resume_from is not None or (config.resume and latest.exists())
     if latest.exists() and not (config.resume or config.resume_from is not None):
-        raise ValueError(f"out: {out} already holds a checkpoint ({LATEST}); pass resume=True (--resume) or choose another folder")
+        raise ValueError(
+            f"out: {out} already holds a checkpoint ({LATEST}); pass resume=True (--resume) or choose another folder"
+        )
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
     say = print if runtime.is_main and progress else (lambda *a, **k: None)
     images_a, images_b = build_datasets(config)  # folder mistakes surface before any model is built
-    check_datasets({f"domain {d} ({getattr(x, 'folder', 'toy streets')})": x for d, x in zip("AB", (images_a, images_b))},
-                   config.batch_size, runtime.world_size)  # fmt: skip
+    check_datasets(
+        {f"domain {d} ({getattr(x, 'folder', 'toy streets')})": x for d, x in zip("AB", (images_a, images_b))},
+        config.batch_size, runtime.world_size,
+    )  # fmt: skip
 
     # ---- models, encoder, optimizers: the same initial weights on every rank
     seed_everything(config.seed)
@@ -655,7 +669,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     scalers = {name: torch.amp.GradScaler("cuda", enabled=fp16) for name in ("generator", "discriminator")}
     adaptive = None
     if config.lambda_travel == "auto":
-        from reference.adaptive_lambda import GradientBalancedLambda, last_layer_weight  # noqa: PLC0415
+        from reference.adaptive_lambda import GradientBalancedLambda, last_layer_weight
 
         adaptive = GradientBalancedLambda(
             last_layer_weight(generator), momentum=config.lambda_auto_momentum, scale=config.lambda_auto_scale
@@ -666,7 +680,11 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     start_step = 0
     if resuming:
         checkpoint = load_checkpoint(resume_path, advice="resume from one of them with --resume-from FILE")
-        changed = sorted(k for k, v in checkpoint.get("config", {}).items() if k not in _RESUME_FREE_FIELDS and asdict(config).get(k) != v)
+        changed = sorted(
+            k
+            for k, v in checkpoint.get("config", {}).items()
+            if k not in _RESUME_FREE_FIELDS and asdict(config).get(k) != v
+        )
         try:
             start_step, data_position = restore_training_state(
                 checkpoint, runtime, modules, optimizers, schedulers, scalers, adaptive
@@ -674,10 +692,15 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
         except (KeyError, RuntimeError, ValueError) as error:  # another architecture, or not a training checkpoint
             raise RunInputError(
                 f"--resume: {resume_path} does not fit this run (settings that differ: {changed or 'none recorded'}; "
-                f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}); resume with its settings or use a new --out"
+                f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}); "
+                f"resume with its settings or use a new --out"
             ) from None
         if changed:
-            warnings.warn(f"resuming {resume_path} with changed settings {changed}: the run will differ from an uninterrupted one")
+            warnings.warn(
+                f"resuming {resume_path} with changed settings {changed}: "
+                f"the run will differ from an uninterrupted one",
+                stacklevel=2,
+            )
         say(f"resumed {resume_path} at step {start_step}")
         del checkpoint
     else:
@@ -694,12 +717,16 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
         if trainable_encoder:
             e_train = DistributedDataParallel(encoder, device_ids=device_ids)
     if config.compile:
-        g_train, d_train, e_train, d_for_g = compile_modules([g_train, d_train, e_train, d_for_g], config.compile_backend)
+        g_train, d_train, e_train, d_for_g = compile_modules(
+            [g_train, d_train, e_train, d_for_g], config.compile_backend
+        )
 
     # ---- data
     batches_a = _batches(images_a, config, runtime, domain=0, start=data_position)
     batches_b = _batches(images_b, config, runtime, domain=1, start=data_position)
-    sample_inputs = torch.stack([FlippedImages(images_a)[(i, False)] for i in range(min(config.sample_count, len(images_a)))])
+    sample_inputs = torch.stack(
+        [FlippedImages(images_a)[(i, False)] for i in range(min(config.sample_count, len(images_a)))]
+    )
 
     # ---- the loop
     options = StepOptions.from_config(config, device.type)
@@ -734,7 +761,14 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
                 encoder_optimizer=optimizers.get("siamese"), adaptive_lambda=adaptive,
                 travel_queue=modules.get("travel_queue"),
             )  # fmt: skip
-            d_out = discriminator_step(d_train, optimizers["discriminator"], real_b, g_out.pop("fake"), options, scaler=scalers["discriminator"])
+            d_out = discriminator_step(
+                d_train,
+                optimizers["discriminator"],
+                real_b,
+                g_out.pop("fake"),
+                options,
+                scaler=scalers["discriminator"],
+            )
             for sched in schedulers.values():
                 sched.step()
             if runtime.xla is not None:
@@ -746,20 +780,28 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
 
             if step % config.log_every == 0 or step == config.steps:
                 record = log_record(step, running, step - interval_start_step, runtime, optimizers)
-                record["images_per_second"] = images_per_step * (step - interval_start_step) / (time.perf_counter() - interval_started)
+                record["images_per_second"] = (
+                    images_per_step * (step - interval_start_step) / (time.perf_counter() - interval_started)
+                )
                 running, interval_started, interval_start_step = {}, time.perf_counter(), step
                 if image_files:
-                    unreadable = unreadable_count(images_a, images_b, group=runtime.control_group if runtime.distributed else None)
+                    unreadable = unreadable_count(
+                        images_a, images_b, group=runtime.control_group if runtime.distributed else None
+                    )
                     record["unreadable_images"] = unreadable
                     if unreadable > config.max_unreadable_fraction * image_files:
                         too_many_unreadable = (
-                            f"stopped at step {step}: {unreadable} of {image_files} image files failed to decode, more than "
-                            f"--max-unreadable-fraction {config.max_unreadable_fraction}; a checkpoint was saved in {out}: "
+                            f"stopped at step {step}: {unreadable} of {image_files} image files "
+                            f"failed to decode, more than "
+                            f"--max-unreadable-fraction {config.max_unreadable_fraction}; "
+                            f"a checkpoint was saved in {out}: "
                             "fix or remove the files (named in the warnings above) and continue with --resume"
                         )
                 if log is not None:
                     log.write(record)
-                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss_g", "loss_d", "loss_travel", "images_per_second")})
+                bar.set_postfix(
+                    {k: f"{record[k]:.3g}" for k in ("loss_g", "loss_d", "loss_travel", "images_per_second")}
+                )
             if runtime.is_main and (step % config.sample_every == 0 or step == config.steps):
                 samples = out / "samples" / f"step_{step:06d}.png"
                 write_samples(generator, sample_inputs, samples, options.autocast, config.channels_last)
@@ -782,7 +824,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     if config.compile:
         compiled_graphs["end"] = compiled_graph_count()
         if compiled_graphs.get("end") != compiled_graphs.get("after_first_step"):
-            warnings.warn(f"torch.compile recompiled after the first step: {compiled_graphs}")
+            warnings.warn(f"torch.compile recompiled after the first step: {compiled_graphs}", stacklevel=2)
     if runtime.distributed:
         dist.barrier(group=runtime.control_group)  # latest.pt is complete before any rank reads it
     if too_many_unreadable is not None:
@@ -820,8 +862,8 @@ def _lambda_value(text: str) -> float | str:
 
 def _field_comments(cls: type) -> dict[str, str]:
     """The ``# comment`` after each field of a dataclass, as command-line help (empty if no source)."""
-    import inspect  # noqa: PLC0415
-    import re  # noqa: PLC0415
+    import inspect
+    import re
 
     try:
         source = inspect.getsource(cls)
@@ -834,7 +876,9 @@ def _field_comments(cls: type) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     """One flag per :class:`TrainConfig` field (``--g-width`` for g_width), plus --demo and --quick."""
     parser = argparse.ArgumentParser(
-        prog="reference/train.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="reference/train.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = TrainConfig()
     special: dict[str, dict[str, Any]] = {
@@ -869,7 +913,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, default=default, help=text)
     parser.add_argument(
         "--demo", nargs="?", const="streets", choices=("streets", "digits"), default=None,
-        help="run a study into --out: the toy streets (reference.demo; --demo alone) or real digits (reference.digit_demo)",
+        help="run a study into --out: the toy streets (reference.demo; --demo alone) "
+        "or real digits (reference.digit_demo)",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="with --demo: a shorter study")
     parser.add_argument(
@@ -889,12 +934,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo, quick = args.pop("demo"), args.pop("quick")
     config = TrainConfig(**args)
     if demo == "digits":
-        from reference.digit_demo import run_digit_demo  # noqa: PLC0415
+        from reference.digit_demo import run_digit_demo
 
         run_digit_demo(config.out, seed=config.seed, quick=quick)
         return 0
     if demo:
-        from reference.demo import run_demo  # noqa: PLC0415
+        from reference.demo import run_demo
 
         run_demo(config.out, seed=config.seed, quick=quick)
         return 0
@@ -914,9 +959,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if summary["rank"] != 0:
         return 0
     if summary["interrupted"]:
-        print(f"stopped by {summary['interrupted']} at step {summary['step']}; continue with --resume --out {summary['out']}")
+        print(
+            f"stopped by {summary['interrupted']} at step {summary['step']}; "
+            f"continue with --resume --out {summary['out']}"
+        )
     else:
-        print(f"done: {summary['step']} steps, {summary['images_per_second']:.1f} images/s; checkpoint {summary['checkpoint']}")
+        print(
+            f"done: {summary['step']} steps, {summary['images_per_second']:.1f} images/s; "
+            f"checkpoint {summary['checkpoint']}"
+        )
     return 0
 
 

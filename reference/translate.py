@@ -111,7 +111,8 @@ def load_generator(checkpoint: str | os.PathLike[str], *, device: str | torch.de
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int = 4, minimum: int = 8) -> torch.Tensor:
-    """Pad (N, C, H, W) at the bottom and right to (N, C, H', W'), H' = max(minimum, H rounded up to a multiple of ``multiple``).
+    """Pad (N, C, H, W) at the bottom and right to (N, C, H', W'),
+    H' = max(minimum, H rounded up to a multiple of ``multiple``).
 
     Reflection padding, so that the border continues the image; replication for images too
     small to reflect (a pad must be smaller than the side it mirrors).
@@ -143,7 +144,9 @@ def translate_images(generator: nn.Module, images: torch.Tensor, size: int | Non
     inner_h, inner_w = images.shape[-2:]
     translated = generator(pad_to_multiple(images))[..., :inner_h, :inner_w]
     if size is not None:
-        translated = F.interpolate(translated, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+        translated = F.interpolate(
+            translated, size=(height, width), mode="bicubic", antialias=True, align_corners=False
+        )
         translated = translated.clamp(-1, 1)
     return translated
 
@@ -206,7 +209,8 @@ def translate_folder(
     progress: bool = True,
     overwrite: bool = False,
 ) -> list[Path]:
-    """Translate every image of ``input_dir`` and write ``output_dir/<base name>.png``; returns the written paths in input order.
+    """Translate every image of ``input_dir`` and write ``output_dir/<base name>.png``;
+    returns the written paths in input order.
 
     Images keep their own size (see :func:`translate_images`); consecutive images of equal
     size share a batch of up to ``batch_size``. ``device`` None keeps the generator where it
@@ -268,15 +272,24 @@ def _positive_int(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="reference/translate.py",
-        description="Translate every image of a folder with a trained generator; writes PNGs with the same base names."
+        description="Translate every image of a folder with a trained generator; writes PNGs with the same base names.",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="trainer checkpoint (e.g. OUT/latest.pt) or generator state_dict")
-    parser.add_argument("--input", required=True, type=Path, help="folder of jpg/png/webp/bmp/tif images")
-    parser.add_argument("--output", required=True, type=Path, help="folder for the translated PNGs (created if missing)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    parser.add_argument("--batch-size", type=_positive_int, default=1, help="images per batch; only equal-sized images share one")
     parser.add_argument(
-        "--size", type=_positive_int, default=None, help="resize the shorter side to this before translating (default: native size)"
+        "--checkpoint", required=True, type=Path, help="trainer checkpoint (e.g. OUT/latest.pt) or generator state_dict"
+    )
+    parser.add_argument("--input", required=True, type=Path, help="folder of jpg/png/webp/bmp/tif images")
+    parser.add_argument(
+        "--output", required=True, type=Path, help="folder for the translated PNGs (created if missing)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=1, help="images per batch; only equal-sized images share one"
+    )
+    parser.add_argument(
+        "--size",
+        type=_positive_int,
+        default=None,
+        help="resize the shorter side to this before translating (default: native size)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true", help="replace files of the same name in --output")

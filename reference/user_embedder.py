@@ -99,10 +99,12 @@ def build_user_embedder(spec: str, image_size: int, *, check: bool = True) -> nn
         raise EmbedderSpecError(f"encoder: {spec!r} must return an nn.Module, got {type(embedder).__name__}")
     frozen = FlattenFeatures(embedder).requires_grad_(False).eval()
     if check:
-        from travel_loss.testing import check_embedder  # noqa: PLC0415
+        from travel_loss.testing import check_embedder
 
         try:
             check_embedder(frozen, image_shape=(3, image_size, image_size), input_range=(-1.0, 1.0))
         except AssertionError as error:
-            raise EmbedderSpecError(f"encoder: the embedder from {spec!r} fails travel_loss.testing.check_embedder: {error}") from error
+            raise EmbedderSpecError(
+                f"encoder: the embedder from {spec!r} fails travel_loss.testing.check_embedder: {error}"
+            ) from error
     return frozen

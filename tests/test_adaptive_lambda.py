@@ -34,7 +34,9 @@ def _gradient_norm(loss: torch.Tensor, parameter: torch.Tensor) -> float:
 
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10_000), scale=st.floats(0.1, 10.0), adversarial_weight=st.floats(0.01, 100.0))
-def test_without_smoothing_weighted_travel_gradient_matches_scaled_adversarial_gradient(seed, scale, adversarial_weight):
+def test_without_smoothing_weighted_travel_gradient_matches_scaled_adversarial_gradient(
+    seed, scale, adversarial_weight
+):
     weight, adversarial, travel = _losses(seed, adversarial_weight)
     balance = GradientBalancedLambda(weight, momentum=0.0, scale=scale)
     lam = balance.update(adversarial, travel)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import warnings
 from pathlib import Path
 
@@ -333,7 +334,7 @@ def test_realism_falls_as_outputs_leave_the_palette() -> None:
         realism.append(scores["realism"])
         distance.append(scores["palette_distance"])
     assert realism[0] == 1.0 and realism[-1] < 0.1
-    assert all(a > b for a, b in zip(realism[1:], realism[2:]))
+    assert all(a > b for a, b in itertools.pairwise(realism))
     assert distance == sorted(distance) and distance[0] == 0.0
 
 
@@ -364,7 +365,9 @@ def test_scores_agree_with_a_pixel_by_pixel_count(seed: int, spread: float) -> N
     labels = rng.integers(0, len(CLASSES), size=(2, 5, 6))
     labels[0, 0, 0], labels[1, 0, 0] = LANE, SKY  # both groups are never empty
     noisy_palette = np.array([PALETTE_B[rng.choice(list(PALETTE_B))] for _ in range(60)]).reshape(2, 5, 6, 3)
-    translated = (noisy_palette + rng.normal(0, spread, size=noisy_palette.shape)).clip(0, 1).transpose(0, 3, 1, 2) * 2 - 1
+    translated = (noisy_palette + rng.normal(0, spread, size=noisy_palette.shape)).clip(0, 1).transpose(
+        0, 3, 1, 2
+    ) * 2 - 1
     translated = translated.astype(np.float32)
     scores = score_translations(torch.from_numpy(translated), torch.from_numpy(labels))
     flip, lane, realism = _naive_scores(translated, labels)

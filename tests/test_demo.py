@@ -54,7 +54,9 @@ def test_toy_encoder_is_a_frozen_embedder(encoder: ToyLayoutEncoder) -> None:
     assert out.shape == (2, encoder.embedding_dim) == (2, len(CLASSES) * GRID * GRID)
 
 
-def test_embedding_is_a_distribution_per_cell(encoder: ToyLayoutEncoder, held_out: tuple[torch.Tensor, torch.Tensor]) -> None:
+def test_embedding_is_a_distribution_per_cell(
+    encoder: ToyLayoutEncoder, held_out: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     with torch.no_grad():
         cells = encoder(held_out[0][:4]).view(4, len(CLASSES), GRID, GRID)
     assert (cells >= 0).all()
@@ -95,7 +97,9 @@ def test_pretraining_lowers_the_proxy_loss() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_a_scene_and_its_ideal_translation_embed_close(encoder: ToyLayoutEncoder, held_out: tuple[torch.Tensor, torch.Tensor]) -> None:
+def test_a_scene_and_its_ideal_translation_embed_close(
+    encoder: ToyLayoutEncoder, held_out: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     images, labels = held_out
     with torch.no_grad():
         source, ideal = encoder(images).double(), encoder(paint_labels(labels, PALETTE_B)).double()
@@ -127,13 +131,17 @@ def test_moving_a_car_moves_the_embedding(encoder: ToyLayoutEncoder) -> None:
     with_car = labels.clone()
     with_car[4:12, 8:24] = CLASSES.index("car")  # in the sky: grid rows 0-1, columns 1-2
     with torch.no_grad():
-        before, after = (encoder(paint_labels(x[None], PALETTE_B)).view(len(CLASSES), GRID, GRID) for x in (labels, with_car))
+        before, after = (
+            encoder(paint_labels(x[None], PALETTE_B)).view(len(CLASSES), GRID, GRID) for x in (labels, with_car)
+        )
     change = (after - before).abs().sum(0)  # (GRID, GRID)
     assert change[:2, 1:3].min() > 0.5
     assert change[4:].max() < 0.1
 
 
-def test_travel_loss_is_blind_to_changes_common_to_all_images(encoder: ToyLayoutEncoder, held_out: tuple[torch.Tensor, torch.Tensor]) -> None:
+def test_travel_loss_is_blind_to_changes_common_to_all_images(
+    encoder: ToyLayoutEncoder, held_out: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     """Why the demo's flip rate has a floor: the same change made to every image leaves every
     transformation vector E(x_i) - E(x_j) as it was, so stripes or a tree canopy painted across
     the top of *every* translation flip many pixels at no travel cost, while shuffling (losing
@@ -210,7 +218,12 @@ def test_quick_demo_writes_a_valid_report(tmp_path) -> None:
         assert 0 <= run["lane_accuracy"] <= 1
         assert 0 <= run["realism"] <= 1 and run["palette_distance"] >= 0 and 0 <= run["travel"] <= 2
     ideal = written["references"]["ideal"]
-    assert ideal["semantic_flip_rate"] == 0 and ideal["lane_accuracy"] == 1 and ideal["realism"] == 1 and ideal["palette_distance"] < 1e-6
+    assert (
+        ideal["semantic_flip_rate"] == 0
+        and ideal["lane_accuracy"] == 1
+        and ideal["realism"] == 1
+        and ideal["palette_distance"] < 1e-6
+    )
     unchanged = written["references"]["input unchanged"]
     assert unchanged["semantic_flip_rate"] == 0 and unchanged["lane_accuracy"] == 0
     with Image.open(tmp_path / written["grid"]) as grid:
@@ -228,7 +241,11 @@ def test_quick_demo_is_deterministic_and_runs_from_the_command_line(tmp_path, ca
     assert main(["--demo", "--quick", "--seed", "0", "--out", str(tmp_path / "cli")]) == 0
     second = json.loads((tmp_path / "cli" / REPORT_NAME).read_text())
     for a, b in zip(first["runs"], second["runs"], strict=True):
-        assert (a["semantic_flip_rate"], a["lane_accuracy"], a["realism"]) == (b["semantic_flip_rate"], b["lane_accuracy"], b["realism"])
+        assert (a["semantic_flip_rate"], a["lane_accuracy"], a["realism"]) == (
+            b["semantic_flip_rate"],
+            b["lane_accuracy"],
+            b["realism"],
+        )
     assert "flip rate" in capsys.readouterr().out
 
 

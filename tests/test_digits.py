@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -173,7 +172,11 @@ def test_module_loader_errors_name_the_problem(factory_file, name, message):
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("no_colon", "expected FILE.py:FACTORY"), ("nowhere/x.py:f", "no such file"), ("no_such_pkg.mod:f", "cannot import module")],
+    [
+        ("no_colon", "expected FILE.py:FACTORY"),
+        ("nowhere/x.py:f", "no such file"),
+        ("no_such_pkg.mod:f", "cannot import module"),
+    ],
 )
 def test_module_loader_rejects_bad_specs(spec, message):
     with pytest.raises(EmbedderSpecError, match=message):
@@ -220,7 +223,8 @@ def test_failing_embedder_stops_before_any_step(tmp_path, digit_folders, factory
         train(config, progress=False)
     assert not (tmp_path / "bad" / "latest.pt").exists()
     argv = ["--data-a", config.data_a, "--data-b", config.data_b, "--size", "16", "--encoder-mode", "module",
-            "--encoder", config.encoder, "--out", str(tmp_path / "bad_cli"), "--steps", "1", "--d-layers", "2"]  # fmt: skip
+            "--encoder", config.encoder, "--out", str(tmp_path / "bad_cli"), "--steps", "1",
+            "--d-layers", "2"]  # fmt: skip
     assert main(argv) == 2
     assert "check_embedder" in capsys.readouterr().err
 

@@ -37,9 +37,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
         # 1. The loss and the gradient sent to this rank's embeddings.
         local_gen = (inputs[rows, :EMBED_DIM] * 3).double().requires_grad_()
-        loss = travel_loss(
-            all_gather_with_grad(emb_src[rows].double()), all_gather_with_grad(local_gen)
-        )
+        loss = travel_loss(all_gather_with_grad(emb_src[rows].double()), all_gather_with_grad(local_gen))
         loss.backward()
 
         # 2. A DDP-wrapped "generator": its parameter gradients after DDP's averaging.

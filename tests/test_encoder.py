@@ -112,9 +112,7 @@ def test_legacy_processor_keys_give_shortest_edge_and_crop(tiny_clip_dir_legacy)
 def test_explicit_options_override_the_checkpoint(tiny_clip_dir):
     encoder = FrozenCLIPEncoder(tiny_clip_dir, mean=0.5, std=(0.1, 0.2, 0.3), input_range=(0, 1))
     x = images(1, 32, 32) * 0.5 + 0.5
-    torch.testing.assert_close(
-        encoder.preprocess(x), manual_normalise(x, (0.5,) * 3, (0.1, 0.2, 0.3), (0.0, 1.0))
-    )
+    torch.testing.assert_close(encoder.preprocess(x), manual_normalise(x, (0.5,) * 3, (0.1, 0.2, 0.3), (0.0, 1.0)))
 
 
 @pytest.mark.parametrize("features", ["pooled", "projected"])
@@ -183,9 +181,7 @@ def test_other_image_size_interpolates_position_embeddings(tiny_clip_dir):
     pixel_values = encoder.preprocess(x)
     assert pixel_values.shape == (2, 3, 48, 48)
     with torch.no_grad():
-        expected = encoder.model.vision_model(
-            pixel_values=pixel_values, interpolate_pos_encoding=True
-        ).pooler_output
+        expected = encoder.model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=True).pooler_output
     torch.testing.assert_close(encoder(x), expected)
 
 
@@ -254,9 +250,7 @@ def resize_pair(tiny_clip_dir):
     portrait=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_resize_output_size_and_crop_offsets_are_the_processors(
-    resize_pair, short, long, portrait, seed
-):
+def test_resize_output_size_and_crop_offsets_are_the_processors(resize_pair, short, long, portrait, seed):
     # Noise images make a one-pixel error in the floored long edge or the crop offset cost
     # ~0.1 in mean absolute difference; a faithful geometry differs by ~0.003 (8-bit rounding).
     # Mid-grey values keep PIL's 8-bit clipping of bicubic overshoot out of the comparison.
@@ -536,7 +530,9 @@ def test_folder_without_weights_is_named(tmp_path):
 def test_ensemble_loss_is_the_mean_of_per_encoder_losses(tiny_clip_dir):
     vit_a = FrozenCLIPEncoder(tiny_clip_dir)  # centre crop, pooled, 32 px
     vit_b = FrozenCLIPEncoder.from_config(  # whole image, projected, 48 px
-        dict(TINY_CLIP_CONFIG, image_size=48, patch_size=16, projection_dim=8), seed=0, crop="full",
+        dict(TINY_CLIP_CONFIG, image_size=48, patch_size=16, projection_dim=8),
+        seed=0,
+        crop="full",
         features="projected",
     )
     ensemble = EncoderEnsemble(vit_a, vit_b)

@@ -150,7 +150,10 @@ def test_embeddings_are_the_models_own_features(request, family, features):
 
 def test_default_features_per_family(siglip_dir, dinov2_dir, vit_dir, tiny_clip_dir):
     assert [FrozenEncoder(d).features for d in (siglip_dir, dinov2_dir, vit_dir, tiny_clip_dir)] == [
-        "pooled", "cls", "cls", "pooled"
+        "pooled",
+        "cls",
+        "cls",
+        "pooled",
     ]
     with pytest.raises(ValueError, match="features: expected one of 'cls', 'mean' for a dinov2 model, got 'pooled'"):
         FrozenEncoder(dinov2_dir, features="pooled")
@@ -311,7 +314,7 @@ def test_data_parallel_replica_runs_weights_on_its_inputs_device(siglip_dir):
     copies = list(encoder._device_copies.values())
     assert len(copies) == 1 and all(p.device.type == "meta" for p in copies[0].parameters())
     replica(x.to("meta"))
-    assert list(encoder._device_copies.values())[0] is copies[0]  # cached, not copied per call
+    assert next(iter(encoder._device_copies.values())) is copies[0]  # cached, not copied per call
     assert all(p.device.type == "cpu" for p in encoder.model.parameters())
 
 

@@ -152,7 +152,9 @@ def test_kernel_distance_over_full_subsets_is_the_full_mmd():
 def test_kernel_distance_separates_distributions():
     rng = np.random.default_rng(2)
     same_mean, _ = kernel_distance(rng.normal(size=(300, 8)), rng.normal(size=(300, 8)), subsets=20, subset_size=100)
-    shifted_mean, _ = kernel_distance(rng.normal(size=(300, 8)), rng.normal(size=(300, 8)) + 1, subsets=20, subset_size=100)
+    shifted_mean, _ = kernel_distance(
+        rng.normal(size=(300, 8)), rng.normal(size=(300, 8)) + 1, subsets=20, subset_size=100
+    )
     assert abs(same_mean) < 0.1 and shifted_mean > 2.0  # shift 1 in 8 dims: MMD^2 about 8
 
 
@@ -353,7 +355,8 @@ def test_command_line_with_a_clip_checkpoint_on_disk(tmp_path, tiny_clip_dir, ca
     _write_translations(tmp_path / "testA", tmp_path / "fakeB", PaletteOracle())
     out = tmp_path / "metrics.json"
     arguments = ["--translations", str(tmp_path / "fakeB"), "--target", str(tmp_path / "testB"),
-                 "--sources", str(tmp_path / "testA"), "--size", "32", "--batch-size", "3", "--out", str(out)]  # fmt: skip
+                 "--sources", str(tmp_path / "testA"), "--size", "32", "--batch-size", "3",
+                 "--out", str(out)]  # fmt: skip
     assert evaluate.main([*arguments, "--encoder", str(tiny_clip_dir)]) == 0
     metrics = json.loads(out.read_text())["metrics"]
     assert -1.0 <= metrics["travel_consistency"] <= 1.0
@@ -408,8 +411,16 @@ def test_inception_metrics_pass_the_local_weights_to_torch_fidelity(tmp_path, mo
 
 def _sweep_rows():
     rows = []
-    for name, lam, flip in (("lambda 0", 0.0, 0.5), ("small", 0.1, 0.4), ("medium", 1.0, 0.1), ("large", 10.0, 0.05), ("auto", "auto", 0.12)):
-        rows.append({"name": name, "lambda_travel": lam, "semantic_flip_rate": flip, "lane_accuracy": 0.5, "realism": 0.9})
+    for name, lam, flip in (
+        ("lambda 0", 0.0, 0.5),
+        ("small", 0.1, 0.4),
+        ("medium", 1.0, 0.1),
+        ("large", 10.0, 0.05),
+        ("auto", "auto", 0.12),
+    ):
+        rows.append(
+            {"name": name, "lambda_travel": lam, "semantic_flip_rate": flip, "lane_accuracy": 0.5, "realism": 0.9}
+        )
     rows[-1]["lambda_final"] = 0.7
     return rows
 
@@ -455,8 +466,14 @@ def test_sweep_trains_scores_and_reports_each_run(tmp_path):
 
     # the demo's recipe, tiny; an untrained toy encoder skips the pretraining (the plumbing is under test)
     tiny = dataclasses.replace(demo.QUICK, steps=2, warm_start_steps=2, train_scenes=8, eval_scenes=16)
-    options = dict(settings=tiny, judge=PooledPixels(2), encoder=build_toy_encoder(32, seed=0, pretrained=False), progress=False)
-    for bad, match in ((dict(auto_scale=0.0), "auto_scale"), (dict(steps=0), "steps"), (dict(lambdas=[], auto=False, baselines=False), "lambdas")):
+    options = dict(
+        settings=tiny, judge=PooledPixels(2), encoder=build_toy_encoder(32, seed=0, pretrained=False), progress=False
+    )
+    for bad, match in (
+        (dict(auto_scale=0.0), "auto_scale"),
+        (dict(steps=0), "steps"),
+        (dict(lambdas=[], auto=False, baselines=False), "lambdas"),
+    ):
         with pytest.raises(ValueError, match=match):
             run_sweep(tmp_path / "bad", **{**options, **bad})
     rng_before = torch.get_rng_state()

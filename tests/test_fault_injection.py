@@ -81,7 +81,14 @@ def _run(argv: list[str], fault: tuple[str, int] | None) -> None:
 def context() -> multiprocessing.context.BaseContext:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     context = multiprocessing.get_context("forkserver")
-    preload = ["torch", "torch._dynamo", "reference.train", "reference.data", "reference.stream", "test_fault_injection"]
+    preload = [
+        "torch",
+        "torch._dynamo",
+        "reference.train",
+        "reference.data",
+        "reference.stream",
+        "test_fault_injection",
+    ]
     if importlib.util.find_spec("tensorboard") is not None:  # imported by the metrics log
         preload.append("torch.utils.tensorboard")
     context.set_forkserver_preload(preload)

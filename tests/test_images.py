@@ -63,7 +63,11 @@ def _cases() -> dict[str, tuple[Image.Image, str, np.ndarray]]:
         "L": (Image.fromarray(GREY), ".png", _grey_rgb(GREY)),
         "LA": (Image.fromarray(np.stack([GREY, ALPHA], axis=2), mode="LA"), ".png", _on_black(_grey_rgb(GREY), ALPHA)),
         "P": (palette, ".png", palette_rgb),
-        "P+transparency": (transparent_palette, ".png", np.where(index_is_one[..., None], 0, palette_rgb).astype(np.uint8)),
+        "P+transparency": (
+            transparent_palette,
+            ".png",
+            np.where(index_is_one[..., None], 0, palette_rgb).astype(np.uint8),
+        ),
         "RGB": (Image.fromarray(RGB), ".png", RGB),
         "RGBA": (Image.fromarray(np.concatenate([RGB, ALPHA[..., None]], axis=2)), ".png", _on_black(RGB, ALPHA)),
         "CMYK": (Image.fromarray(cmyk, mode="CMYK"), ".tif", RGB),

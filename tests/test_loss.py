@@ -49,12 +49,7 @@ def pair_distance_oracle(src: torch.Tensor, gen: torch.Tensor, distance: str) ->
 def margin_oracle(emb: torch.Tensor, margin: float) -> float:
     emb = emb.double().flatten(1)
     n = emb.shape[0]
-    terms = [
-        max(0.0, margin - float(((emb[i] - emb[j]) ** 2).sum()))
-        for i in range(n)
-        for j in range(n)
-        if i != j
-    ]
+    terms = [max(0.0, margin - float(((emb[i] - emb[j]) ** 2).sum())) for i in range(n) for j in range(n) if i != j]
     return sum(terms) / len(terms)
 
 
@@ -136,7 +131,14 @@ def test_matches_per_pair_oracle_on_arbitrary_inputs(pair, distance):
 @pytest.mark.parametrize(
     "case",
     [
-        "n2", "d1", "duplicates", "offset_1e4", "offset_1e6_float32", "scale_1e-4", "scale_1e4", "correlated",
+        "n2",
+        "d1",
+        "duplicates",
+        "offset_1e4",
+        "offset_1e6_float32",
+        "scale_1e-4",
+        "scale_1e4",
+        "correlated",
         "all_equal",
     ],
 )
@@ -352,9 +354,7 @@ def test_several_encoders_give_the_mean_of_their_losses():
 
 def test_images_shaped_inputs_are_flattened():
     src, gen = random_pair(5, 2 * 3 * 4)
-    torch.testing.assert_close(
-        travel_loss(src.view(5, 2, 3, 4), gen.view(5, 2, 3, 4)), travel_loss(src, gen)
-    )
+    torch.testing.assert_close(travel_loss(src.view(5, 2, 3, 4), gen.view(5, 2, 3, 4)), travel_loss(src, gen))
 
 
 # ------------------------------------------------------------------------------------------
@@ -431,9 +431,7 @@ def test_compiled_equals_eager():
 @settings(max_examples=30, deadline=None)
 @given(emb=embeddings(max_n=9, max_dim=7, scale=3.0), margin=st.floats(0, 20))
 def test_siamese_margin_loss_matches_oracle(emb, margin):
-    assert float(siamese_margin_loss(emb, margin)) == pytest.approx(
-        margin_oracle(emb, margin), rel=1e-5, abs=1e-5
-    )
+    assert float(siamese_margin_loss(emb, margin)) == pytest.approx(margin_oracle(emb, margin), rel=1e-5, abs=1e-5)
 
 
 def test_siamese_margin_loss_pushes_close_pairs_apart():
@@ -449,9 +447,7 @@ def test_module_equals_function(distance, reduction):
     src, gen = random_pair(7, 9)
     module = TravelLoss(distance=distance, reduction=reduction)
     assert list(module.parameters()) == [] and module.state_dict() == {}
-    torch.testing.assert_close(
-        module(src, gen), travel_loss(src, gen, distance=distance, reduction=reduction)
-    )
+    torch.testing.assert_close(module(src, gen), travel_loss(src, gen, distance=distance, reduction=reduction))
 
 
 # ------------------------------------------------------------------------------------------
@@ -479,7 +475,11 @@ def test_rejects_0d_and_1d_tensors(shape):
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8])
 def test_rejects_integer_and_bool_dtypes(dtype):
-    _raises(rf"emb_src: expected a floating-point tensor, got dtype {dtype}", torch.ones(4, 3, dtype=dtype), torch.ones(4, 3))
+    _raises(
+        rf"emb_src: expected a floating-point tensor, got dtype {dtype}",
+        torch.ones(4, 3, dtype=dtype),
+        torch.ones(4, 3),
+    )
 
 
 def test_rejects_different_devices():

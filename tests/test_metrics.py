@@ -27,7 +27,7 @@ def embeddings(n: int, dim: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch
 def test_any_split_into_updates_equals_one_travel_loss_over_the_set(cuts, seed):
     n = sum(cuts)
     if n < 2:
-        cuts, n = cuts + [1], n + 1
+        cuts, n = [*cuts, 1], n + 1
     src, gen = embeddings(n, seed=seed)
     metric = TravelConsistency()
     start = 0

@@ -134,7 +134,9 @@ def test_micro_batched_gradient_with_a_travel_queue_equals_the_whole_batch():
         optimizer = torch.optim.SGD(generator.parameters(), lr=0.0)
         options = StepOptions(lambda_travel=3.0, micro_batch=micro_batch)
         for seed in (1, 2):
-            real_a = torch.rand(4, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+            real_a = (
+                torch.rand(4, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+            )
             generator_step(generator, discriminator, encoder, optimizer, real_a, options, travel_queue=queue)
         assert len(queue.state_dict()) > 0
         return [p.grad.clone() for p in generator.parameters()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -89,7 +90,9 @@ def test_generator_smallest_input_and_channel_counts() -> None:
     assert generator(torch.zeros(1, 1, 8, 12)).shape == (1, 2, 8, 12)
 
 
-@pytest.mark.parametrize(("shape", "match"), [((1, 3, 37, 40), "multiples of 4"), ((1, 3, 4, 4), ">= 8"), ((3, 32, 32), r"\(N, 3, H, W\)")])
+@pytest.mark.parametrize(
+    ("shape", "match"), [((1, 3, 37, 40), "multiples of 4"), ((1, 3, 4, 4), ">= 8"), ((3, 32, 32), r"\(N, 3, H, W\)")]
+)
 def test_generator_rejects_unusable_shapes(shape: tuple[int, ...], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ResnetGenerator(width=2, n_blocks=0)(torch.zeros(shape))
@@ -148,9 +151,7 @@ def test_receptive_field_refuses_networks_that_are_not_conv_chains() -> None:
         receptive_field(nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"width": 0}, {"n_blocks": -1}, {"in_channels": 2.0}, {"out_channels": True}]
-)
+@pytest.mark.parametrize("kwargs", [{"width": 0}, {"n_blocks": -1}, {"in_channels": 2.0}, {"out_channels": True}])
 def test_generator_rejects_bad_arguments(kwargs: dict) -> None:
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=name):

@@ -23,7 +23,14 @@ from reference.presets import (
     preset_command,
     preset_config,
 )
-from reference.train import StepOptions, TrainConfig, build_parser, check_config, generator_adversarial_loss, travel_term
+from reference.train import (
+    StepOptions,
+    TrainConfig,
+    build_parser,
+    check_config,
+    generator_adversarial_loss,
+    travel_term,
+)
 from travel_loss import travel_loss
 
 
@@ -44,7 +51,9 @@ def _objectives(lambda_paper: float, config: dict, *, batch: int, side: int, see
     (grad_paper,) = torch.autograd.grad(paper, theta, retain_graph=True)
 
     options = StepOptions.from_config(TrainConfig(**config), "cpu")
-    ours = generator_adversarial_loss(logits, options.gan_loss) + options.lambda_travel * travel_term(emb_src, emb_gen, options)
+    ours = generator_adversarial_loss(logits, options.gan_loss) + options.lambda_travel * travel_term(
+        emb_src, emb_gen, options
+    )
     (grad_ours,) = torch.autograd.grad(ours, theta)
     return grad_paper, grad_ours, batch * side * side
 
@@ -93,14 +102,31 @@ def test_conversion_values_and_round_trip():
 
 def test_table1_presets_carry_the_papers_lambdas_and_update_counts():
     table1 = {(p.lambda_paper, p.steps) for p in PRESETS.values() if p.description.startswith("Table 1")}
-    assert table1 == {(0.0003, 40_000), (0.001, 40_000), (0.001, 20_000), (0.003, 17_000), (0.01, 17_000), (0.01, 40_000)}
+    assert table1 == {
+        (0.0003, 40_000),
+        (0.001, 40_000),
+        (0.001, 20_000),
+        (0.003, 17_000),
+        (0.01, 17_000),
+        (0.01, 40_000),
+    }
     config = preset_config("gta2cityscapes-lambda0.003-17k", data="/data")
     assert (config["batch_size"], config["size"], config["encoder"]) == (128, 256, "openai/clip-vit-large-patch14")
-    assert (config["crop"], config["features"], config["lr"], config["lr_d"], config["beta1"]) == ("center", "pooled", 2e-4, 4e-4, 0.5)
+    assert (config["crop"], config["features"], config["lr"], config["lr_d"], config["beta1"]) == (
+        "center",
+        "pooled",
+        2e-4,
+        4e-4,
+        0.5,
+    )
     assert config["lambda_travel"] == pytest.approx(0.003 * 127 / 900)
     assert preset_config("gta2cityscapes-random-clip")["encoder_mode"] == "random-clip"
     baseline = preset_config("gta2cityscapes-travelgan", convention="notebook")
-    assert (baseline["encoder_mode"], baseline["lambda_travel"], baseline.get("travel_objective", "paper")) == ("siamese", 10.0, "paper")
+    assert (baseline["encoder_mode"], baseline["lambda_travel"], baseline.get("travel_objective", "paper")) == (
+        "siamese",
+        10.0,
+        "paper",
+    )
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -147,7 +173,9 @@ def test_check_preset_runnable_lists_everything_missing(tmp_path):
     if not torch.cuda.is_available():
         assert "GPU: no CUDA device" in message
     (tmp_path / "monet" / "monet_jpg").mkdir(parents=True)
-    with pytest.raises(PresetNotRunnableError, match=r"(?s)no .*image in .*monet_jpg.*missing folder .*photo_jpg.*Painter Myself"):
+    with pytest.raises(
+        PresetNotRunnableError, match=r"(?s)no .*image in .*monet_jpg.*missing folder .*photo_jpg.*Painter Myself"
+    ):
         check_preset_runnable("monet2photo-travelgan", data=tmp_path / "monet", require_gpu=False)
 
 
@@ -158,8 +186,18 @@ def test_check_preset_runnable_passes_with_local_data_and_weights(tmp_path, tiny
     )
     assert config["data_a"] == str(root / "trainA") and config["encoder"] == str(tiny_clip_dir)
     # the ablation and the baseline need no weights at all
-    assert check_preset_runnable("gta2cityscapes-random-clip", data=root, require_gpu=False, cache_dir=tmp_path)["encoder_mode"] == "random-clip"
-    assert check_preset_runnable("gta2cityscapes-travelgan", data=root, require_gpu=False, cache_dir=tmp_path)["encoder_mode"] == "siamese"
+    assert (
+        check_preset_runnable("gta2cityscapes-random-clip", data=root, require_gpu=False, cache_dir=tmp_path)[
+            "encoder_mode"
+        ]
+        == "random-clip"
+    )
+    assert (
+        check_preset_runnable("gta2cityscapes-travelgan", data=root, require_gpu=False, cache_dir=tmp_path)[
+            "encoder_mode"
+        ]
+        == "siamese"
+    )
 
 
 def test_command_line_lists_checks_and_prints_the_training_command(tmp_path, tiny_clip_dir, capsys):
@@ -167,7 +205,18 @@ def test_command_line_lists_checks_and_prints_the_training_command(tmp_path, tin
     listing = capsys.readouterr().out
     assert all(name in listing for name in PRESETS) and "0.0001411" in listing
     root = _fake_dataset(tmp_path / "kaggle", ["monet_jpg", "photo_jpg"])
-    code = presets.main(["monet2photo-cliptravelgan", "--data", str(root), "--encoder", str(tiny_clip_dir), "--no-gpu-check", "--world-size", "2"])
+    code = presets.main(
+        [
+            "monet2photo-cliptravelgan",
+            "--data",
+            str(root),
+            "--encoder",
+            str(tiny_clip_dir),
+            "--no-gpu-check",
+            "--world-size",
+            "2",
+        ]
+    )
     assert code == 0
     command = capsys.readouterr().out.strip()
     assert command.startswith("torchrun --nproc_per_node 2 reference/train.py") and "--batch-size 64" in command

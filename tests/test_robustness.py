@@ -135,7 +135,9 @@ def test_translate_with_a_damaged_checkpoint_says_so_in_one_line(
     checkpoint: Path, inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture, how: str
 ) -> None:
     _damage(checkpoint, how)
-    code, err = _translate(capsys, "--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(tmp_path / "o"))
+    code, err = _translate(
+        capsys, "--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(tmp_path / "o")
+    )
     assert code == 2
     _one_error_line(err, str(checkpoint), "is damaged", "step_000005.pt")
 
@@ -161,14 +163,20 @@ def test_translate_reports_a_checkpoint_of_another_architecture_in_one_line(
     state = load_checkpoint(checkpoint)
     state["generator_kwargs"] = {**GENERATOR_KWARGS, "width": 8}
     torch.save(state, checkpoint)
-    code, err = _translate(capsys, "--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(tmp_path / "o"))
+    code, err = _translate(
+        capsys, "--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(tmp_path / "o")
+    )
     assert code == 2
     _one_error_line(err, str(checkpoint), "do not fit")
 
 
-def test_translate_output_that_is_a_file(checkpoint: Path, inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_translate_output_that_is_a_file(
+    checkpoint: Path, inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     (tmp_path / "file").write_text("x")
-    code, err = _translate(capsys, "--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(tmp_path / "file"))
+    code, err = _translate(
+        capsys, "--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(tmp_path / "file")
+    )
     assert code == 2
     _one_error_line(err, str(tmp_path / "file"))
 
@@ -186,7 +194,9 @@ def no_computing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(evaluate, "evaluate_folders", fail)
 
 
-def test_evaluate_out_checked_before_computing(tmp_path: Path, inputs: Path, capsys: pytest.CaptureFixture, no_computing: None) -> None:
+def test_evaluate_out_checked_before_computing(
+    tmp_path: Path, inputs: Path, capsys: pytest.CaptureFixture, no_computing: None
+) -> None:
     base = ["--translations", str(inputs), "--target", str(inputs)]
     (tmp_path / "a folder").mkdir()
     assert evaluate.main([*base, "--out", str(tmp_path / "a folder")]) == 2
@@ -200,11 +210,16 @@ def test_evaluate_out_checked_before_computing(tmp_path: Path, inputs: Path, cap
     _one_error_line(capsys.readouterr().err, "--out", "found a file", str(tmp_path / "plain"))
 
 
-def test_evaluate_missing_folders_name_their_flag(tmp_path: Path, inputs: Path, capsys: pytest.CaptureFixture, no_computing: None) -> None:
+def test_evaluate_missing_folders_name_their_flag(
+    tmp_path: Path, inputs: Path, capsys: pytest.CaptureFixture, no_computing: None
+) -> None:
     out = ["--out", str(tmp_path / "m.json")]
     assert evaluate.main(["--translations", str(tmp_path / "nope"), "--target", str(inputs), *out]) == 2
     _one_error_line(capsys.readouterr().err, "--translations", "found nothing", "nope")
-    assert evaluate.main(["--translations", str(inputs), "--target", str(inputs), "--sources", str(tmp_path / "x"), *out]) == 2
+    assert (
+        evaluate.main(["--translations", str(inputs), "--target", str(inputs), "--sources", str(tmp_path / "x"), *out])
+        == 2
+    )
     _one_error_line(capsys.readouterr().err, "--sources")
 
 
@@ -215,7 +230,9 @@ def test_write_toy_streets_refuses_to_overwrite_unless_told(tmp_path: Path, caps
     arguments = ["--write-toy-streets", str(folder), "--toy-count", "3", "--toy-size", "16"]
     assert evaluate.main(arguments) == 2
     _one_error_line(capsys.readouterr().err, "--write-toy-streets", str(folder), "00001.png", "--overwrite")
-    assert sorted(p.name for p in folder.iterdir()) == ["00001.png"] and (folder / "00001.png").read_bytes() == b"holiday"
+    assert (
+        sorted(p.name for p in folder.iterdir()) == ["00001.png"] and (folder / "00001.png").read_bytes() == b"holiday"
+    )
     assert evaluate.main([*arguments, "--overwrite"]) == 0
     assert len(list(folder.glob("*.png"))) == 3
 
@@ -248,7 +265,9 @@ def read_only_folder(tmp_path: Path) -> Path:
 
 
 def test_unwritable_and_file_outputs_are_named(read_only_folder: Path, tmp_path: Path) -> None:
-    with pytest.raises(PermissionError, match=f"--out: expected a writable folder, found {read_only_folder} not writable"):
+    with pytest.raises(
+        PermissionError, match=f"--out: expected a writable folder, found {read_only_folder} not writable"
+    ):
         check_writable_folder(read_only_folder, "--out")
     with pytest.raises(PermissionError, match="would be created"):
         check_writable_folder(read_only_folder / "new" / "run", "--out")
@@ -263,7 +282,9 @@ def test_unwritable_and_file_outputs_are_named(read_only_folder: Path, tmp_path:
 
 def test_a_second_lock_on_the_same_folder_fails_at_once_naming_the_holder(tmp_path: Path) -> None:
     with RunFolderLock(tmp_path / "run"):
-        with pytest.raises(RunFolderBusyError, match=rf"--out {tmp_path / 'run'} is in use by another run \(pid {os.getpid()}\)"):
+        with pytest.raises(
+            RunFolderBusyError, match=rf"--out {tmp_path / 'run'} is in use by another run \(pid {os.getpid()}\)"
+        ):
             RunFolderLock(tmp_path / "run").acquire()
     with RunFolderLock(tmp_path / "run"):  # released on exit
         pass
@@ -305,3 +326,25 @@ def test_a_list_of_lists_says_what_came() -> None:
     rows = [[1.0, 2.0], [3.0, 4.0]]
     with pytest.raises(TypeError, match="got a list whose item 0 is a list; convert nested lists"):
         travel_loss(rows, rows)
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        ("preprocessor_config.json", b"{not json", "preprocessor_config.json is damaged: not a JSON"),
+        ("preprocessor_config.json", b"[1, 2]", "preprocessor_config.json is damaged: expected a JSON object"),
+        ("model.safetensors", b"garbage" * 10, "model.safetensors is damaged and cannot be loaded"),
+    ],
+)
+def test_a_damaged_encoder_file_is_named(tmp_path, tiny_clip_dir, file, content, message):
+    import shutil
+
+    from travel_loss import FrozenCLIPEncoder, FrozenEncoder
+
+    folder = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, folder)
+    (folder / file).write_bytes(content)
+    for encoder_class in (FrozenCLIPEncoder, FrozenEncoder):
+        with pytest.raises(ValueError, match=message) as caught:
+            encoder_class(str(folder))
+        assert str(folder / file) in str(caught.value)

@@ -59,7 +59,8 @@ def tiny_config(out: Path, encoder: Path | None = None, **overrides) -> TrainCon
     """32 px toy streets, an 8-wide generator with one block, a two-layer PatchGAN."""
     options = dict(
         toy_streets=True, toy_length=32, size=32, batch_size=4, steps=2,
-        encoder=str(encoder) if encoder is not None else "unused", encoder_mode="clip" if encoder is not None else "siamese",
+        encoder=str(encoder) if encoder is not None else "unused",
+        encoder_mode="clip" if encoder is not None else "siamese",
         siamese_width=4, siamese_dim=8, g_width=8, g_blocks=1, d_width=8, d_layers=2, out=str(out),
         log_every=1, sample_every=1000, checkpoint_every=1000, num_workers=0,
     )  # fmt: skip
@@ -92,7 +93,18 @@ def assert_states_equal(a: dict, b: dict, path: str = "") -> None:
         assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), f"{path}: {a!r} != {b!r}"
 
 
-TRAINED_STATE_KEYS = ("generator", "discriminator", "siamese", "optimizers", "schedulers", "grad_scalers", "adaptive_lambda", "rng", "data", "step")
+TRAINED_STATE_KEYS = (
+    "generator",
+    "discriminator",
+    "siamese",
+    "optimizers",
+    "schedulers",
+    "grad_scalers",
+    "adaptive_lambda",
+    "rng",
+    "data",
+    "step",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +157,9 @@ def test_steps_change_generator_and_discriminator_but_not_encoder(tmp_path, tiny
 
 def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, tiny_clip_dir):
     # Augmentation and flips draw random numbers; both must continue exactly.
-    config = tiny_config(tmp_path / "full", tiny_clip_dir, steps=4, augment="color,translation,cutout", lambda_travel=2.0)
+    config = tiny_config(
+        tmp_path / "full", tiny_clip_dir, steps=4, augment="color,translation,cutout", lambda_travel=2.0
+    )
     train(config, progress=False)
     train(dataclasses.replace(config, out=str(tmp_path / "halves"), steps=2), progress=False)
     summary = train(dataclasses.replace(config, out=str(tmp_path / "halves"), resume=True), progress=False)
@@ -167,7 +181,13 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, tiny_clip_dir)
 
 def test_resume_from_a_kept_checkpoint_with_siamese_auto_lambda_and_decay(tmp_path):
     config = tiny_config(
-        tmp_path / "full", steps=4, lambda_travel="auto", gan_loss="hinge", decay_steps=3, checkpoint_every=2, keep_checkpoints=2
+        tmp_path / "full",
+        steps=4,
+        lambda_travel="auto",
+        gan_loss="hinge",
+        decay_steps=3,
+        checkpoint_every=2,
+        keep_checkpoints=2,
     )
     train(config, progress=False)
     assert [p.name for p in step_checkpoints(tmp_path / "full")] == ["step_000002.pt", "step_000004.pt"]
@@ -304,7 +324,9 @@ def test_xla_without_torch_xla_is_one_clear_message(tmp_path, capsys):
 
 
 def test_bf16_autocast_and_compile_run_without_recompiling(tmp_path, tiny_clip_dir):
-    config = tiny_config(tmp_path / "c", tiny_clip_dir, steps=3, amp="bf16", compile=True, compile_backend="eager", channels_last=True)
+    config = tiny_config(
+        tmp_path / "c", tiny_clip_dir, steps=3, amp="bf16", compile=True, compile_backend="eager", channels_last=True
+    )
     summary = train(config, progress=False)
     graphs = summary["compiled_graphs"]
     assert graphs["after_first_step"] > 0 and graphs["end"] == graphs["after_first_step"]
@@ -341,7 +363,12 @@ def test_command_line_maps_onto_the_config():
     ]))  # fmt: skip
     args.pop("demo"), args.pop("quick"), args.pop("preset")
     config = TrainConfig(**args)
-    assert (config.data_a, config.data_b, config.lambda_travel, config.augment) == ("a", "b", "auto", "color,translation,cutout")
+    assert (config.data_a, config.data_b, config.lambda_travel, config.augment) == (
+        "a",
+        "b",
+        "auto",
+        "color,translation,cutout",
+    )
     assert (config.flip, config.g_blocks, config.lr_d, config.discriminator_lr) == (False, 3, 1e-3, 1e-3)
     assert (config.travel_objective, config.encoder_mode, config.keep_checkpoints) == ("notebook", "random-clip", 2)
     assert TrainConfig().discriminator_lr == 2 * TrainConfig().lr == 4e-4
@@ -411,7 +438,10 @@ def notebook_loop(s: torch.Tensor, g: torch.Tensor) -> float:
 @given(st.integers(2, 6), st.integers(1, 5), st.integers(0, 2**16), st.booleans())
 def test_notebook_objective_equals_a_loop(n, dims, seed, duplicate_row):
     generator = torch.Generator().manual_seed(seed)
-    s, g = torch.randn(n, dims, generator=generator, dtype=torch.float64), torch.randn(n, dims, generator=generator, dtype=torch.float64)
+    s, g = (
+        torch.randn(n, dims, generator=generator, dtype=torch.float64),
+        torch.randn(n, dims, generator=generator, dtype=torch.float64),
+    )
     if duplicate_row:
         s[-1], g[-1] = s[0], g[0]
     g.requires_grad_(True)
@@ -461,7 +491,9 @@ def test_adversarial_losses_match_their_definitions():
     bce = F.binary_cross_entropy_with_logits
     torch.testing.assert_close(generator_adversarial_loss(fake, "bce"), bce(fake, ones))
     torch.testing.assert_close(discriminator_adversarial_loss(real, fake, "bce"), bce(real, ones) + bce(fake, zeros))
-    torch.testing.assert_close(discriminator_adversarial_loss(real, fake, "lsgan"), F.mse_loss(real, ones) + F.mse_loss(fake, zeros))
+    torch.testing.assert_close(
+        discriminator_adversarial_loss(real, fake, "lsgan"), F.mse_loss(real, ones) + F.mse_loss(fake, zeros)
+    )
     assert discriminator_adversarial_loss(torch.ones(3), torch.zeros(3), "lsgan") == 0
     assert discriminator_adversarial_loss(torch.full((3,), 1.5), torch.full((3,), -1.0), "hinge") == 0
     torch.testing.assert_close(generator_adversarial_loss(fake, "hinge"), -fake.mean())

@@ -97,9 +97,13 @@ def _worker(rank: int, init_file: str, tmp: str, encoder: str) -> None:
 
         torch.save(
             {
-                "saves": len(saves), "global": global_gradients[0], "local": local_gradients[0],
-                "micro": micro_gradients[0], "micro_auto": micro_gradients[1], "auto": auto_gradients[0],
-            },  # fmt: skip
+                "saves": len(saves),
+                "global": global_gradients[0],
+                "local": local_gradients[0],
+                "micro": micro_gradients[0],
+                "micro_auto": micro_gradients[1],
+                "auto": auto_gradients[0],
+            },
             tmp_path / f"rank{rank}.pt",
         )
     finally:
@@ -112,7 +116,11 @@ def test_ddp_training_uses_the_global_batch_and_resumes_exactly(tmp_path, tiny_c
 
     # Rank 0 alone writes checkpoints, metrics and samples.
     assert ranks[0]["saves"] > 0 and ranks[1]["saves"] == 0
-    assert [json.loads(line)["step"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+    ]
     assert not (tmp_path / "local1").exists()
 
     # One process on the concatenated batch (2 x 2 images) gets the gradient DDP applied.
@@ -129,6 +137,7 @@ def test_ddp_training_uses_the_global_batch_and_resumes_exactly(tmp_path, tiny_c
     finally:
         train_module._backward_and_step = original
         torch.set_num_threads(threads)
+
     def relative_error(gradients: list[torch.Tensor]) -> float:
         # float32 kernels sum a batch of 4 and two batches of 2 in different orders: compare norms
         difference = sum(float((g - e).double().square().sum()) for g, e in zip(gradients, single_gradients[0]))

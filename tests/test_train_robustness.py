@@ -95,11 +95,15 @@ def test_data_folder_mistakes_are_one_line_naming_the_flag(tmp_path: Path, capsy
     one_line(err, "--data", "trainB/", "trainA/")
     (tmp_path / "empty").mkdir()
     image_root(tmp_path / "ok")
-    code, err = run_main(capsys, "--data-a", str(tmp_path / "empty"), "--data-b", str(tmp_path / "ok" / "trainB"), "--out", str(out))
+    code, err = run_main(
+        capsys, "--data-a", str(tmp_path / "empty"), "--data-b", str(tmp_path / "ok" / "trainB"), "--out", str(out)
+    )
     assert code == 2
     one_line(err, "--data-a", "expected image files", "found none", "empty")
     assert "dir_a" not in err
-    code, err = run_main(capsys, "--data-a", str(tmp_path / "ok" / "trainA"), "--data-b", str(tmp_path / "nope"), "--out", str(out))
+    code, err = run_main(
+        capsys, "--data-a", str(tmp_path / "ok" / "trainA"), "--data-b", str(tmp_path / "nope"), "--out", str(out)
+    )
     assert code == 2
     one_line(err, "--data-b", "nope")
     assert not out.exists()  # nothing was started
@@ -129,12 +133,26 @@ def test_size_below_the_clip_input_is_refused_before_training(tmp_path: Path, ti
     with pytest.raises(RunInputError, match=r"--size: expected at least 32 .* got 16"):
         train(config, progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    train(tiny(tmp_path / "resized", toy_streets=True, encoder_mode="clip", encoder=str(tiny_clip_dir), size=16, crop="resize", steps=1), progress=False)
+    train(
+        tiny(
+            tmp_path / "resized",
+            toy_streets=True,
+            encoder_mode="clip",
+            encoder=str(tiny_clip_dir),
+            size=16,
+            crop="resize",
+            steps=1,
+        ),
+        progress=False,
+    )
 
 
 def test_a_batch_larger_than_the_data_set_warns_before_training(tmp_path: Path) -> None:
     root = image_root(tmp_path / "data", count=3)
-    with pytest.warns(UserWarning, match=r"--batch-size: 4 x 1 process\(es\) = 4 images a step, but domain A .*data.trainA. holds only 3"):
+    with pytest.warns(
+        UserWarning,
+        match=r"--batch-size: 4 x 1 process\(es\) = 4 images a step, but domain A .*data.trainA. holds only 3",
+    ):
         train(tiny(tmp_path / "run", data=str(root), batch_size=4, steps=1), progress=False)
 
 
@@ -181,10 +199,15 @@ def test_decode_failures_are_skipped_counted_and_logged(tmp_path: Path) -> None:
 def test_too_many_decode_failures_stop_after_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = image_root(tmp_path / "data", count=4, corrupt=2)
     out = tmp_path / "run"
-    with pytest.warns(UserWarning), pytest.raises(TooManyUnreadableImagesError, match=r"stopped at step 1: 2 of 8 image files"):
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(TooManyUnreadableImagesError, match=r"stopped at step 1: 2 of 8 image files"),
+    ):
         train(tiny(out, data=str(root), steps=5, max_unreadable_fraction=0.2), progress=False)
     assert load_checkpoint(out / "latest.pt")["step"] == 1
-    code, err = run_main(capsys, "--data", str(root), "--out", str(out), "--resume", "--max-unreadable-fraction", "0.2", "--steps", "5")
+    code, err = run_main(
+        capsys, "--data", str(root), "--out", str(out), "--resume", "--max-unreadable-fraction", "0.2", "--steps", "5"
+    )
     assert code == 1
     one_line(err, "2 of 8 image files failed to decode", "--max-unreadable-fraction 0.2", "--resume")
 
@@ -193,7 +216,9 @@ def test_too_many_decode_failures_stop_after_a_checkpoint(tmp_path: Path, capsys
 # Damaged or mismatched checkpoints on --resume
 
 
-def test_a_damaged_latest_names_the_step_files_and_resume_from_takes_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_damaged_latest_names_the_step_files_and_resume_from_takes_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "run"
     train(tiny(out, toy_streets=True, steps=2, checkpoint_every=1, keep_checkpoints=2), progress=False)
     (out / "latest.pt").unlink()
@@ -202,7 +227,9 @@ def test_a_damaged_latest_names_the_step_files_and_resume_from_takes_one(tmp_pat
         train(tiny(out, toy_streets=True, steps=3, resume=True), progress=False)
     code, err = run_main(capsys, "--toy-streets", "--out", str(out), "--resume", "--steps", "3")
     assert code == 2
-    one_line(err, f"checkpoint {out / 'latest.pt'} is damaged", "step_000001.pt", "step_000002.pt", "--resume-from FILE")
+    one_line(
+        err, f"checkpoint {out / 'latest.pt'} is damaged", "step_000001.pt", "step_000002.pt", "--resume-from FILE"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # resuming from a step file changes no setting of the run
         summary = train(tiny(out, toy_streets=True, steps=3, resume_from=str(out / "step_000002.pt")), progress=False)

@@ -68,7 +68,10 @@ def checkpoint(tmp_path: Path) -> Path:
         for parameter in generator.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     path = tmp_path / "latest.pt"
-    torch.save({"generator": generator.state_dict(), "generator_kwargs": GENERATOR_KWARGS, "config": {"size": 64}, "step": 3}, path)
+    torch.save(
+        {"generator": generator.state_dict(), "generator_kwargs": GENERATOR_KWARGS, "config": {"size": 64}, "step": 3},
+        path,
+    )
     return path
 
 
@@ -82,7 +85,9 @@ def odd_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def test_odd_sizes_come_back_at_their_size_with_the_same_base_names(checkpoint: Path, odd_folder: Path, tmp_path: Path) -> None:
+def test_odd_sizes_come_back_at_their_size_with_the_same_base_names(
+    checkpoint: Path, odd_folder: Path, tmp_path: Path
+) -> None:
     written = translate_folder(load_generator(checkpoint), odd_folder, tmp_path / "out", progress=False)
     assert [p.name for p in written] == ["odd.png", "square.png", "tiny.png", "wide.png"]
     for path in written:
@@ -94,9 +99,10 @@ def test_odd_sizes_come_back_at_their_size_with_the_same_base_names(checkpoint: 
 
 def test_padding_is_cropped_back_without_a_shift(tmp_path: Path) -> None:
     folder = tmp_path / "inputs"
-    originals = {name: _random_image(folder / f"{name}.png", h, w, seed) for seed, (name, h, w) in enumerate(
-        [("odd", 37, 53), ("tiny", 3, 5), ("exact", 12, 16), ("tall", 61, 9)]
-    )}
+    originals = {
+        name: _random_image(folder / f"{name}.png", h, w, seed)
+        for seed, (name, h, w) in enumerate([("odd", 37, 53), ("tiny", 3, 5), ("exact", 12, 16), ("tall", 61, 9)])
+    }
     negate = Negate()
     written = translate_folder(negate, folder, tmp_path / "out", progress=False)
     for path in written:
@@ -135,6 +141,7 @@ def test_batches_and_resizing_keep_names_and_sizes(checkpoint: Path, odd_folder:
     for name in ("copy1", "copy2"):  # equal sizes share a batch
         (odd_folder / f"{name}.png").write_bytes((odd_folder / "odd.png").read_bytes())
     batched = translate_folder(generator, odd_folder, tmp_path / "batched", batch_size=3, progress=False)
+    assert sorted(p.name for p in batched) == sorted([*(p.name for p in one), "copy1.png", "copy2.png"])
     for path in one:
         assert np.abs(_read(path) - _read(tmp_path / "batched" / path.name)).max() <= 1
     assert np.abs(_read(tmp_path / "batched" / "copy2.png") - _read(tmp_path / "one" / "odd.png")).max() <= 1
@@ -200,8 +207,24 @@ def test_pad_to_multiple_reflects_at_the_bottom_right() -> None:
     assert translate_images(Negate(), image[:, :1].expand(1, 3, 9, 10)).shape == (1, 3, 9, 10)
 
 
-def test_command_line_in_process(checkpoint: Path, odd_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["--checkpoint", str(checkpoint), "--input", str(odd_folder), "--output", str(tmp_path / "cli"), "--batch-size", "2"]) == 0
+def test_command_line_in_process(
+    checkpoint: Path, odd_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--input",
+                str(odd_folder),
+                "--output",
+                str(tmp_path / "cli"),
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "wrote 4 images" in captured.out and "translating" in captured.err  # the progress bar
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["odd.png", "square.png", "tiny.png", "wide.png"]
@@ -218,13 +241,33 @@ def test_runs_as_a_script_from_anywhere_and_as_a_module(
     checkpoint: Path, odd_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     script = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "reference" / "translate.py"), "--checkpoint", str(checkpoint),
-         "--input", str(odd_folder), "--output", str(tmp_path / "script"), "--no-progress"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO_ROOT / "reference" / "translate.py"),
+            "--checkpoint",
+            str(checkpoint),
+            "--input",
+            str(odd_folder),
+            "--output",
+            str(tmp_path / "script"),
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert script.returncode == 0, script.stderr
     assert len(list((tmp_path / "script").glob("*.png"))) == 4
-    arguments = ["--checkpoint", str(checkpoint), "--input", str(odd_folder), "--output", str(tmp_path / "module"), "--no-progress"]
+    arguments = [
+        "--checkpoint",
+        str(checkpoint),
+        "--input",
+        str(odd_folder),
+        "--output",
+        str(tmp_path / "module"),
+        "--no-progress",
+    ]
     monkeypatch.setattr(sys, "argv", ["translate", *arguments])
     monkeypatch.delitem(sys.modules, "reference.translate")  # run it fresh, as `-m` does
     with pytest.raises(SystemExit) as exit_info:  # what `python -m reference.translate` runs

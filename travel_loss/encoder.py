@@ -34,7 +34,8 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +45,12 @@ if TYPE_CHECKING:
     from transformers import CLIPVisionConfig
 
 __all__ = [
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
     "CheckpointNotFoundError",
     "EncoderEnsemble",
     "FrozenCLIPEncoder",
     "FrozenEncoder",
-    "OPENAI_CLIP_MEAN",
-    "OPENAI_CLIP_STD",
 ]
 
 Crop = Literal["center", "resize", "full"]
@@ -69,7 +70,7 @@ RANGE_TOLERANCE = 0.01
 _HUB_LOOKUP_KEYS = ("cache_dir", "revision", "local_files_only", "token", "subfolder", "proxies")
 
 # A resize target: an int is the shortest edge (aspect ratio kept), a pair is (height, width).
-ResizeSize = Union[int, tuple[int, int]]
+ResizeSize = int | tuple[int, int]
 # A checkpoint's preprocessor_config.json, as read by json.load ({} where it has none).
 ProcessorConfig = dict[str, Any]
 # What names a checkpoint: a hub id or a folder.
@@ -151,10 +152,10 @@ class FrozenEncoder(nn.Module):
         *,
         input_range: tuple[float, float] = (-1.0, 1.0),
         crop: Crop = "center",
-        features: Optional[str] = None,
-        mean: Union[float, Sequence[float], None] = None,
-        std: Union[float, Sequence[float], None] = None,
-        image_size: Optional[int] = None,
+        features: str | None = None,
+        mean: float | Sequence[float] | None = None,
+        std: float | Sequence[float] | None = None,
+        image_size: int | None = None,
         check_range: bool = True,
         verbose: bool = False,
         **from_pretrained_kwargs: Any,
@@ -264,8 +265,7 @@ class FrozenEncoder(nn.Module):
             clip, processor, has_projection = _load_checkpoint(name, dict(from_pretrained_kwargs), verbose)
         else:
             raise TypeError(
-                "model: expected a hub id, a folder path or a transformers CLIP model, got "
-                f"{type(model).__name__}"
+                f"model: expected a hub id, a folder path or a transformers CLIP model, got {type(model).__name__}"
             )
         tower, projection, vision_config = _vision_parts(clip)
         if not has_projection:
@@ -296,10 +296,10 @@ class FrozenEncoder(nn.Module):
         )  # fmt: skip
 
     def _setup(
-        self, *, backbone: nn.Module, tower: nn.Module, projection: Optional[nn.Module], name: str, family: str,
+        self, *, backbone: nn.Module, tower: nn.Module, projection: nn.Module | None, name: str, family: str,
         features: str, input_range: tuple[float, float], crop: str, size: int, resize_size: ResizeSize,
         interpolate: bool, mean: tuple[float, float, float], std: tuple[float, float, float], check_range: bool,
-        embedding_dim: Optional[int], resample: str = "bicubic", patch_start: int = 1,
+        embedding_dim: int | None, resample: str = "bicubic", patch_start: int = 1,
     ) -> None:  # fmt: skip
         """Freeze the backbone and store everything forward needs (shared by every family)."""
         backbone.eval()
@@ -347,7 +347,7 @@ class FrozenEncoder(nn.Module):
         return self._family
 
     @property
-    def embedding_dim(self) -> Optional[int]:
+    def embedding_dim(self) -> int | None:
         """D, the size of one embedding (``None`` for a plain module: known after a call)."""
         return self._embedding_dim
 
@@ -509,7 +509,6 @@ class FrozenEncoder(nn.Module):
             _check_range(images, self._input_range)
 
 
-
 class FrozenCLIPEncoder(FrozenEncoder):
     r"""Frozen CLIP image encoder: (N, 3, H, W) images in ``input_range`` -> (N, D) embeddings.
 
@@ -569,9 +568,9 @@ class FrozenCLIPEncoder(FrozenEncoder):
         input_range: tuple[float, float] = (-1.0, 1.0),
         crop: Crop = "center",
         features: Features = "pooled",
-        image_size: Optional[int] = None,
-        mean: Union[float, Sequence[float], None] = None,
-        std: Union[float, Sequence[float], None] = None,
+        image_size: int | None = None,
+        mean: float | Sequence[float] | None = None,
+        std: float | Sequence[float] | None = None,
         check_range: bool = True,
         verbose: bool = False,
         **from_pretrained_kwargs: Any,
@@ -585,9 +584,9 @@ class FrozenCLIPEncoder(FrozenEncoder):
     @classmethod
     def from_config(
         cls,
-        vision_config: Union[CLIPVisionConfig, dict[str, Any]],
+        vision_config: CLIPVisionConfig | dict[str, Any],
         *,
-        seed: Optional[int] = None,
+        seed: int | None = None,
         **options: Any,
     ) -> FrozenCLIPEncoder:
         """An encoder with *random* weights built from a config, without any file or download.
@@ -607,13 +606,13 @@ class FrozenCLIPEncoder(FrozenEncoder):
 
         unknown = sorted(set(options) - _OPTION_NAMES)
         if unknown:
-            raise ValueError(
-                f"options: unknown keyword arguments {unknown}; expected some of "
-                f"{sorted(_OPTION_NAMES)}"
-            )
+            raise ValueError(f"options: unknown keyword arguments {unknown}; expected some of {sorted(_OPTION_NAMES)}")
         _check_options(
-            options.get("input_range", (-1.0, 1.0)), options.get("crop", "center"),
-            options.get("features", "pooled"), options.get("image_size"), options.get("mean"),
+            options.get("input_range", (-1.0, 1.0)),
+            options.get("crop", "center"),
+            options.get("features", "pooled"),
+            options.get("image_size"),
+            options.get("mean"),
             options.get("std"),
         )
         if isinstance(vision_config, dict):
@@ -669,7 +668,7 @@ class EncoderEnsemble(nn.Module):
         return tuple(encoder(images) for encoder in self.encoders)
 
     @property
-    def embedding_dims(self) -> tuple[Optional[int], ...]:
+    def embedding_dims(self) -> tuple[int | None, ...]:
         """D_k of each encoder (``None`` for an encoder without an ``embedding_dim``)."""
         return tuple(getattr(encoder, "embedding_dim", None) for encoder in self.encoders)
 
@@ -711,7 +710,7 @@ def _resized_shape(height: int, width: int, resize_size: ResizeSize) -> tuple[in
 
 
 def _geometry(
-    processor: ProcessorConfig, native_size: int, image_size: Optional[int], int_size_is_square: bool = False
+    processor: ProcessorConfig, native_size: int, image_size: int | None, int_size_is_square: bool = False
 ) -> tuple[int, ResizeSize]:
     """(image_size, resize size) from an explicit size, the processor config, or the model.
 
@@ -738,19 +737,13 @@ def _geometry(
         crop_size = native_size
     if resize_size is None:
         resize_size = crop_size
-    too_small = (
-        resize_size < crop_size
-        if isinstance(resize_size, int)
-        else min(resize_size) < crop_size
-    )
+    too_small = resize_size < crop_size if isinstance(resize_size, int) else min(resize_size) < crop_size
     if too_small:
-        raise ValueError(
-            f"preprocessor_config.json: size {resize_size} is smaller than crop_size {crop_size}"
-        )
+        raise ValueError(f"preprocessor_config.json: size {resize_size} is smaller than crop_size {crop_size}")
     return crop_size, resize_size
 
 
-def _processor_size(key: str, value: Any) -> Optional[ResizeSize]:
+def _processor_size(key: str, value: Any) -> ResizeSize | None:
     """A processor size entry: legacy int, {"shortest_edge": s} or {"height": h, "width": w}."""
     if value is None:
         return None
@@ -783,9 +776,7 @@ def _processor_std(processor: ProcessorConfig) -> Sequence[float]:
 # loading
 
 
-_OPTION_NAMES = frozenset(
-    {"input_range", "crop", "features", "image_size", "mean", "std", "check_range"}
-)
+_OPTION_NAMES = frozenset({"input_range", "crop", "features", "image_size", "mean", "std", "check_range"})
 
 
 def _load_checkpoint(
@@ -820,6 +811,8 @@ def _load_checkpoint(
             )
     except OSError as error:
         raise CheckpointNotFoundError(_not_found_message(name, source, kwargs, error)) from None
+    except Exception as error:
+        raise _damaged_weights_error(name, source, error) from error
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = sorted(info["missing_keys"])
@@ -853,9 +846,27 @@ def _read_processor_config(source: str, kwargs: dict[str, Any]) -> ProcessorConf
         return {}
     if path is None:
         return {}
-    with open(path, encoding="utf-8") as file:
-        config: ProcessorConfig = json.load(file)
+    try:
+        with open(path, encoding="utf-8") as file:
+            config: ProcessorConfig = json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"model: {path} is damaged: not a JSON preprocessor config ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"model: {path} is damaged: expected a JSON object, got {type(config).__name__}")
     return config
+
+
+def _damaged_weights_error(name: str, source: str, error: Exception) -> Exception:
+    """A weights file that exists but does not load (truncated, overwritten): one line naming it.
+
+    Errors that are not about a file (a bug, a wrong argument) are returned unchanged."""
+    from_safetensors = type(error).__module__.split(".")[0] == "safetensors"
+    if not from_safetensors and not isinstance(error, (EOFError, RuntimeError)):
+        return error
+    files = sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin"))
+    where = ", ".join(str(f) for f in files) if files else f"the weights of {name!r}"
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return ValueError(f"model: {where} is damaged and cannot be loaded ({type(error).__name__}: {reason})")
 
 
 def _not_found_message(name: str, source: str, kwargs: dict[str, Any], error: OSError, kind: str = "CLIP") -> str:
@@ -894,10 +905,7 @@ def _not_found_message(name: str, source: str, kwargs: dict[str, Any], error: OS
 def _looks_like_path(name: str) -> bool:
     """A hub id is 'name' or 'namespace/name'; anything else can only be meant as a folder."""
     return (
-        os.path.isabs(name)
-        or name.startswith((".", "~"))
-        or name.count("/") > 1
-        or (os.sep != "/" and os.sep in name)
+        os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
     )
 
 
@@ -906,10 +914,7 @@ def _vision_parts(clip: nn.Module) -> tuple[nn.Module, nn.Linear | None, Any]:
     config = getattr(clip, "config", None)
     config = getattr(config, "vision_config", config)
     if config is None or getattr(config, "image_size", None) is None:
-        raise TypeError(
-            "model: expected a transformers CLIP model with a vision config, got "
-            f"{type(clip).__name__}"
-        )
+        raise TypeError(f"model: expected a transformers CLIP model with a vision config, got {type(clip).__name__}")
     # transformers 4: every CLIP class holds a CLIPVisionTransformer as .vision_model;
     # transformers 5: CLIPVisionModel is the tower itself.
     tower = getattr(clip, "vision_model", None)
@@ -949,7 +954,7 @@ _RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
 _DEVICE_COPIES_LOCK = threading.Lock()
 
 
-def _model_type_family(model_type: Optional[str], where: str) -> str:
+def _model_type_family(model_type: str | None, where: str) -> str:
     if model_type == "siglip2":
         raise ValueError(
             f"model: {where} is a NaFlex SigLIP 2 model (model_type 'siglip2'), which takes variable-length "
@@ -973,9 +978,7 @@ def _family_of(model: Any, kwargs: dict[str, Any], verbose: bool) -> str:
             return "module"
         return _model_type_family(model_type, type(model).__name__)
     if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(
-            f"model: expected a hub id, a folder path or an nn.Module, got {type(model).__name__}"
-        )
+        raise TypeError(f"model: expected a hub id, a folder path or an nn.Module, got {type(model).__name__}")
     if kwargs.get("trust_remote_code"):
         raise ValueError(
             "trust_remote_code: FrozenEncoder never runs code shipped with a checkpoint; load the model "
@@ -1016,6 +1019,8 @@ def _load_family(name: str, family: str, kwargs: dict[str, Any], verbose: bool) 
             model, info = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
     except OSError as error:
         raise CheckpointNotFoundError(_not_found_message(name, source, kwargs, error, kind="")) from None
+    except Exception as error:
+        raise _damaged_weights_error(name, source, error) from error
     missing = sorted(info["missing_keys"])
     if missing:
         raise ValueError(
@@ -1055,7 +1060,7 @@ def _weight_dtype(module: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def _weight_device(module: nn.Module) -> Optional[torch.device]:
+def _weight_device(module: nn.Module) -> torch.device | None:
     for tensor in itertools.chain(module.parameters(), module.buffers()):
         return tensor.device
     return None
@@ -1101,18 +1106,13 @@ def _check_options(
         or not input_range[0] < input_range[1]
     ):
         raise ValueError(
-            f"input_range: expected (lo, hi) with finite lo < hi, e.g. (-1, 1) or (0, 1), got "
-            f"{input_range!r}"
+            f"input_range: expected (lo, hi) with finite lo < hi, e.g. (-1, 1) or (0, 1), got {input_range!r}"
         )
     if crop not in CROPS:
         raise ValueError(f"crop: expected one of {', '.join(map(repr, CROPS))}, got {crop!r}")
     if features not in FEATURES:
-        raise ValueError(
-            f"features: expected one of {', '.join(map(repr, FEATURES))}, got {features!r}"
-        )
-    if image_size is not None and (
-        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
-    ):
+        raise ValueError(f"features: expected one of {', '.join(map(repr, FEATURES))}, got {features!r}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size: expected a positive int or None, got {image_size!r}")
     if mean is not None:
         _per_channel("mean", mean)

@@ -61,7 +61,7 @@ recomputes the ratio only on every k-th call and returns the current value in be
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -82,7 +82,7 @@ PAPER_PATCHES = 30 * 30
 
 
 def paper_to_mean_lambda(
-    lambda_paper: float, *, batch_size: int = PAPER_BATCH_SIZE, patches: Optional[int] = None
+    lambda_paper: float, *, batch_size: int = PAPER_BATCH_SIZE, patches: int | None = None
 ) -> float:
     r""":math:`\lambda_\mathrm{mean} = \lambda_\mathrm{paper} (N - 1) / P`: the paper's summed-loss lambda in
     this library's mean convention (N: global batch, P: logits per image, default
@@ -92,7 +92,7 @@ def paper_to_mean_lambda(
 
 
 def mean_to_paper_lambda(
-    lambda_mean: float, *, batch_size: int = PAPER_BATCH_SIZE, patches: Optional[int] = None
+    lambda_mean: float, *, batch_size: int = PAPER_BATCH_SIZE, patches: int | None = None
 ) -> float:
     r"""The inverse of :func:`paper_to_mean_lambda`:
     :math:`\lambda_\mathrm{paper} = \lambda_\mathrm{mean} P / (N - 1)`."""
@@ -100,7 +100,7 @@ def mean_to_paper_lambda(
     return _check_lambda(lambda_mean) * p / (n - 1)
 
 
-def _check_batch_and_patches(batch_size: int, patches: Optional[int]) -> tuple[int, int]:
+def _check_batch_and_patches(batch_size: int, patches: int | None) -> tuple[int, int]:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 2:
         raise ValueError(
             f"batch_size: expected an int >= 2 (the global batch; pairs need two images), got {batch_size!r}"

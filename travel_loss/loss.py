@@ -23,16 +23,16 @@ definition to float32 precision even where :math:`1 - \cos` is tiny.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, Union, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TravelLoss", "siamese_margin_loss", "travel_loss", "pairwise_squared_norms"]
+__all__ = ["TravelLoss", "pairwise_squared_norms", "siamese_margin_loss", "travel_loss"]
 
 Distance = Literal["cosine", "squared_euclidean", "travelgan"]
 Reduction = Literal["mean", "sum", "none"]
-Embeddings = Union[Tensor, Sequence[Tensor]]
+Embeddings = Tensor | Sequence[Tensor]
 
 DISTANCES: tuple[str, ...] = ("cosine", "squared_euclidean", "travelgan")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
@@ -241,9 +241,7 @@ def _pair_cosines(s: Tensor, g: Tensor) -> Tensor:
     squared_v, squared_z = pairwise_squared_norms(gram_s), pairwise_squared_norms(gram_g)
     cross_diagonal = cross.diagonal()
     dot = cross_diagonal[:, None] + cross_diagonal[None, :] - cross - cross.mT
-    zero_length = (squared_v <= _zero_length_threshold(gram_s)) | (
-        squared_z <= _zero_length_threshold(gram_g)
-    )
+    zero_length = (squared_v <= _zero_length_threshold(gram_s)) | (squared_z <= _zero_length_threshold(gram_g))
     # Zero-length pairs get a harmless denominator of 1 before the division, so that neither
     # branch of the final `where` has an infinite gradient that could leak through it as NaN.
     ones = torch.ones_like(squared_v)
@@ -287,9 +285,7 @@ def _result_dtype(input_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if input_dtype == torch.float64 else torch.float32
 
 
-def _travel_loss_over_encoders(
-    emb_src: Embeddings, emb_gen: Embeddings, **options: object
-) -> Tensor:
+def _travel_loss_over_encoders(emb_src: Embeddings, emb_gen: Embeddings, **options: object) -> Tensor:
     if not (isinstance(emb_src, (list, tuple)) and isinstance(emb_gen, (list, tuple))):
         raise TypeError(
             "emb_src, emb_gen: expected two tensors or two equally long sequences of tensors "
@@ -327,10 +323,7 @@ def _validated_pair(
             f"the other), got {tuple(emb_src.shape)} and {tuple(emb_gen.shape)}"
         )
     if src.device != gen.device:
-        raise ValueError(
-            f"{name_src}, {name_gen}: expected tensors on one device, got {src.device} and "
-            f"{gen.device}"
-        )
+        raise ValueError(f"{name_src}, {name_gen}: expected tensors on one device, got {src.device} and {gen.device}")
     if check_finite:
         _check_all_finite((name_src, src), (name_gen, gen))
     return src, gen
@@ -373,7 +366,4 @@ def _check_all_finite(*named: tuple[str, Tensor]) -> None:
     for (name, tensor), ok in zip(named, finite.tolist()):
         if not ok:
             count = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(
-                f"{name}: expected finite values, got {count} NaN or infinite entries of "
-                f"{tensor.numel()}"
-            )
+            raise ValueError(f"{name}: expected finite values, got {count} NaN or infinite entries of {tensor.numel()}")

@@ -15,7 +15,7 @@ Gram matrices (fine up to several thousand rows; subsample larger sets).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,7 @@ from travel_loss.loss import travel_loss
 
 __all__ = ["TravelConsistency"]
 
-Embeddings = Union[Tensor, Sequence[Tensor]]
+Embeddings = Tensor | Sequence[Tensor]
 
 
 class TravelConsistency:
@@ -50,7 +50,7 @@ class TravelConsistency:
     >>> consistency = float(metric.compute())
     """
 
-    def __init__(self, *, sync: bool = True, group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, *, sync: bool = True, group: dist.ProcessGroup | None = None) -> None:
         self.sync = bool(sync)
         self.group = group
         self.reset()
@@ -59,7 +59,7 @@ class TravelConsistency:
         """Forget every row seen."""
         self._src: list[list[Tensor]] = []  # per encoder, a list of (n, D_k) chunks
         self._gen: list[list[Tensor]] = []
-        self._as_sequence: Optional[bool] = None
+        self._as_sequence: bool | None = None
 
     def __len__(self) -> int:
         """Rows accumulated on this rank."""
@@ -134,7 +134,7 @@ class TravelConsistency:
         return src, gen
 
 
-def _gather_rows(rows: Optional[Tensor], group: Optional[dist.ProcessGroup]) -> Optional[Tensor]:
+def _gather_rows(rows: Tensor | None, group: dist.ProcessGroup | None) -> Tensor | None:
     """Concatenate every rank's (n_r, D) rows in rank order (n_r may differ; a rank may have none)."""
     world = dist.get_world_size(group)
     meta = None if rows is None else (rows.shape[0], rows.shape[1], str(rows.dtype).replace("torch.", ""))

@@ -23,7 +23,8 @@ batch under :func:`travel_loss` when q > 0.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -92,8 +93,8 @@ class TravelQueue(nn.Module):
         self.distance = distance
         self.reduction = reduction
         self.check_finite = check_finite
-        self._src: Optional[Tensor] = None  # (q, D) queued source embeddings, oldest first
-        self._gen: Optional[Tensor] = None  # (q, D) queued translation embeddings
+        self._src: Tensor | None = None  # (q, D) queued source embeddings, oldest first
+        self._gen: Tensor | None = None  # (q, D) queued translation embeddings
 
     # ----------------------------------------------------------------------------------------
 
@@ -102,7 +103,7 @@ class TravelQueue(nn.Module):
         return 0 if self._src is None else int(self._src.shape[0])
 
     @property
-    def queued(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def queued(self) -> tuple[Tensor | None, Tensor | None]:
         """The queued (q, D) source and translation embeddings, oldest first (None when empty)."""
         return self._src, self._gen
 

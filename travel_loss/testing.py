@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -23,10 +23,10 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from hypothesis.strategies import DrawFn, SearchStrategy
 
-__all__ = ["check_embedder", "embeddings", "embedding_pairs", "image_batches"]
+__all__ = ["check_embedder", "embedding_pairs", "embeddings", "image_batches"]
 
 Embedder = Callable[[Tensor], Tensor]
-ImageSize = Union[int, tuple[int, int]]
+ImageSize = int | tuple[int, int]
 
 # Default relative tolerance of "the same embedding", by output dtype, measured against the
 # largest entry of the reference embedding. float32 allows for TF32 matmuls and for kernels that
@@ -134,7 +134,11 @@ def check_embedder(
             first = _checked_call(embedder, batch, context, "the test batch")
             second = _checked_call(embedder, batch, context, "the same batch again")
             _check_same(
-                first, second, atol, rtol, what="Two calls on the same images",
+                first,
+                second,
+                atol,
+                rtol,
+                what="Two calls on the same images",
                 advice=(
                     "The embedder is not deterministic: dropout or another random layer is "
                     "active. Call embedder.eval() (a frozen encoder should stay in eval mode)."
@@ -144,13 +148,19 @@ def check_embedder(
             mixed = torch.cat([other_batch[1:], batch[:1]])
             in_other_batch = _checked_call(embedder, mixed, context, "a batch of other images")
             _check_same(
-                in_other_batch[-1:], first[:1], atol, rtol,
+                in_other_batch[-1:],
+                first[:1],
+                atol,
+                rtol,
                 what="The embeddings of image 0 first in one batch and last in another batch",
                 advice=_BATCH_ADVICE,
             )
             alone = _checked_call(embedder, batch[:1], context, "a batch of one image")
             _check_same(
-                alone, first[:1], atol, rtol,
+                alone,
+                first[:1],
+                atol,
+                rtol,
                 what="The embeddings of image 0 alone and in a batch of other images",
                 advice=_BATCH_ADVICE,
             )
@@ -172,19 +182,14 @@ def _validate_check_arguments(
         or len(image_shape) != 3
         or not all(isinstance(size, int) and size >= 1 for size in image_shape)
     ):
-        raise ValueError(
-            f"image_shape: expected three positive ints (C, H, W), got {image_shape!r}"
-        )
+        raise ValueError(f"image_shape: expected three positive ints (C, H, W), got {image_shape!r}")
     if (
         not isinstance(input_range, Sequence)
         or len(input_range) != 2
         or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in input_range)
         or not input_range[0] < input_range[1]
     ):
-        raise ValueError(
-            f"input_range: expected two finite numbers (low, high) with low < high, got "
-            f"{input_range!r}"
-        )
+        raise ValueError(f"input_range: expected two finite numbers (low, high) with low < high, got {input_range!r}")
     if not isinstance(batch_size, int) or batch_size < 2:
         raise ValueError(f"batch_size: expected an int >= 2, got {batch_size!r}")
     for name, value in (("atol", atol), ("rtol", rtol)):
@@ -259,8 +264,7 @@ def _check_no_trainable_parameters(module: nn.Module) -> None:
     trainable = [name for name, p in module.named_parameters() if p.requires_grad]
     if trainable:
         raise AssertionError(
-            f"{len(trainable)} parameter(s) of the embedder require grad "
-            f"({_some_names(trainable)}). {_FREEZE_ADVICE}"
+            f"{len(trainable)} parameter(s) of the embedder require grad ({_some_names(trainable)}). {_FREEZE_ADVICE}"
         )
 
 
@@ -351,8 +355,7 @@ def _check_same(
     tolerance = atol + rtol * scale
     if not difference <= tolerance:
         raise AssertionError(
-            f"{what} differ by up to {difference:.3g} (largest entry {scale:.3g}, tolerance "
-            f"{tolerance:.3g}). {advice}"
+            f"{what} differ by up to {difference:.3g} (largest entry {scale:.3g}, tolerance {tolerance:.3g}). {advice}"
         )
 
 
@@ -533,13 +536,10 @@ def _validate_embedding_options(
     ):
         if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
             raise ValueError(
-                f"{low_name}, {high_name}: expected ints with 1 <= {low_name} <= {high_name}, "
-                f"got {low!r} and {high!r}"
+                f"{low_name}, {high_name}: expected ints with 1 <= {low_name} <= {high_name}, got {low!r} and {high!r}"
             )
     if dtype not in _FLOAT_WIDTHS:
-        raise ValueError(
-            f"dtype: expected one of {', '.join(map(str, _FLOAT_WIDTHS))}, got {dtype!r}"
-        )
+        raise ValueError(f"dtype: expected one of {', '.join(map(str, _FLOAT_WIDTHS))}, got {dtype!r}")
     if not (isinstance(scale, (int, float)) and 0 < scale < math.inf):
         raise ValueError(f"scale: expected a finite number > 0, got {scale!r}")
     if not (isinstance(max_offset, (int, float)) and 0 <= max_offset < math.inf):
@@ -626,17 +626,14 @@ def image_batches(
     from hypothesis import strategies  # noqa: PLC0415
 
     if not (isinstance(min_n, int) and isinstance(max_n, int) and 1 <= min_n <= max_n):
-        raise ValueError(
-            f"min_n, max_n: expected ints with 1 <= min_n <= max_n, got {min_n!r} and {max_n!r}"
-        )
+        raise ValueError(f"min_n, max_n: expected ints with 1 <= min_n <= max_n, got {min_n!r} and {max_n!r}")
     if not (isinstance(channels, int) and channels >= 1):
         raise ValueError(f"channels: expected an int >= 1, got {channels!r}")
     given_sizes = [_as_height_width(size) for size in sizes] if isinstance(sizes, Sequence) else []
     hw_sizes = [hw for hw in given_sizes if hw is not None]
     if not hw_sizes or len(hw_sizes) != len(given_sizes):
         raise ValueError(
-            f"sizes: expected a non-empty sequence of positive ints or (height, width) pairs, got "
-            f"{sizes!r}"
+            f"sizes: expected a non-empty sequence of positive ints or (height, width) pairs, got {sizes!r}"
         )
     if (
         not isinstance(input_range, Sequence)
@@ -644,10 +641,7 @@ def image_batches(
         or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in input_range)
         or not input_range[0] < input_range[1]
     ):
-        raise ValueError(
-            "input_range: expected two finite numbers (low, high) with low < high, got "
-            f"{input_range!r}"
-        )
+        raise ValueError(f"input_range: expected two finite numbers (low, high) with low < high, got {input_range!r}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating-point torch dtype, got {dtype!r}")
     low, high = float(input_range[0]), float(input_range[1])
@@ -660,9 +654,7 @@ def image_batches(
         patterns = draw(strategies.lists(pattern, min_size=n, max_size=n))
         seed = draw(strategies.integers(0, 2**32 - 1))
         generator = torch.Generator().manual_seed(seed)
-        unit = torch.stack(
-            [_unit_image(pattern, (channels, height, width), generator) for pattern in patterns]
-        )
+        unit = torch.stack([_unit_image(pattern, (channels, height, width), generator) for pattern in patterns])
         return (low + (high - low) * unit).clamp(low, high).to(dtype)
 
     return strategy()
@@ -691,7 +683,5 @@ def _unit_image(pattern: str, shape: tuple[int, int, int], generator: torch.Gene
         return torch.randint(0, 2, shape, generator=generator).to(torch.float64)
     coarse_shape = (1, channels, max(1, height // 4), max(1, width // 4))
     coarse = torch.rand(coarse_shape, generator=generator, dtype=torch.float64)
-    smooth = nn.functional.interpolate(
-        coarse, size=(height, width), mode="bilinear", align_corners=False
-    )
+    smooth = nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
     return smooth[0]
