@@ -334,7 +334,7 @@ def test_realism_falls_as_outputs_leave_the_palette() -> None:
         realism.append(scores["realism"])
         distance.append(scores["palette_distance"])
     assert realism[0] == 1.0 and realism[-1] < 0.1
-    assert all(a > b for a, b in itertools.pairwise(realism))
+    assert all(a > b for a, b in itertools.pairwise(realism[1:]))  # sigma 0.01 keeps every pixel within tolerance
     assert distance == sorted(distance) and distance[0] == 0.0
 
 
