@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reference.config import TRAINER_PRESETS, TrainConfig
+from reference.config import TRAINER_PRESETS
 from reference.digits import DigitJudge, digit_domains, score_digit_translations
 from reference.evaluate import translate_images
 from reference.logs import save_image_grid
+from reference.study import TrainerRun, finished_checkpoint, run_trainers, trainer_argv
 from reference.translate import load_generator
 
 __all__ = ["FULL", "QUICK", "DigitDemoSettings", "Run", "run_digit_demo"]
@@ -81,6 +82,7 @@ class DigitDemoSettings:
     preset: str = "digits-demo"  # reference.config.TRAINER_PRESETS: networks, optimiser, budget
     overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields that differ from the preset
     grid_rows: int = 10
+    workers: int = 2  # trainer runs at once, one thread each
 
 
 FULL = DigitDemoSettings()
@@ -109,16 +111,16 @@ def _run_name(run: Run) -> str:
     return f"{run.method}_{run.weight:g}"
 
 
-def trainer_config(run: Run, settings: DigitDemoSettings, data: Path, out: Path, seed: int) -> TrainConfig:
-    """The :class:`TrainConfig` of one run: what ``reference/train.py --preset digits-demo --data-a
-    DATA/trainA --data-b DATA/trainB --lambda-travel ... --out OUT`` would train."""
-    recipe = {**TRAINER_PRESETS[settings.preset], **settings.overrides}
-    steps = recipe["steps"]
-    return TrainConfig(**{
-        **recipe, "data_a": str(data / "trainA"), "data_b": str(data / "trainB"), "seed": seed, "out": str(out),
-        "lambda_travel": run.lambda_travel, "lambda_identity": run.lambda_identity, "encoder": EMBEDDERS[run.embedder],
+def trainer_flags(run: Run, settings: DigitDemoSettings, data: Path, out: Path, seed: int) -> dict[str, Any]:
+    """The flags of one run beside ``--preset``: ``reference/train.py --preset digits-demo --data-a
+    DATA/trainA --data-b DATA/trainB --lambda-travel ... --out OUT/runs/NAME``."""
+    steps = {**TRAINER_PRESETS[settings.preset], **settings.overrides}["steps"]
+    return {
+        **settings.overrides, "data_a": str(data / "trainA"), "data_b": str(data / "trainB"), "seed": seed,
+        "out": str(out / "runs" / _run_name(run)), "lambda_travel": run.lambda_travel,
+        "lambda_identity": run.lambda_identity, "encoder": EMBEDDERS[run.embedder],
         "log_every": max(1, steps // 10), "sample_every": steps, "checkpoint_every": steps,
-    })  # fmt: skip
+    }  # fmt: skip
 
 
 def _grid_rows(labels: Tensor, count: int) -> list[int]:
@@ -153,20 +155,10 @@ def run_digit_demo(
     progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Run the digit study into ``out_dir`` (see the module docstring); returns the report dict."""
-    from reference.train import train
-
-    settings = settings or (QUICK if quick else FULL)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the study's tiny convolutions run faster on one thread than on two
-    try:
-        return _run_study(Path(out_dir), seed, quick, settings, progress, train)
-    finally:
-        torch.set_num_threads(threads)
+    return _run_study(Path(out_dir), seed, quick, settings or (QUICK if quick else FULL), progress)
 
 
-def _run_study(
-    out: Path, seed: int, quick: bool, settings: DigitDemoSettings, progress: bool, train: Any
-) -> dict[str, Any]:
+def _run_study(out: Path, seed: int, quick: bool, settings: DigitDemoSettings, progress: bool) -> dict[str, Any]:
     say = print if progress else (lambda *args, **kwargs: None)
     started = time.perf_counter()
     domains = digit_domains(size=TRAINER_PRESETS[settings.preset]["size"])
@@ -181,16 +173,19 @@ def _run_study(
         f"A-test {len(domains.a_test)}"
     )
 
+    trainer_runs = [
+        TrainerRun(_run_name(run), trainer_argv(settings.preset, trainer_flags(run, settings, data, out, seed)),
+                   out / "runs" / _run_name(run))
+        for run in settings.runs
+    ]  # fmt: skip
+    say(f"training {len(trainer_runs)} runs, {settings.workers} at a time (logs: RUN/train.log)")
+    seconds = run_trainers(trainer_runs, workers=settings.workers, say=say)
+
     results, translations = [], {}
-    for index, run in enumerate(settings.runs, 1):
-        name = _run_name(run)
-        say(f"[{index}/{len(settings.runs)}] {name}")
-        config = trainer_config(run, settings, data, out / "runs" / name, seed)
-        run_started = time.perf_counter()
-        summary = train(replace(config, resume=True), progress=False)  # resume: a rerun continues, never clobbers
-        if summary["interrupted"]:  # SIGTERM/SIGINT: the run saved its checkpoint; a rerun continues it
-            raise KeyboardInterrupt(f"{summary['interrupted']} during {name}; rerun the same command to continue")
-        generator = load_generator(summary["checkpoint"])
+    steps = {**TRAINER_PRESETS[settings.preset], **settings.overrides}["steps"]
+    for run, trainer_run in zip(settings.runs, trainer_runs):
+        name = trainer_run.name
+        generator = load_generator(finished_checkpoint(trainer_run.out, steps))
         translated = translate_images(generator, domains.a_test)
         translations[name] = translated
         scores = score_digit_translations(translated, domains.a_test_labels, judge)
@@ -201,10 +196,8 @@ def _run_study(
             "lambda_identity": run.lambda_identity, "embedder": run.embedder, **scores,
             "label_accuracy_by_class": per_class,
             "predicted_class_counts": torch.bincount(predicted, minlength=10).tolist(),
-            "seconds": time.perf_counter() - run_started, "run_dir": str(config.out),
+            "seconds": seconds.get(name, 0.0), "run_dir": str(trainer_run.out),
         })  # fmt: skip
-        say(f"    label accuracy {scores['label_accuracy']:.3f}, realism {scores['realism']:.3f}, "
-            f"{results[-1]['seconds']:.0f} s")  # fmt: skip
 
     references = {
         "input unchanged": score_digit_translations(domains.a_test, domains.a_test_labels, judge),

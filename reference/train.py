@@ -21,9 +21,9 @@ Usage::
     python reference/train.py --resume --out runs/gta                             # continue latest.pt
     python reference/train.py --demo --out runs/demo                              # the toy-street study
 
-The file reads top to bottom: the two update steps, the encoder, the data, the training loop,
-the command line. Its parts live in their own modules of ``reference``: the options and their
-checks (``config``), devices, process group, seeds and signals (``runtime``), the batch stream
+The file reads top to bottom: the encoder, the data, the training loop, the command line. Its
+parts live in their own modules of ``reference``: the two update steps (``steps``), the options
+and their checks (``config``), devices, process group, seeds and signals (``runtime``), the batch stream
 (``stream``), metrics and sample grids (``logs``), checkpoint files and the resumable training
 state (``checkpoint``), the networks (``models``) and the GAN losses (``losses``).
 """
@@ -31,14 +31,13 @@ state (``checkpoint``), the networks (``models``) and the GAN losses (``losses``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +76,7 @@ from reference.data import (
     unreadable_count,
 )
 from reference.logs import MetricsLog, log_record, progress_bar, save_image_grid, write_samples
-from reference.losses import (
-    GAN_LOSSES,
-    diff_augment,
-    discriminator_adversarial_loss,
-    generator_adversarial_loss,
-    notebook_travel_loss,
-)
+from reference.losses import GAN_LOSSES
 from reference.models import PatchDiscriminator, ResnetGenerator, SiameseEmbedder
 from reference.outputs import RunFolderBusyError, RunFolderLock, error_line
 from reference.runtime import (
@@ -100,10 +93,9 @@ from reference.runtime import (
     seed_everything,
     setup_runtime,
 )
+from reference.steps import StepOptions, discriminator_step, generator_step
 from reference.stream import FlippedImages, stream_loader
-from travel_loss import TravelQueue, siamese_margin_loss, travel_loss
-from travel_loss.distributed import all_gather_with_grad
-from travel_loss.gradcache import backward_chunk, embed_in_chunks, travel_loss_and_embedding_grads
+from travel_loss import TravelQueue
 
 __all__ = [
     "SetupError",
@@ -121,359 +113,7 @@ __all__ = [
 
 
 # =============================================================================================
-# 1. The two updates of one iteration
-# =============================================================================================
-
-
-@dataclass(frozen=True)
-class StepOptions:
-    """What :func:`generator_step` and :func:`discriminator_step` need to know besides the models."""
-
-    lambda_travel: float = 1.0  # ignored when an adaptive lambda is passed
-    travel_objective: str = "paper"
-    travel_distance: str = "cosine"
-    travel_reduction: str = "mean"
-    gan_loss: str = "bce"
-    augment: str = ""
-    siamese_margin: float = 10.0
-    lambda_identity: float = 0.0  # weight of the identity baseline mean |G(x) - x|
-    device_type: str = "cpu"  # for autocast
-    amp_dtype: torch.dtype | None = None  # None: full precision
-    micro_batch: int = 0  # > 0: the generator step in chunks of this many images, same gradient
-
-    @classmethod
-    def from_config(cls, config: TrainConfig, device_type: str) -> StepOptions:
-        return cls(
-            lambda_travel=0.0 if config.lambda_travel == "auto" else float(config.lambda_travel),
-            travel_objective=config.travel_objective,
-            travel_distance=config.travel_distance,
-            travel_reduction=config.travel_reduction,
-            gan_loss=config.gan_loss,
-            augment=config.augment,
-            siamese_margin=config.siamese_margin,
-            lambda_identity=config.lambda_identity,
-            device_type=device_type,
-            amp_dtype={"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp],
-            micro_batch=config.micro_batch,
-        )
-
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(
-            self.device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-        )
-
-
-def travel_term(emb_src: Tensor, emb_gen: Tensor, options: StepOptions) -> Tensor:
-    """The travel loss of the chosen objective, in float32 (embeddings of the whole global batch)."""
-    if options.travel_objective == "notebook":
-        return notebook_travel_loss(emb_src, emb_gen)
-    return travel_loss(
-        emb_src, emb_gen, distance=options.travel_distance, reduction=options.travel_reduction, check_finite=False
-    )
-
-
-def _backward_and_step(
-    loss: Tensor, optimizers: Sequence[torch.optim.Optimizer], inputs: list[Tensor], scaler: torch.amp.GradScaler | None
-) -> None:
-    """Backward into ``inputs`` only (no gradient for the other network's weights), then one update."""
-    if scaler is None or not scaler.is_enabled():
-        loss.backward(inputs=inputs)
-        for optimizer in optimizers:
-            optimizer.step()
-        return
-    scaler.scale(loss).backward(inputs=inputs)
-    for optimizer in optimizers:
-        scaler.step(optimizer)
-    scaler.update()
-
-
-def _parameters(optimizers: Sequence[torch.optim.Optimizer]) -> list[Tensor]:
-    return [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
-
-
-def generator_step(
-    generator: nn.Module,
-    discriminator: nn.Module,
-    encoder: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    real_a: Tensor,
-    options: StepOptions,
-    *,
-    scaler: torch.amp.GradScaler | None = None,
-    encoder_optimizer: torch.optim.Optimizer | None = None,
-    adaptive_lambda: Any | None = None,
-    emb_src: Tensor | None = None,
-    travel_queue: TravelQueue | None = None,
-) -> dict[str, Any]:
-    r"""One generator update on a batch ``real_a`` (n, 3, H, W) of source images in [-1, 1].
-
-    .. math::  L_G = L_\mathrm{adv}(D(\mathrm{aug}(G(x)))) + \lambda\, L_\mathrm{travel}(E(x), E(G(x)))
-
-    ``E(x)`` is computed without gradient when the encoder is frozen. With an
-    ``encoder_optimizer`` the encoder is TraVeLGAN's trainable Siamese network: both embeddings
-    keep their gradient, the loss gains :math:`\lambda\, L_\mathrm{margin}(E(x))` (which keeps E
-    from collapsing) and E is updated together with G. Under DDP the embeddings of all ranks are
-    gathered with gradient, so the travel loss compares every pair of the global batch.
-
-    ``discriminator`` must be the *unwrapped* module (not DDP): only G (and E) receive gradients
-    here. ``adaptive_lambda`` (``reference.adaptive_lambda.GradientBalancedLambda``) replaces
-    ``options.lambda_travel`` by a gradient-balanced value. Returns detached losses, the lambda
-    used and the translations ``"fake"`` (detached) for the discriminator step.
-
-    ``options.lambda_identity`` > 0 adds CycleGAN's identity term
-    :math:`\lambda_\mathrm{id}\, \mathrm{mean}|G(x) - x|` (a baseline regulariser; it also works
-    with ``lambda_travel = 0``).
-
-    ``emb_src``: precomputed (n, D) source embeddings E(x) (a frozen encoder's embeddings of a
-    fixed data set can be computed once); the step then skips the source forward.
-
-    ``travel_queue``: a :class:`travel_loss.TravelQueue` that replaces the travel term (pairs
-    with queued rows of earlier steps too; batch 1 works).
-
-    ``options.micro_batch`` = m with 0 < m < n: the same update computed in chunks of m images
-    (:func:`micro_batched_generator_step`), for the memory of m images' activations.
-    """
-    if emb_src is not None and encoder_optimizer is not None:
-        raise ValueError(
-            "emb_src: precomputed source embeddings cannot be used with a trainable encoder (encoder_optimizer)"
-        )
-    optimizers = [optimizer] if encoder_optimizer is None else [optimizer, encoder_optimizer]
-    if 0 < options.micro_batch < real_a.shape[0]:
-        return micro_batched_generator_step(
-            generator, discriminator, encoder, optimizers, real_a, options, scaler=scaler,
-            trainable_encoder=encoder_optimizer is not None, adaptive_lambda=adaptive_lambda, emb_src=emb_src,
-            travel_queue=travel_queue,
-        )  # fmt: skip
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    with options.autocast():
-        fake = generator(real_a)
-        judged = fake.to(real_a.dtype)  # D sees one input dtype in both steps: one compiled graph
-        fake_logits = discriminator(diff_augment(judged, options.augment) if options.augment else judged)
-        if encoder_optimizer is not None:  # one forward of the trainable embedder (one DDP call)
-            emb_src, emb_gen = encoder(torch.cat([real_a, fake])).chunk(2)
-        else:
-            if emb_src is None:
-                with torch.no_grad():
-                    emb_src = encoder(real_a)
-            emb_gen = encoder(fake)
-    adversarial = generator_adversarial_loss(fake_logits, options.gan_loss)
-    emb_src = all_gather_with_grad(_at_least_float32(emb_src))
-    emb_gen = all_gather_with_grad(_at_least_float32(emb_gen))
-    travel = travel_term(emb_src, emb_gen, options) if travel_queue is None else travel_queue(emb_src, emb_gen)
-    lam = options.lambda_travel if adaptive_lambda is None else adaptive_lambda.update(adversarial, travel)
-    loss = adversarial + lam * travel
-    if encoder_optimizer is not None:
-        loss = loss + lam * siamese_margin_loss(emb_src, options.siamese_margin, check_finite=False)
-    if options.lambda_identity:
-        loss = loss + options.lambda_identity * (fake.float() - real_a.float()).abs().mean()
-    _backward_and_step(loss, optimizers, _parameters(optimizers), scaler)
-    return {
-        "loss_g": loss.detach(),
-        "loss_adv": adversarial.detach(),
-        "loss_travel": travel.detach(),
-        "lambda": lam,
-        "fake": fake.detach(),
-    }
-
-
-def micro_batched_generator_step(
-    generator: nn.Module,
-    discriminator: nn.Module,
-    encoder: nn.Module,
-    optimizers: Sequence[torch.optim.Optimizer],
-    real_a: Tensor,
-    options: StepOptions,
-    *,
-    scaler: torch.amp.GradScaler | None = None,
-    trainable_encoder: bool = False,
-    adaptive_lambda: Any | None = None,
-    emb_src: Tensor | None = None,
-    travel_queue: TravelQueue | None = None,
-) -> dict[str, Any]:
-    r""":func:`generator_step` in chunks of ``options.micro_batch`` images, with the same gradient.
-
-    The gradient-cache technique (:mod:`travel_loss.gradcache`; Gao et al., 2021):
-
-    1. E(x) and E(G(x)) of the whole batch, chunk by chunk, without graphs;
-    2. the travel loss of the global batch (all ranks' rows) and its gradient
-       :math:`\gamma = \partial L_\mathrm{travel} / \partial E(G(x))` (and with respect to E(x) for
-       the trainable embedder, whose margin loss joins the travel loss here);
-    3. per chunk c of m of the n images: G, D and E again with graphs, and one backward of
-       :math:`\frac{m}{n} L_\mathrm{adv}(c) + \lambda \sum_{i \in c} \langle E(G(x_i)), \gamma_i \rangle`.
-       The adversarial loss is a mean over images, so the chunk terms sum to the batch mean.
-
-    Memory: one chunk's activations; cost: one more forward of G and E per image. Under DDP only
-    the last chunk's backward reduces gradients across ranks (``no_sync`` before it).
-
-    With an ``adaptive_lambda`` on a step where it computes, lambda is known only once every
-    chunk is done: each chunk then back-propagates its adversarial term into ``.grad`` and its
-    travel term into a separate buffer (one more backward through G per chunk), the gradient
-    norms at the balanced parameter come from the two sums, and ``.grad`` becomes
-    adversarial + lambda * travel (averaged across ranks by hand under DDP).
-    ``optimizers``: G's, then the trainable encoder's. The random draws of ``options.augment``
-    differ from those of the whole-batch step (same distribution), the rest is the same update.
-    """
-    chunk_size, n = options.micro_batch, real_a.shape[0]
-    parameters = _parameters(optimizers)
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    with options.autocast():
-        if emb_src is None:
-            emb_src = embed_in_chunks(encoder, real_a, chunk_size)
-        emb_gen = embed_in_chunks(lambda x: encoder(generator(x)), real_a, chunk_size)
-    emb_src, emb_gen = _at_least_float32(emb_src), _at_least_float32(emb_gen)
-    separate = adaptive_lambda is not None and adaptive_lambda.computes_next
-    lam = options.lambda_travel
-    if adaptive_lambda is not None and not separate:
-        lam = adaptive_lambda.update_from_norms(None, None)
-
-    def objective(src: Tensor, gen: Tensor) -> Tensor:
-        travel = travel_term(src, gen, options) if travel_queue is None else travel_queue(src, gen)
-        if trainable_encoder:
-            travel = travel + siamese_margin_loss(src, options.siamese_margin, check_finite=False)
-        return travel
-
-    objective_value, grad_gen, grad_src = travel_loss_and_embedding_grads(
-        emb_src, emb_gen, loss_fn=objective, src_grad=trainable_encoder, global_batch=True
-    )
-    scaled = scaler.scale if scaler is not None and scaler.is_enabled() else (lambda t: t)
-    adversarial, fakes = torch.zeros((), device=real_a.device), []
-    travel_grads: list[Tensor | None] = [None] * len(parameters)
-    chunks = real_a.split(chunk_size)
-    trained_modules = (generator, encoder if trainable_encoder else None)
-    for index, x in enumerate(chunks):
-        rows = slice(index * chunk_size, index * chunk_size + x.shape[0])
-        with _no_sync_unless(index == len(chunks) - 1 and not separate, *trained_modules):
-            with options.autocast():
-                fake = generator(x)
-                judged = fake.to(x.dtype)
-                fake_logits = discriminator(diff_augment(judged, options.augment) if options.augment else judged)
-                if trainable_encoder:
-                    embedded, grad = encoder(torch.cat([x, fake])), torch.cat([grad_src[rows], grad_gen[rows]])
-                else:
-                    embedded, grad = encoder(fake), grad_gen[rows]
-            adversarial_chunk = generator_adversarial_loss(fake_logits, options.gan_loss) * (x.shape[0] / n)
-            if separate:
-                torch.autograd.backward(scaled(adversarial_chunk), inputs=parameters, retain_graph=True)
-                chunk_grads = torch.autograd.grad(
-                    embedded, parameters, scaled(grad).to(embedded.dtype), allow_unused=True
-                )
-                travel_grads = [_add(total, g) for total, g in zip(travel_grads, chunk_grads)]
-            else:
-                backward_chunk(embedded, scaled(lam * grad), scaled(adversarial_chunk), inputs=parameters)
-        adversarial = adversarial + adversarial_chunk.detach()
-        fakes.append(fake.detach())
-    if separate:
-        lam = _combine_balanced(adaptive_lambda, parameters, travel_grads, trained_modules)
-    _optimizer_step(optimizers, scaler)
-    travel = objective_value
-    if trainable_encoder:  # report the travel term alone, as the whole-batch step does
-        with torch.no_grad():
-            travel = travel_term(all_gather_with_grad(emb_src), all_gather_with_grad(emb_gen), options)
-    return {
-        "loss_g": adversarial + lam * objective_value,
-        "loss_adv": adversarial,
-        "loss_travel": travel,
-        "lambda": lam,
-        "fake": torch.cat(fakes),
-    }
-
-
-def _add(total: Tensor | None, value: Tensor | None) -> Tensor | None:
-    if value is None:
-        return total
-    return value if total is None else total.add_(value)
-
-
-def _combine_balanced(
-    adaptive_lambda: Any,
-    parameters: list[Tensor],
-    travel_grads: list[Tensor | None],
-    modules: Sequence[nn.Module | None],
-) -> float:
-    """lambda from the norms at the balanced parameter of ``.grad`` (adversarial) and ``travel_grads``;
-    then ``.grad`` = adversarial + lambda * travel, averaged across ranks for DDP modules."""
-    position = next((i for i, p in enumerate(parameters) if p is adaptive_lambda.parameter), None)
-    if position is None:
-        raise ValueError("adaptive_lambda: its parameter is not among the trained parameters of this step")
-    adversarial_at, travel_at = parameters[position].grad, travel_grads[position]
-    if adversarial_at is None or travel_at is None:
-        raise ValueError("adaptive_lambda: the adversarial or travel loss does not depend on its parameter")
-    norms = (torch.linalg.vector_norm(t.detach().double()) for t in (adversarial_at, travel_at))
-    lam = adaptive_lambda.update_from_norms(*norms)
-    for parameter, travel in zip(parameters, travel_grads):
-        if travel is not None:
-            parameter.grad = travel.mul_(lam) if parameter.grad is None else parameter.grad.add_(travel, alpha=lam)
-    for module in modules:
-        if isinstance(module, DistributedDataParallel):
-            world_size = dist.get_world_size()
-            for parameter in module.parameters():
-                if parameter.grad is not None:
-                    dist.all_reduce(parameter.grad)
-                    parameter.grad.div_(world_size)
-    return lam
-
-
-def _at_least_float32(embeddings: Tensor) -> Tensor:
-    """float16/bfloat16 (autocast) embeddings in float32 for the loss; float32 and float64 unchanged."""
-    return embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
-
-
-def _optimizer_step(optimizers: Sequence[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None) -> None:
-    if scaler is None or not scaler.is_enabled():
-        for optimizer in optimizers:
-            optimizer.step()
-        return
-    for optimizer in optimizers:
-        scaler.step(optimizer)
-    scaler.update()
-
-
-@contextlib.contextmanager
-def _no_sync_unless(sync: bool, *modules: nn.Module | None) -> Iterator[None]:
-    """``no_sync()`` of every DDP module among ``modules`` unless ``sync``: gradients accumulate
-    locally, and the next synchronised backward reduces the sum across ranks."""
-    with contextlib.ExitStack() as stack:
-        if not sync:
-            for module in modules:
-                if isinstance(module, DistributedDataParallel):
-                    stack.enter_context(module.no_sync())
-        yield
-
-
-def discriminator_step(
-    discriminator: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    real_b: Tensor,
-    fake_b: Tensor,
-    options: StepOptions,
-    *,
-    scaler: torch.amp.GradScaler | None = None,
-) -> dict[str, Tensor]:
-    """One discriminator update on real target images ``real_b`` and translations ``fake_b`` (both (n, 3, H, W)).
-
-    Real and fake go through D as one batch (one call of a DDP module; D has no batch
-    statistics, so this equals two calls), each augmented by the same policy.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    fake_b = fake_b.detach().to(real_b.dtype)  # an autocast G(x) would otherwise recompile a compiled D
-    if options.augment:
-        real_b, fake_b = diff_augment(real_b, options.augment), diff_augment(fake_b, options.augment)
-    with options.autocast():
-        logits = discriminator(torch.cat([real_b, fake_b]))
-    real_logits, fake_logits = logits.split([real_b.shape[0], fake_b.shape[0]])
-    loss = discriminator_adversarial_loss(real_logits, fake_logits, options.gan_loss)
-    _backward_and_step(loss, [optimizer], _parameters([optimizer]), scaler)
-    return {
-        "loss_d": loss.detach(),
-        "d_real": real_logits.detach().float().mean(),
-        "d_fake": fake_logits.detach().float().mean(),
-    }
-
-
-# =============================================================================================
-# 2. The encoder E and the learning-rate schedule
+# 1. The encoder E and the learning-rate schedule
 # =============================================================================================
 
 
@@ -544,7 +184,7 @@ def _linear_decay(total_steps: int, decay_steps: int):
 
 
 # =============================================================================================
-# 3. Data: an endless, seeded stream of batches per domain (reference.stream)
+# 2. Data: an endless, seeded stream of batches per domain (reference.stream)
 # =============================================================================================
 
 
@@ -577,7 +217,7 @@ def _batches(images: Dataset, config: TrainConfig, runtime: Runtime, domain: int
 
 
 # =============================================================================================
-# 4. Training
+# 3. Training
 # =============================================================================================
 
 
@@ -847,7 +487,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
 
 
 # =============================================================================================
-# 5. Command line
+# 4. Command line
 # =============================================================================================
 
 

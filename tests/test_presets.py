@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reference import presets
-from reference.losses import notebook_travel_loss
+from reference.losses import generator_adversarial_loss, notebook_travel_loss
 from reference.presets import (
     PRESETS,
     PresetNotRunnableError,
@@ -23,14 +23,8 @@ from reference.presets import (
     preset_command,
     preset_config,
 )
-from reference.train import (
-    StepOptions,
-    TrainConfig,
-    build_parser,
-    check_config,
-    generator_adversarial_loss,
-    travel_term,
-)
+from reference.steps import travel_term
+from reference.train import StepOptions, TrainConfig, build_parser, check_config
 from travel_loss import travel_loss
 
 

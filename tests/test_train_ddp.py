@@ -37,20 +37,23 @@ def ddp_config(out: Path, encoder: Path, **overrides) -> TrainConfig:
 def record_first_generator_gradients(train_module, store: list) -> None:
     """Wrap the trainer's backward-and-update so that the first call (step 1's generator update)
     keeps a copy of the gradients it applied (after DDP's averaging)."""
-    original = train_module._backward_and_step
+    from reference import steps as steps_module
+
+    original = steps_module._backward_and_step
 
     def recording(loss, optimizers, inputs, scaler):
         original(loss, optimizers, inputs, scaler)
         if not store:
             store.append([p.grad.detach().clone() for p in inputs])
 
-    train_module._backward_and_step = recording
+    steps_module._backward_and_step = recording
 
 
 def _worker(rank: int, init_file: str, tmp: str, encoder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
+        from reference import steps as steps_module
         from reference import train as train_module
 
         saves = []
@@ -59,7 +62,7 @@ def _worker(rank: int, init_file: str, tmp: str, encoder: str) -> None:
         tmp_path = Path(tmp)
         config = ddp_config(tmp_path / "ddp", Path(encoder))
 
-        original_step = train_module._backward_and_step
+        original_step = steps_module._backward_and_step
         global_gradients: list = []
         record_first_generator_gradients(train_module, global_gradients)
         train_module.train(config, progress=False)
@@ -68,31 +71,31 @@ def _worker(rank: int, init_file: str, tmp: str, encoder: str) -> None:
 
         # The same first step in micro-batches of one image (gradient caching, no_sync until the last).
         micro_gradients: list = []
-        original_optimizer_step = train_module._optimizer_step
+        original_optimizer_step = steps_module._optimizer_step
 
         def recording_optimizer_step(optimizers, scaler):  # one call per run: steps=1, only G's update uses it
             parameters = [p for o in optimizers for group in o.param_groups for p in group["params"]]
             micro_gradients.append([p.grad.detach().clone() for p in parameters])
             original_optimizer_step(optimizers, scaler)
 
-        train_module._optimizer_step = recording_optimizer_step
+        steps_module._optimizer_step = recording_optimizer_step
         micro = dataclasses.replace(config, out=str(tmp_path / f"micro{rank}"), steps=1, micro_batch=1)
         train_module.train(micro, progress=False)
         # ... and with the adaptive lambda, against the whole-batch step with it
         train_module.train(dataclasses.replace(micro, out=str(tmp_path / f"mauto{rank}"), lambda_travel="auto"),
                            progress=False)  # fmt: skip
-        train_module._optimizer_step = original_optimizer_step
+        steps_module._optimizer_step = original_optimizer_step
         auto_gradients: list = []
-        train_module._backward_and_step = original_step
+        steps_module._backward_and_step = original_step
         record_first_generator_gradients(train_module, auto_gradients)
         whole_auto = dataclasses.replace(micro, out=str(tmp_path / f"auto{rank}"), lambda_travel="auto", micro_batch=0)
         train_module.train(whole_auto, progress=False)
 
         # The same run with a per-rank travel loss (no gather): pairs never span ranks.
         local_gradients: list = []
-        train_module._backward_and_step = original_step
+        steps_module._backward_and_step = original_step
         record_first_generator_gradients(train_module, local_gradients)
-        train_module.all_gather_with_grad = lambda x: x
+        steps_module.all_gather_with_grad = lambda x: x
         train_module.train(dataclasses.replace(config, out=str(tmp_path / f"local{rank}"), steps=1), progress=False)
 
         torch.save(
@@ -124,18 +127,19 @@ def test_ddp_training_uses_the_global_batch_and_resumes_exactly(tmp_path, tiny_c
     assert not (tmp_path / "local1").exists()
 
     # One process on the concatenated batch (2 x 2 images) gets the gradient DDP applied.
+    from reference import steps as steps_module
     from reference import train as train_module
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     single_gradients: list = []
-    original = train_module._backward_and_step
+    original = steps_module._backward_and_step
     try:
         record_first_generator_gradients(train_module, single_gradients)
         single = ddp_config(tmp_path / "single", tiny_clip_dir, batch_size=WORLD_SIZE * PER_RANK_BATCH, steps=1)
         train_module.train(single, progress=False)
     finally:
-        train_module._backward_and_step = original
+        steps_module._backward_and_step = original
         torch.set_num_threads(threads)
 
     def relative_error(gradients: list[torch.Tensor]) -> float:
