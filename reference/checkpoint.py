@@ -231,7 +231,11 @@ def training_state(
     """Everything a bit-exact resume needs; collective under DDP (RNG states of all ranks), None off rank 0.
 
     ``config`` is the run's configuration as a dict (``dataclasses.asdict(TrainConfig)``); ``modules``
-    holds at least ``"generator"`` (a :class:`reference.models.ResnetGenerator`).
+    holds at least ``"generator"`` (a :class:`reference.models.ResnetGenerator`). Each module's
+    state_dict is stored under its name: the trainer's are ``"generator"``, ``"discriminator"``,
+    ``"siamese"`` (trainable encoder), ``"travel_queue"``, ``"generator_ba"`` and
+    ``"discriminator_a"`` (the cycle baseline, whose optimizers, schedules and D_A's gradient scaler
+    are stored under the same names) and ``"generator_ema"`` (the moving average of G's weights).
     """
     rng = capture_rng_state(runtime.device if runtime.device.type == "cuda" else None)
     if runtime.xla is not None:

@@ -83,6 +83,8 @@ class TrainConfig:
     gan_loss: str = "bce"  # bce (non-saturating) | lsgan | hinge
     augment: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"
     lambda_identity: float = 0.0  # baseline: CycleGAN's identity term, + lambda_identity * mean |G(x) - x|
+    lambda_cycle: float = 0.0  # > 0: the CycleGAN baseline (G_BA, D_A, cycle terms of this weight; CycleGAN: 10)
+    lambda_cycle_identity: float = 0.5  # with lambda_cycle: CycleGAN's identity terms weigh lambda_cycle * this
 
     # encoder E
     encoder: str = (
@@ -110,6 +112,7 @@ class TrainConfig:
     beta1: float = 0.5  # Adam betas of both optimizers
     beta2: float = 0.999
     decay_steps: int = 0  # linear decay of both learning rates to 0 over the last decay_steps
+    g_ema: float = 0.0  # > 0: keep an EMA of G's weights, this decay (e.g. 0.999); samples, translate use it
 
     # engineering
     device: str = "auto"  # auto | cpu | cuda | xla
@@ -175,9 +178,10 @@ def check_config(config: TrainConfig) -> None:
         isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or not math.isfinite(lam)
     ):
         fail("lambda_travel", "a finite number >= 0 or 'auto'")
-    value = config.lambda_identity
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
-        fail("lambda_identity", "a finite number >= 0")
+    for name in ("lambda_identity", "lambda_cycle", "lambda_cycle_identity"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
+            fail(name, "a finite number >= 0")
     for name in ("lambda_auto_scale", "lr", "siamese_margin"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
@@ -186,7 +190,7 @@ def check_config(config: TrainConfig) -> None:
         isinstance(config.lr_d, bool) or not isinstance(config.lr_d, (int, float)) or not config.lr_d > 0
     ):
         fail("lr_d", "None (twice lr) or a number > 0")
-    for name in ("lambda_auto_momentum", "beta1", "beta2"):
+    for name in ("lambda_auto_momentum", "beta1", "beta2", "g_ema"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             fail(name, "a number in [0, 1)")
@@ -225,6 +229,8 @@ def check_config(config: TrainConfig) -> None:
     positive_int("micro_batch", 0)
     if config.micro_batch and config.lambda_identity:
         fail("micro_batch", "0 with lambda_identity > 0 (the identity baseline runs on whole batches)")
+    if config.micro_batch and config.lambda_cycle:
+        fail("micro_batch", "0 with lambda_cycle > 0 (the cycle-consistent step runs on whole batches)")
     if config.g_blocks is not None:
         positive_int("g_blocks", 0)
     probe = PatchDiscriminator(3, width=1, n_layers=config.d_layers)

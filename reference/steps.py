@@ -3,6 +3,11 @@ r"""The two updates of one training iteration, shared by every trainer in ``refe
     generator      L_G = L_adv(D(aug(G(x)))) + lambda * L_travel(E(x), E(G(x)))   (E(x) without grad)
     discriminator  L_D = L_adv^D(D(aug(y)), D(aug(G(x))))                          (G(x) detached)
 
+With a :class:`ReverseDirection` (G_BA, D_A) the generator step also trains CycleGAN's
+B -> A generator and adds the cycle-consistency terms (the CycleGAN baseline); the trainer then
+runs :func:`discriminator_step` a second time, for D_A on (a, G_BA(b)). :func:`update_ema`
+keeps an exponential moving average of the generator's weights.
+
 :func:`generator_step` (or :func:`micro_batched_generator_step`, the same gradient computed a
 few images at a time) and :func:`discriminator_step`; :class:`StepOptions` carries what they
 need besides the networks. ``reference/train.py`` re-exports them.
@@ -33,7 +38,16 @@ from travel_loss.gradcache import backward_chunk, embed_in_chunks, travel_loss_a
 if TYPE_CHECKING:
     from reference.config import TrainConfig
 
-__all__ = ["StepOptions", "discriminator_step", "generator_step", "micro_batched_generator_step", "travel_term"]
+__all__ = [
+    "ReverseDirection",
+    "StepOptions",
+    "cycle_terms",
+    "discriminator_step",
+    "generator_step",
+    "micro_batched_generator_step",
+    "travel_term",
+    "update_ema",
+]
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,8 @@ class StepOptions:
     device_type: str = "cpu"  # for autocast
     amp_dtype: torch.dtype | None = None  # None: full precision
     micro_batch: int = 0  # > 0: the generator step in chunks of this many images, same gradient
+    lambda_cycle: float = 0.0  # weight of CycleGAN's cycle-consistency terms (with a ReverseDirection)
+    lambda_cycle_identity: float = 0.5  # CycleGAN's identity terms weigh lambda_cycle * this
 
     @classmethod
     def from_config(cls, config: TrainConfig, device_type: str) -> StepOptions:
@@ -66,6 +82,8 @@ class StepOptions:
             device_type=device_type,
             amp_dtype={"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp],
             micro_batch=config.micro_batch,
+            lambda_cycle=config.lambda_cycle,
+            lambda_cycle_identity=config.lambda_cycle_identity,
         )
 
     def autocast(self) -> torch.autocast:
@@ -81,6 +99,62 @@ def travel_term(emb_src: Tensor, emb_gen: Tensor, options: StepOptions) -> Tenso
     return travel_loss(
         emb_src, emb_gen, distance=options.travel_distance, reduction=options.travel_reduction, check_finite=False
     )
+
+
+@dataclass(frozen=True)
+class ReverseDirection:
+    """The B -> A half of a cycle-consistent (CycleGAN) run, for :func:`generator_step`.
+
+    ``generator`` is G_BA as it trains (a DDP or compiled view is fine), ``discriminator`` D_A
+    *unwrapped* (only the generators receive gradients in the generator step) and ``optimizer``
+    G_BA's, stepped together with G_AB's after the one backward.
+    """
+
+    generator: nn.Module
+    discriminator: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def cycle_terms(
+    generator_ab: nn.Module,
+    generator_ba: nn.Module,
+    real_a: Tensor,
+    real_b: Tensor,
+    fake_b: Tensor,
+    fake_a: Tensor,
+    *,
+    identity: bool = True,
+) -> tuple[Tensor, Tensor]:
+    r"""CycleGAN's reconstruction and identity terms (float32 scalars), for images (n, 3, H, W).
+
+    .. math::  L_\mathrm{cyc} = \mathrm{mean}|G_{BA}(G_{AB}(a)) - a| + \mathrm{mean}|G_{AB}(G_{BA}(b)) - b|
+    .. math::  L_\mathrm{idt} = \mathrm{mean}|G_{AB}(b) - b| + \mathrm{mean}|G_{BA}(a) - a|
+
+    ``fake_b`` = G_AB(a) and ``fake_a`` = G_BA(b) are passed in (the step has them already).
+    ``identity=False`` skips the two identity forwards and returns a zero for L_idt.
+    """
+
+    def l1(x: Tensor, y: Tensor) -> Tensor:
+        return (x.float() - y.float()).abs().mean()
+
+    cycle = l1(generator_ba(fake_b), real_a) + l1(generator_ab(fake_a), real_b)
+    if not identity:
+        return cycle, torch.zeros((), device=real_a.device)
+    return cycle, l1(generator_ab(real_b), real_b) + l1(generator_ba(real_a), real_a)
+
+
+@torch.no_grad()
+def update_ema(average: nn.Module, model: nn.Module, decay: float) -> None:
+    r"""``average`` <- decay * average + (1 - decay) * model, parameter by parameter (buffers copied).
+
+    .. math::  \bar\theta \leftarrow \bar\theta + (1 - d)(\theta - \bar\theta)
+
+    ``average`` has ``model``'s architecture (e.g. a ``copy.deepcopy`` of it); ``model`` is the unwrapped module.
+    """
+    for kept, current in zip(average.parameters(), model.parameters(), strict=True):
+        kept.lerp_(current.detach(), 1.0 - decay)
+    for kept, current in zip(average.buffers(), model.buffers(), strict=True):
+        kept.copy_(current)
 
 
 def _backward_and_step(
@@ -115,6 +189,8 @@ def generator_step(
     adaptive_lambda: Any | None = None,
     emb_src: Tensor | None = None,
     travel_queue: TravelQueue | None = None,
+    reverse: ReverseDirection | None = None,
+    real_b: Tensor | None = None,
 ) -> dict[str, Any]:
     r"""One generator update on a batch ``real_a`` (n, 3, H, W) of source images in [-1, 1].
 
@@ -143,12 +219,33 @@ def generator_step(
 
     ``options.micro_batch`` = m with 0 < m < n: the same update computed in chunks of m images
     (:func:`micro_batched_generator_step`), for the memory of m images' activations.
+
+    ``reverse`` (G_BA, D_A, G_BA's optimizer) and ``real_b`` (n, 3, H, W) target images: the
+    CycleGAN baseline. Both generators take one update from one backward of
+
+    .. math::  L_G + L_\mathrm{adv}(D_A(\mathrm{aug}(G_{BA}(b)))) + \lambda_\mathrm{cyc} L_\mathrm{cyc}
+               + \lambda_\mathrm{cyc} \lambda_\mathrm{idt} L_\mathrm{idt}
+
+    (:func:`cycle_terms`; ``options.lambda_cycle``, ``options.lambda_cycle_identity``; the travel
+    and identity-L1 terms of L_G act on A -> B only). The result gains ``"loss_adv_ba"``,
+    ``"loss_cycle"``, ``"loss_cycle_identity"`` and ``"fake_a"`` = G_BA(b) (detached, for D_A's step).
     """
+    if (reverse is None) != (real_b is None):
+        raise ValueError(
+            f"reverse, real_b: give both (G_BA, D_A, optimizer and target images) or neither, "
+            f"got reverse={type(reverse).__name__}, real_b={type(real_b).__name__}"
+        )
+    if reverse is None and options.lambda_cycle:
+        raise ValueError(f"reverse: lambda_cycle = {options.lambda_cycle} needs G_BA and D_A, got None")
+    if reverse is not None and 0 < options.micro_batch < real_a.shape[0]:
+        raise ValueError("reverse: the cycle-consistent step runs on whole batches; set micro_batch = 0")
     if emb_src is not None and encoder_optimizer is not None:
         raise ValueError(
             "emb_src: precomputed source embeddings cannot be used with a trainable encoder (encoder_optimizer)"
         )
     optimizers = [optimizer] if encoder_optimizer is None else [optimizer, encoder_optimizer]
+    if reverse is not None:
+        optimizers.append(reverse.optimizer)
     if 0 < options.micro_batch < real_a.shape[0]:
         return micro_batched_generator_step(
             generator, discriminator, encoder, optimizers, real_a, options, scaler=scaler,
@@ -178,6 +275,23 @@ def generator_step(
         loss = loss + lam * siamese_margin_loss(emb_src, options.siamese_margin, check_finite=False)
     if options.lambda_identity:
         loss = loss + options.lambda_identity * (fake.float() - real_a.float()).abs().mean()
+    reported: dict[str, Any] = {}
+    if reverse is not None and real_b is not None:
+        with options.autocast():
+            fake_a = reverse.generator(real_b)
+            judged_a = fake_a.to(real_b.dtype)
+            logits_a = reverse.discriminator(diff_augment(judged_a, options.augment) if options.augment else judged_a)
+            cycle, cycle_identity = cycle_terms(
+                generator, reverse.generator, real_a, real_b, fake, fake_a, identity=options.lambda_cycle_identity > 0
+            )
+        adversarial_ba = generator_adversarial_loss(logits_a, options.gan_loss)
+        loss = loss + adversarial_ba + options.lambda_cycle * (cycle + options.lambda_cycle_identity * cycle_identity)
+        reported = {
+            "loss_adv_ba": adversarial_ba.detach(),
+            "loss_cycle": cycle.detach(),
+            "loss_cycle_identity": cycle_identity.detach(),
+            "fake_a": fake_a.detach(),
+        }
     _backward_and_step(loss, optimizers, _parameters(optimizers), scaler)
     return {
         "loss_g": loss.detach(),
@@ -185,6 +299,7 @@ def generator_step(
         "loss_travel": travel.detach(),
         "lambda": lam,
         "fake": fake.detach(),
+        **reported,
     }
 
 

@@ -11,6 +11,11 @@ E(G(x_i)) - E(G(x_j)) over all ordered pairs of the (global) batch (``travel_los
 is an optional differentiable augmentation (``reference.losses.diff_augment``). Adam with betas
 (0.5, 0.999) for both networks, the discriminator at twice the generator's learning rate.
 
+``--lambda-cycle L`` > 0 adds CycleGAN's second generator G_BA and discriminator D_A and its
+cycle-consistency and identity terms (``reference.steps.generator_step``), for the CycleGAN
+baseline; ``--g-ema d`` keeps an exponential moving average of G's weights (checkpoint key
+``generator_ema``), which the sample grids and ``reference.translate.load_generator`` then use.
+
 Usage::
 
     python reference/train.py --data datasets/gta2cityscapes --out runs/gta      # trainA/, trainB/
@@ -18,6 +23,8 @@ Usage::
     python reference/train.py --toy-streets --encoder-mode toy --size 64 --steps 600 --out runs/toy
     torchrun --nproc_per_node 4 reference/train.py --data ... --batch-size 32   # 4 x 32 = 128 pairs set
     python reference/train.py --data ... --batch-size 128 --micro-batch 16   # batch 128 in 16's activation memory
+    python reference/train.py --data ... --lambda-travel 0 --lambda-cycle 10      # the CycleGAN baseline
+    python reference/train.py --data ... --g-ema 0.999              # samples and translate.py use the EMA of G
     python reference/train.py --resume --out runs/gta                             # continue latest.pt
     python reference/train.py --demo --out runs/demo                              # the toy-street study
 
@@ -31,6 +38,7 @@ state (``checkpoint``), the networks (``models``) and the GAN losses (``losses``
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import sys
@@ -93,7 +101,7 @@ from reference.runtime import (
     seed_everything,
     setup_runtime,
 )
-from reference.steps import StepOptions, discriminator_step, generator_step
+from reference.steps import ReverseDirection, StepOptions, discriminator_step, generator_step, update_ema
 from reference.stream import FlippedImages, stream_loader
 from travel_loss import TravelQueue
 
@@ -300,13 +308,25 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     if trainable_encoder:
         optimizers["siamese"] = torch.optim.Adam(encoder.parameters(), lr=config.lr, betas=betas)
         modules["siamese"] = encoder
+    if config.lambda_cycle:  # CycleGAN's B -> A half: G_BA and D_A, built like G and D
+        modules["generator_ba"] = ResnetGenerator(3, 3, width=config.g_width, n_blocks=config.generator_blocks)
+        modules["discriminator_a"] = PatchDiscriminator(3, width=config.d_width, n_layers=config.d_layers)
+        for name, lr in (("generator_ba", config.lr), ("discriminator_a", config.discriminator_lr)):
+            modules[name].to(device)
+            if config.channels_last:
+                modules[name].to(memory_format=torch.channels_last)
+            optimizers[name] = torch.optim.Adam(modules[name].parameters(), lr=lr, betas=betas)
+    ema = None
+    if config.g_ema:
+        ema = modules["generator_ema"] = copy.deepcopy(generator).requires_grad_(False)
     if config.travel_queue:
         queue = TravelQueue(config.travel_queue, distance=config.travel_distance, reduction=config.travel_reduction)
         modules["travel_queue"] = queue.to(device)
     decay = _linear_decay(config.steps, config.decay_steps)
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, decay) for name, opt in optimizers.items()}
     fp16 = config.amp == "fp16"
-    scalers = {name: torch.amp.GradScaler("cuda", enabled=fp16) for name in ("generator", "discriminator")}
+    scaled = ("generator", "discriminator", *(("discriminator_a",) if config.lambda_cycle else ()))
+    scalers = {name: torch.amp.GradScaler("cuda", enabled=fp16) for name in scaled}
     adaptive = None
     if config.lambda_travel == "auto":
         from reference.adaptive_lambda import GradientBalancedLambda, last_layer_weight
@@ -350,16 +370,27 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
 
     # ---- the views that train: DDP wrappers (gradient averaging), torch.compile
     g_train, d_train, e_train, d_for_g = generator, discriminator, encoder, discriminator
+    ga_train, da_train = modules.get("generator_ba"), modules.get("discriminator_a")  # None without the cycle
+    da_for_g = da_train
     if runtime.distributed:
         device_ids = [device.index] if device.type == "cuda" else None
         g_train = DistributedDataParallel(generator, device_ids=device_ids)
         d_train = DistributedDataParallel(discriminator, device_ids=device_ids)
         if trainable_encoder:
             e_train = DistributedDataParallel(encoder, device_ids=device_ids)
+        if config.lambda_cycle:
+            ga_train = DistributedDataParallel(modules["generator_ba"], device_ids=device_ids)
+            da_train = DistributedDataParallel(modules["discriminator_a"], device_ids=device_ids)
     if config.compile:
-        g_train, d_train, e_train, d_for_g = compile_modules(
-            [g_train, d_train, e_train, d_for_g], config.compile_backend
+        g_train, d_train, e_train, d_for_g, *cycle_views = compile_modules(
+            [g_train, d_train, e_train, d_for_g, *((ga_train, da_train, da_for_g) if config.lambda_cycle else ())],
+            config.compile_backend,
         )
+        if cycle_views:
+            ga_train, da_train, da_for_g = cycle_views
+    reverse = None
+    if config.lambda_cycle:
+        reverse = ReverseDirection(ga_train, da_for_g, optimizers["generator_ba"])
 
     # ---- data
     batches_a = _batches(images_a, config, runtime, domain=0, start=data_position)
@@ -399,8 +430,11 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
             g_out = generator_step(
                 g_train, d_for_g, e_train, optimizers["generator"], real_a, options, scaler=scalers["generator"],
                 encoder_optimizer=optimizers.get("siamese"), adaptive_lambda=adaptive,
-                travel_queue=modules.get("travel_queue"),
+                travel_queue=modules.get("travel_queue"), reverse=reverse, real_b=real_b if reverse else None,
             )  # fmt: skip
+            if ema is not None:
+                update_ema(ema, generator, config.g_ema)
+            fake_a = g_out.pop("fake_a", None)
             d_out = discriminator_step(
                 d_train,
                 optimizers["discriminator"],
@@ -409,6 +443,11 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
                 options,
                 scaler=scalers["discriminator"],
             )
+            if fake_a is not None:  # D_A on (a, G_BA(b)), after D_B: the augmentations' random draws in that order
+                d_a = discriminator_step(
+                    da_train, optimizers["discriminator_a"], real_a, fake_a, options, scaler=scalers["discriminator_a"]
+                )
+                d_out.update({f"{key}_a": value for key, value in d_a.items()})
             for sched in schedulers.values():
                 sched.step()
             if runtime.xla is not None:
@@ -444,7 +483,8 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
                 )
             if runtime.is_main and (step % config.sample_every == 0 or step == config.steps):
                 samples = out / "samples" / f"step_{step:06d}.png"
-                write_samples(generator, sample_inputs, samples, options.autocast, config.channels_last)
+                sampler = generator if ema is None else ema
+                write_samples(sampler, sample_inputs, samples, options.autocast, config.channels_last)
             if step % config.checkpoint_every == 0:
                 save(step)
                 last_saved = step

@@ -13,7 +13,9 @@ name already in ``--output`` are not replaced unless ``--overwrite`` is given.
 The checkpoint is read with ``torch.load(weights_only=True)``. It is either the trainer's
 dict, holding ``"generator"`` (a state_dict) and ``"generator_kwargs"`` (the
 :class:`~reference.models.ResnetGenerator` arguments), or a bare generator state_dict, whose
-architecture is then read off the weight shapes.
+architecture is then read off the weight shapes. A trainer checkpoint of a run with ``--g-ema``
+also holds ``"generator_ema"``, the moving average of G's weights: translation uses it. A run
+with ``--lambda-cycle`` translates A -> B (G_AB, ``"generator"``; G_BA is ``"generator_ba"``).
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ def _strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
 def load_generator(checkpoint: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ResnetGenerator:
     """The generator stored in ``checkpoint``, on ``device``, in eval mode.
 
+    The A -> B generator: its EMA weights (``"generator_ema"``) when the trainer kept them
+    (``--g-ema``), else ``"generator"``.
+
     Raises FileNotFoundError if the file does not exist, and ValueError if it is damaged
     (:class:`reference.checkpoint.DamagedCheckpointError`, which names the step checkpoints
     beside it) or holds neither the trainer's dict nor a generator state_dict.
@@ -89,7 +94,7 @@ def load_generator(checkpoint: str | os.PathLike[str], *, device: str | torch.de
         raise FileNotFoundError(f"checkpoint not found: {path}")
     stored = load_checkpoint(path, advice="translate with one of them: --checkpoint FILE")
     if isinstance(stored, Mapping) and "generator" in stored:
-        state_dict, kwargs = stored["generator"], stored.get("generator_kwargs")
+        state_dict, kwargs = stored.get("generator_ema", stored["generator"]), stored.get("generator_kwargs")
     elif isinstance(stored, Mapping) and stored and all(isinstance(v, torch.Tensor) for v in stored.values()):
         state_dict, kwargs = stored, None
     else:
