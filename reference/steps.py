@@ -125,7 +125,7 @@ def cycle_terms(
     *,
     identity: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    r"""CycleGAN's reconstruction and identity terms (float32 scalars), for images (n, 3, H, W).
+    r"""CycleGAN's reconstruction and identity terms (scalars, at least float32), for images (n, 3, H, W).
 
     .. math::  L_\mathrm{cyc} = \mathrm{mean}|G_{BA}(G_{AB}(a)) - a| + \mathrm{mean}|G_{AB}(G_{BA}(b)) - b|
     .. math::  L_\mathrm{idt} = \mathrm{mean}|G_{AB}(b) - b| + \mathrm{mean}|G_{BA}(a) - a|
@@ -135,11 +135,12 @@ def cycle_terms(
     """
 
     def l1(x: Tensor, y: Tensor) -> Tensor:
-        return (x.float() - y.float()).abs().mean()
+        dtype = torch.promote_types(x.dtype, torch.float32)  # autocast's half precision in float32
+        return (x.to(dtype) - y.to(dtype)).abs().mean()
 
     cycle = l1(generator_ba(fake_b), real_a) + l1(generator_ab(fake_a), real_b)
     if not identity:
-        return cycle, torch.zeros((), device=real_a.device)
+        return cycle, torch.zeros((), dtype=cycle.dtype, device=cycle.device)
     return cycle, l1(generator_ab(real_b), real_b) + l1(generator_ba(real_a), real_a)
 
 
