@@ -307,3 +307,54 @@ def test_command_line_flags_reach_the_config():
     assert (TrainConfig().lambda_cycle, TrainConfig().g_ema) == (0.0, 0.0)  # both off by default
     text = parser.format_help()
     assert "CycleGAN" in text and "EMA" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: G_BA and D_A are wrapped like G and D
+
+
+def _ddp_worker(rank: int, init_file: str, tmp: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        seen: dict[str, nn.Module] = {}
+        original_generator_step, original_discriminator_step = (
+            train_module.generator_step,
+            train_module.discriminator_step,
+        )
+
+        def generator_spy(*args, **kwargs):
+            seen["generator_ba"] = kwargs["reverse"].generator
+            return original_generator_step(*args, **kwargs)
+
+        def discriminator_spy(discriminator, *args, **kwargs):
+            seen.setdefault("discriminator_b", discriminator)
+            seen["discriminator_a"] = discriminator  # the second call of a step
+            return original_discriminator_step(discriminator, *args, **kwargs)
+
+        train_module.generator_step, train_module.discriminator_step = generator_spy, discriminator_spy
+        config = tiny_config(Path(tmp) / "ddp", batch_size=2, lambda_cycle=10.0, g_ema=0.5)
+        train(config, progress=False)
+        states = {name: getattr(module, "module", module).state_dict() for name, module in seen.items()}
+        torch.save(states, Path(tmp) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_keeps_both_directions_in_sync_across_ranks(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not built in")
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # the ranks train on different images: only averaged gradients keep their weights equal
+    assert ranks[0].keys() == {"generator_ba", "discriminator_a", "discriminator_b"}
+    for name in ranks[0]:
+        assert_states_equal(ranks[0][name], ranks[1][name], name)
+    checkpoint = load_checkpoint(tmp_path / "ddp" / "latest.pt")
+    assert_states_equal(checkpoint["generator_ba"], ranks[0]["generator_ba"], "generator_ba")
+    assert checkpoint["data"]["world_size"] == 2 and "generator_ema" in checkpoint
