@@ -443,7 +443,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
                 options,
                 scaler=scalers["discriminator"],
             )
-            if fake_a is not None and da_train is not None:  # D_A on (a, G_BA(b)), after D_B: the augmentations' random draws in that order
+            if fake_a is not None and da_train is not None:  # D_A on (a, G_BA(b)), after D_B (random draws in order)
                 d_a = discriminator_step(
                     da_train, optimizers["discriminator_a"], real_a, fake_a, options, scaler=scalers["discriminator_a"]
                 )
