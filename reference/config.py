@@ -38,6 +38,22 @@ _REFERENCE = Path(__file__).resolve().parent
 # defaults, so that any flag given beside the preset overrides it. The studies' settings; the
 # paper's own experiments are in ``reference.presets``.
 TRAINER_PRESETS: dict[str, dict[str, Any]] = {
+    "toy-demo": dict(
+        size=32,
+        num_workers=0,
+        gan_loss="lsgan",
+        lambda_travel=10.0,
+        encoder_mode="module",
+        encoder=f"{_REFERENCE / 'toy_encoder.py'}:affinity_encoder",
+        g_width=16,
+        g_blocks=3,
+        d_width=16,
+        d_layers=3,
+        batch_size=16,
+        steps=1500,
+        lr=2e-4,
+        g_ema=0.99,
+    ),
     "digits-demo": dict(
         size=16,
         flip=False,

@@ -1,254 +1,176 @@
-r"""The toy-street study: does the travel loss keep the semantics of a translation?
+r"""The toy-street study: does the travel loss keep semantics while translating, and beat the obvious regularisers?
 
-``python reference/train.py --demo --out DIR`` (or :func:`run_demo`) trains on the toy streets
-(:class:`reference.data.ToyStreets`, A "game" -> B "city") on a CPU, with no download, one
-generator per value of lambda, and scores each on held-out A scenes against their label maps
-(:func:`reference.data.score_translations`):
+``python reference/train.py --demo --out DIR`` (or :func:`run_demo`) writes toy street scenes
+(:class:`reference.data.ToyStreets`, A "game" -> B "city", lane lines drawn 2.5 times wider than
+the default so that a small generator can paint them) into ``DIR/data/trainA`` and ``trainB`` and
+trains every method as one run of the public trainer,
 
-- **semantic flip rate** (0 is ideal): the fraction of non-lane pixels whose class changed;
-- **lane accuracy** (1 is ideal): the fraction of lane pixels that became white lane;
-- **realism** (1 is ideal): the fraction of output pixels whose colour B's jitter could have
-  produced (1 for real B scenes, 0 for A scenes left unchanged), and its graded companion
-  **palette distance**, the mean RGB distance to B's palette (about 0.04 for real B scenes,
-  about 0.27 for unchanged A scenes; lower is more B-like);
-- **travel**: the travel loss :math:`\frac{1}{N(N-1)}\sum_{i \ne j} 1 - \cos(v_{ij}, z_{ij})`
-  over the whole evaluation set, with the training encoder.
+    python reference/train.py --preset toy-demo --data-a DIR/data/trainA --data-b DIR/data/trainB \
+        --out DIR/runs/NAME [method flags] --resume
 
-Every run starts from the same generator (a short identity warm start: L1 reconstruction of
-A and B scenes, so that "output equals input" is where a generator begins, not a random
-image) and the same discriminator initialisation, and sees the same batches; only lambda
-differs. Each update is :func:`reference.train.generator_step` then
-:func:`reference.train.discriminator_step`, i.e. ``L_G = L_adv + lambda * L_travel`` with the
-cosine distance averaged over pairs. The frozen encoder is :func:`reference.toy_encoder.build_toy_encoder`.
+two runs at a time, one thread each (:mod:`reference.study`). Same preset, seed, data and budget
+for every method; only the flags differ:
 
-The study also runs the toy version of the paper's ablation: lambda = 100 with the same
-encoder network left at its random initial weights.
+- ``gan``: the adversarial loss alone (``--lambda-travel 0``);
+- ``travel``: :math:`L_G = L_\mathrm{adv} + \lambda L_\mathrm{travel}` with the preset's frozen
+  palette-free layout encoder (:func:`reference.toy_encoder.affinity_encoder`, pretrained on
+  scenes in uniformly random palettes);
+- ``travel-auto``: the same with ``--lambda-travel auto`` (weight: ``--lambda-auto-scale``);
+- ``identity-l1``: CycleGAN's identity term alone, :math:`L_\mathrm{adv} + w\,\lVert G(x) - x \rVert_1`;
+- ``cycle``: CycleGAN's objective (a second generator and discriminator, cycle weight 10, identity 0.5);
+- ``siamese``: TraVeLGAN's cooperatively trained Siamese network instead of a frozen encoder;
+- ``random-encoder``: the travel loss with the same encoder network at its random initial weights.
 
-What to expect, and why. lambda = 0 collapses to one B-like street for every input (trees in
-the sky, a hood, lost cars: flip rate about 0.5). A growing lambda keeps each scene's own layout
-(cars, horizon, road) and, around lambda = 100, still lets the palette move towards B's; a very
-large lambda (1000) returns the warm start, i.e. the input: flip rate near 0, realism that of
-the input. The random encoder also keeps the layout, but only by keeping everything: its
-features change with colour as much as with content, so its outputs stay the input. Two limits
-are properties of the method, not of the toy: (1) the travel loss compares differences between
-images, so a change made to *every* image (stripes across the top of every sky, a hood on every
-scene) costs nothing; with longer training (600 steps at lambda = 100) such common changes
-raise the flip rate again while the travel loss stays flat. (2) Within this CPU budget the
-generator does not reproduce the 1-2 pixel lane lines at all (the warm start already blurs them
-into the road), so lane accuracy stays 0 for every lambda: the yellow -> white change that the
-adversarial term should drive is not demonstrated here.
+Each generator (its weights' moving average when the preset keeps one) translates held-out A
+scenes, scored against their label maps by :func:`reference.data.score_translations`:
+**semantic flip rate** (non-lane pixels whose class changed; 0 is ideal), **lane accuracy**
+(lane pixels that became B's white lane; 1 is ideal) and **realism** (pixels whose colour a real
+B scene can hold; 1 for real B scenes and the ideal translation, 0 for A scenes left unchanged).
 
-Outputs in ``out_dir``: ``demo_report.json`` (``{"runs": [{"lambda_travel", "semantic_flip_rate",
-"lane_accuracy", "realism", ...}, ...], "references": ..., "settings": ...}``), ``demo_grid.png``
-(rows: held-out scenes; columns: input | one translation per lambda | the ideal translation)
-and a printed table.
+Outputs in ``DIR``: ``demo_report.json`` (``{"runs": [{"method", "weight", "lambda_travel",
+"semantic_flip_rate", "lane_accuracy", "realism", ...}], "references": ..., "settings": ...}``),
+``demo_grid.png`` (input | GAN | travel | identity-L1 | cycle | ideal, held-out scenes), a
+printed table, the data and one trainer run folder per method (``runs/NAME/train.log``).
+Rerunning the same command continues interrupted runs and reuses finished ones.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor
 
-from reference.adaptive_lambda import GradientBalancedLambda, last_layer_weight
+from reference.config import TRAINER_PRESETS
 from reference.data import PALETTE_B, ToyStreets, paint_labels, score_translations
 from reference.evaluate import translate_images
-from reference.models import PatchDiscriminator, ResnetGenerator
-from reference.toy_encoder import build_toy_encoder
-from reference.train import StepOptions, discriminator_step, generator_step, save_image_grid
-from travel_loss import travel_loss
+from reference.logs import save_image_grid
+from reference.study import TrainerRun, finished_checkpoint, run_trainers, trainer_argv
+from reference.translate import load_generator
 
-__all__ = ["FULL", "QUICK", "DemoSettings", "format_table", "run_demo"]
+__all__ = ["FULL", "QUICK", "DemoSettings", "Method", "format_table", "run_demo", "select_best"]
 
 REPORT_NAME = "demo_report.json"
 GRID_NAME = "demo_grid.png"
+TOY_ENCODERS = Path(__file__).resolve().with_name("toy_encoder.py")
+EVAL_SEED = 10_000  # ToyStreets seed of the held-out A scenes (training scenes use the run's seed)
+METHODS = ("gan", "travel", "travel-auto", "identity-l1", "cycle", "siamese", "random-encoder")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One run of the study: ``method`` (one of METHODS) and ``weight`` as the report names them."""
+
+    method: str
+    weight: float
+
+    def flags(self) -> dict[str, Any]:
+        """The trainer flags of this method, beside the preset's."""
+        w = self.weight
+        if self.method == "gan":
+            return {"lambda_travel": 0.0}
+        if self.method == "travel":
+            return {"lambda_travel": w}
+        if self.method == "travel-auto":
+            return {"lambda_travel": "auto", "lambda_auto_scale": w}
+        if self.method == "identity-l1":
+            return {"lambda_travel": 0.0, "lambda_identity": w}
+        if self.method == "cycle":
+            return {"lambda_travel": 0.0, "lambda_cycle": w, "lambda_cycle_identity": 0.5}
+        if self.method == "siamese":
+            return {"lambda_travel": w, "encoder_mode": "siamese", "travel_distance": "travelgan"}
+        if self.method == "random-encoder":
+            return {"lambda_travel": w, "encoder": f"{TOY_ENCODERS}:random_affinity_encoder"}
+        raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_{self.weight:g}"
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Everything a demo run depends on besides the seed."""
+    """What the study runs: the methods, the trainer recipe (a preset plus overrides), the data and the grid."""
 
-    lambdas: tuple[float, ...] = (0.0, 10.0, 100.0, 1000.0)
-    random_encoder_lambdas: tuple[float, ...] = (100.0,)  # the ablation: same runs, encoder with random weights
-    size: int = 64
-    g_width: int = 16
-    g_blocks: int = 4
-    d_width: int = 16
-    d_layers: int = 1  # a 16 x 16-pixel PatchGAN: judges colours and textures, not the whole layout
-    batch_size: int = 8
-    steps: int = 400  # GAN updates per lambda
-    lr: float = 5e-5  # generator; the discriminator gets twice this
-    gan_loss: str = "lsgan"
-    warm_start_steps: int = 400  # identity warm start of the generator, shared by all runs
-    warm_start_lr: float = 2e-3
-    train_scenes: int = 1000  # per domain, generated once
-    eval_scenes: int = 128  # held-out A scenes (another seed)
+    runs: tuple[Method, ...] = (
+        Method("gan", 0.0),
+        Method("travel", 10.0),
+        Method("identity-l1", 10.0),
+        Method("cycle", 10.0),
+        Method("siamese", 10.0),
+        Method("random-encoder", 10.0),
+    )
+    preset: str = "toy-demo"  # reference.config.TRAINER_PRESETS: networks, optimiser, encoder, budget
+    overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields that differ from the preset
+    train_scenes: int = 1000  # per domain, written as PNG files
+    eval_scenes: int = 128  # held-out A scenes (ToyStreets seed EVAL_SEED)
+    lane_width: float = 2.5
     grid_rows: int = 8
+    workers: int = 2  # trainer runs at once, one thread each
 
 
 FULL = DemoSettings()
 QUICK = DemoSettings(
-    lambdas=(0.0, 100.0), random_encoder_lambdas=(100.0,), size=32, g_width=8, g_blocks=1, d_width=8, batch_size=4,
-    steps=6, warm_start_steps=4, train_scenes=16, eval_scenes=8, grid_rows=4,
+    runs=(Method("gan", 0.0), Method("travel", 10.0), Method("identity-l1", 10.0), Method("cycle", 10.0)),
+    overrides=dict(g_width=8, g_blocks=1, d_width=8, batch_size=4, steps=3, g_ema=0.0),
+    train_scenes=16, eval_scenes=8, grid_rows=4,
 )  # fmt: skip
 
-EVAL_SEED_OFFSET = 10_000  # the held-out set's ToyStreets seed is seed + this
 
-
-def _scenes(domain: str, count: int, size: int, seed: int) -> tuple[Tensor, Tensor]:
+def _scenes(domain: str, count: int, size: int, seed: int, lane_width: float) -> tuple[Tensor, Tensor]:
     """``count`` toy scenes as images (count, 3, size, size) and label maps (count, size, size)."""
-    dataset = ToyStreets(domain, size=size, length=count, seed=seed)
+    dataset = ToyStreets(domain, size=size, length=count, seed=seed, lane_width=lane_width)
     images, labels = zip(*(dataset[i] for i in range(count)))
     return torch.stack(images), torch.stack(labels)
 
 
-def _batch(images: Tensor, batch_size: int, generator: torch.Generator) -> Tensor:
-    return images[torch.randint(0, images.shape[0], (batch_size,), generator=generator)]
+def _write_folder(images: Tensor, folder: Path) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for index, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f"{index:05d}.png")
 
 
-def _identity_warm_start(
-    generator: nn.Module, images_a: Tensor, images_b: Tensor, settings: DemoSettings, seed: int
-) -> list[float]:
-    """Train ``generator`` in place to reproduce its input (L1), alternating A and B batches; returns the losses."""
-    optimizer = torch.optim.Adam(generator.parameters(), lr=settings.warm_start_lr, betas=(0.5, 0.999))
-    batches = torch.Generator().manual_seed(seed)
-    losses = []
-    for step in range(settings.warm_start_steps):
-        real = _batch(images_a if step % 2 == 0 else images_b, settings.batch_size, batches)
-        loss = (generator(real) - real).abs().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    return losses
+def select_best(results: Sequence[dict[str, Any]], method: str, flip_limit: float) -> dict[str, Any] | None:
+    """The run of ``method`` the claim is judged on: the most realistic among those with flip rate
+    <= ``flip_limit``; if none qualifies, the one with the lowest flip rate."""
+    candidates = [r for r in results if r["method"] == method]
+    qualified = [r for r in candidates if r["semantic_flip_rate"] <= flip_limit]
+    if qualified:
+        return max(qualified, key=lambda r: r["realism"])
+    return min(candidates, key=lambda r: r["semantic_flip_rate"]) if candidates else None
 
 
-def _score(translated: Tensor, labels: Tensor, sources: Tensor, encoder: nn.Module) -> dict[str, Any]:
-    """Toy-street scores of translations, plus the travel loss over the whole set with the training encoder."""
-    scores = score_translations(translated, labels)
-    with torch.no_grad():
-        travel = travel_loss(encoder(sources).double(), encoder(translated).double())
-    return {
-        "semantic_flip_rate": scores["semantic_flip_rate"],
-        "lane_accuracy": scores["lane_accuracy"],
-        "realism": scores["realism"],
-        "palette_distance": scores["palette_distance"],
-        "travel": float(travel),
-        "flipped_into": scores["flipped_into"],
-        "flip_rate_by_class": scores["flip_rate_by_class"],
-    }
-
-
-def _train_one(
-    lambda_travel: float,
-    start: nn.Module,
-    encoder: nn.Module,
-    images_a: Tensor,
-    images_b: Tensor,
-    settings: DemoSettings,
-    seed: int,
-    progress: bool,
-    *,
-    adaptive_lambda_scale: float | None = None,
-    encoder_optimizer: torch.optim.Optimizer | None = None,
-    travel_distance: str = "cosine",
-) -> tuple[nn.Module, dict[str, float]]:
-    """Train a copy of ``start`` against a fresh discriminator for ``settings.steps`` updates.
-
-    ``adaptive_lambda_scale``: replace ``lambda_travel`` by
-    :class:`reference.adaptive_lambda.GradientBalancedLambda` at the copy's last layer weight with
-    this scale (the returned dict then holds ``lambda_final``). ``encoder_optimizer``: ``encoder``
-    is trainable (TraVeLGAN's Siamese embedder) and is updated in place with this optimizer.
-    """
-    generator = copy.deepcopy(start)
-    adaptive = None
-    if adaptive_lambda_scale is not None:
-        adaptive = GradientBalancedLambda(last_layer_weight(generator), scale=adaptive_lambda_scale)
-    torch.manual_seed(seed + 1)  # the same discriminator for every lambda
-    discriminator = PatchDiscriminator(3, width=settings.d_width, n_layers=settings.d_layers)
-    optimizer_g = torch.optim.Adam(generator.parameters(), lr=settings.lr, betas=(0.5, 0.999))
-    optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=2 * settings.lr, betas=(0.5, 0.999))
-    options = StepOptions(
-        lambda_travel=lambda_travel,
-        gan_loss=settings.gan_loss,
-        travel_distance=travel_distance,
-        travel_reduction="mean",
-    )
-    batches = torch.Generator().manual_seed(seed + 2)  # the same batches for every lambda
-    bar = _progress(settings.steps, "lambda auto" if adaptive else f"lambda {lambda_travel:g}", progress)
-    sums = {"loss_adv": 0.0, "loss_travel": 0.0, "loss_d": 0.0}
-    tail = max(1, settings.steps // 5)  # losses are reported as means over the last fifth of the run
-    for step in range(settings.steps):
-        real_a = _batch(images_a, settings.batch_size, batches)
-        real_b = _batch(images_b, settings.batch_size, batches)
-        g_out = generator_step(
-            generator, discriminator, encoder, optimizer_g, real_a, options,
-            encoder_optimizer=encoder_optimizer, adaptive_lambda=adaptive,
-        )  # fmt: skip
-        d_out = discriminator_step(discriminator, optimizer_d, real_b, g_out["fake"], options)
-        if step >= settings.steps - tail:
-            for key, out in (("loss_adv", g_out), ("loss_travel", g_out), ("loss_d", d_out)):
-                sums[key] += float(out[key])
-        bar.set_postfix(adv=f"{float(g_out['loss_adv']):.3f}", travel=f"{float(g_out['loss_travel']):.3f}")
-        bar.update(1)
-    bar.close()
-    losses = {f"train_{key}": value / tail for key, value in sums.items()}
-    if adaptive is not None:
-        losses["lambda_final"] = adaptive.value
-    return generator, losses
-
-
-def _progress(total: int, description: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, unit="step", dynamic_ncols=True, disable=not enabled, leave=False)
-
-
-def _run_name(run: dict[str, Any]) -> str:
-    name = f"lambda = {run['lambda_travel']:g}"
-    return name if run.get("encoder", "toy") == "toy" else f"{name} ({run['encoder']})"
-
-
-def format_table(runs: Sequence[dict[str, Any]], references: dict[str, dict[str, Any]] | None = None) -> str:
-    """A plain-text table: one row per run (and per reference translation), the scores side by side."""
-    header = f"{'':>26} {'flip rate':>10} {'lane acc':>9} {'realism':>8} {'pal.dist':>8} {'travel':>7} {'seconds':>8}"
-    lines = [header, "-" * len(header)]
+def format_table(runs: Sequence[dict[str, Any]], references: dict[str, dict[str, Any]]) -> str:
+    """One row per run and per reference translation: flip rate, lane accuracy, realism, seconds."""
 
     def number(value: Any, width: int, digits: int = 3) -> str:
-        return (
-            f"{value:>{width}.{digits}f}"
-            if isinstance(value, (int, float)) and math.isfinite(value)
-            else f"{'-':>{width}}"
-        )
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        return f"{value:>{width}.{digits}f}" if ok else f"{'-':>{width}}"
 
+    header = f"{'method':<18}{'weight':>8}{'flip rate':>11}{'lane acc':>10}{'realism':>9}{'seconds':>9}"
+    lines = [header, "-" * len(header)]
     for run in runs:
         lines.append(
-            f"{_run_name(run):>26} {number(run['semantic_flip_rate'], 10)} "
-            f"{number(run['lane_accuracy'], 9)} {number(run['realism'], 8)} {number(run['palette_distance'], 8)} "
-            f"{number(run['travel'], 7)} "
-            f"{number(run.get('seconds'), 8, 1)}"
+            f"{run['method']:<18}{run['weight']:>8g}{number(run['semantic_flip_rate'], 11)}"
+            f"{number(run['lane_accuracy'], 10)}{number(run['realism'], 9)}{number(run.get('seconds'), 9, 0)}"
         )
-    for name, row in (references or {}).items():
+    for name, row in references.items():
         lines.append(
-            f"{name:>26} {number(row['semantic_flip_rate'], 10)} {number(row['lane_accuracy'], 9)} "
-            f"{number(row['realism'], 8)} {number(row['palette_distance'], 8)} {number(row['travel'], 7)} "
-            f"{number(None, 8)}"
+            f"{'(' + name + ')':<18}{'':>8}{number(row['semantic_flip_rate'], 11)}"
+            f"{number(row['lane_accuracy'], 10)}{number(row['realism'], 9)}"
         )
-    lines.append(
-        "flip rate: lower is better (0 ideal); lane acc: higher is better (1 ideal); "
-        "realism: fraction of B-coloured pixels (1 ideal); "
-        "pal.dist: mean distance to B's palette (lower is more B-like)"
-    )
+    lines.append("flip rate: 0 ideal; lane acc: 1 ideal; realism: fraction of pixels in B's colours, 1 ideal")
     return "\n".join(lines)
 
 
@@ -260,97 +182,88 @@ def run_demo(
     settings: DemoSettings | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the toy-street lambda study into ``out_dir`` and return the report (also written as ``demo_report.json``).
+    """Run the study into ``out_dir`` (see the module docstring) and return the report.
 
-    ``quick=True`` uses :data:`QUICK` (tiny images and networks, a few steps: a smoke test, not
-    a result); otherwise :data:`FULL` (under three minutes on two idle CPU cores), unless
-    ``settings`` is given. Deterministic for a given seed on a given machine and thread count;
-    the global random state is restored afterwards. ``progress=False`` prints nothing.
+    ``quick=True`` uses :data:`QUICK` (tiny networks, a few steps: a smoke test, not a result),
+    otherwise :data:`FULL`, unless ``settings`` is given. ``progress=False`` prints nothing.
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    if settings is None:
-        settings = QUICK if quick else FULL
+    settings = settings or (QUICK if quick else FULL)
     if not isinstance(settings, DemoSettings):
         raise ValueError(f"settings must be a DemoSettings, got {type(settings).__name__}")
-    for name in ("lambdas", "random_encoder_lambdas"):
-        values = getattr(settings, name)
-        if any(
-            isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or not math.isfinite(v) for v in values
-        ):
-            raise ValueError(f"settings.{name} must be finite numbers >= 0, got {values!r}")
-    if not settings.lambdas:
-        raise ValueError("settings.lambdas must hold at least one value")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
-        return _run(out, seed, quick, settings, progress)
+    if not settings.runs:
+        raise ValueError("settings.runs must hold at least one Method")
+    for run in settings.runs:
+        run.flags()  # an unknown method fails here, before any work
+    if settings.preset not in TRAINER_PRESETS:
+        raise ValueError(f"settings.preset must be one of {sorted(TRAINER_PRESETS)}, got {settings.preset!r}")
+    return _run_study(Path(out_dir), seed, quick, settings, progress)
 
 
-def _run(out: Path, seed: int, quick: bool, settings: DemoSettings, progress: bool) -> dict[str, Any]:
+def _run_study(out: Path, seed: int, quick: bool, settings: DemoSettings, progress: bool) -> dict[str, Any]:
     say = print if progress else (lambda *args, **kwargs: None)
     started = time.perf_counter()
+    recipe = {**TRAINER_PRESETS[settings.preset], **settings.overrides}
+    size, steps = recipe["size"], recipe["steps"]
+    data = out / "data"
+    if not (data / "trainB").is_dir():
+        for domain in ("A", "B"):
+            images, _ = _scenes(domain, settings.train_scenes, size, seed, settings.lane_width)
+            _write_folder(images, data / f"train{domain}")
+    test_a, test_labels = _scenes("A", settings.eval_scenes, size, EVAL_SEED + seed, settings.lane_width)
 
-    encoder = build_toy_encoder(settings.size, seed=seed)
-    images_a, _ = _scenes("A", settings.train_scenes, settings.size, seed)
-    images_b, _ = _scenes("B", settings.train_scenes, settings.size, seed)
-    eval_images, eval_labels = _scenes("A", settings.eval_scenes, settings.size, seed + EVAL_SEED_OFFSET)
-    prepared = time.perf_counter()
-    say(
-        f"toy encoder and {2 * settings.train_scenes + settings.eval_scenes} scenes ready in {prepared - started:.1f} s"
-    )
+    trainer_runs = []
+    for run in settings.runs:
+        flags = {
+            **settings.overrides, "data_a": str(data / "trainA"), "data_b": str(data / "trainB"), "seed": seed,
+            "out": str(out / "runs" / run.name), "log_every": max(1, steps // 10), "sample_every": steps,
+            "checkpoint_every": steps, **run.flags(),
+        }  # fmt: skip
+        trainer_runs.append(TrainerRun(run.name, trainer_argv(settings.preset, flags), out / "runs" / run.name))
+    say(f"toy streets: training {len(trainer_runs)} runs, {settings.workers} at a time (logs: {out}/runs/*/train.log)")
+    seconds = run_trainers(trainer_runs, workers=settings.workers, say=say)
 
-    torch.manual_seed(seed)
-    start = ResnetGenerator(3, 3, width=settings.g_width, n_blocks=settings.g_blocks)
-    warm_losses = _identity_warm_start(start, images_a, images_b, settings, seed)
-    warm_start_seconds = time.perf_counter() - prepared
-    last_l1 = warm_losses[-1] if warm_losses else math.nan
-    say(f"identity warm start: {settings.warm_start_steps} steps, last L1 {last_l1:.3f}, {warm_start_seconds:.1f} s")
-
-    ideal = paint_labels(eval_labels, PALETTE_B)
-    references = {
-        "input unchanged": _score(eval_images, eval_labels, eval_images, encoder),
-        "warm start": _score(translate_images(start, eval_images), eval_labels, eval_images, encoder),
-        "ideal": _score(ideal, eval_labels, eval_images, encoder),
-    }
-    plan = [("toy", lam) for lam in settings.lambdas] + [("toy-random", lam) for lam in settings.random_encoder_lambdas]
-    encoders = {"toy": encoder, "toy-random": build_toy_encoder(settings.size, seed=seed, pretrained=False)}
-    runs, columns, column_names = [], [eval_images[: settings.grid_rows]], ["input"]
-    for kind, lambda_travel in plan:
-        run_started = time.perf_counter()
-        generator, losses = _train_one(
-            float(lambda_travel), start, encoders[kind], images_a, images_b, settings, seed, progress
-        )
-        translated = translate_images(generator, eval_images)
-        runs.append({
-            "lambda_travel": float(lambda_travel), "encoder": kind,
-            **_score(translated, eval_labels, eval_images, encoder),  # travel: always with the trained toy encoder
-            **losses, "steps": settings.steps, "seconds": time.perf_counter() - run_started,
+    results, translations = [], {}
+    for run, trainer_run in zip(settings.runs, trainer_runs):
+        translated = translate_images(load_generator(finished_checkpoint(trainer_run.out, steps)), test_a)
+        translations[run.name] = translated
+        scores = score_translations(translated, test_labels)
+        results.append({
+            "method": run.method, "weight": run.weight, "lambda_travel": run.flags()["lambda_travel"], **scores,
+            "flags": run.flags(), "seconds": seconds.get(run.name, 0.0), "run_dir": str(trainer_run.out),
         })  # fmt: skip
-        columns.append(translated[: settings.grid_rows])
-        column_names.append(_run_name(runs[-1]))
-        run = runs[-1]
-        say(
-            f"{column_names[-1]}: flip rate {run['semantic_flip_rate']:.3f}, "
-            f"lane accuracy {run['lane_accuracy']:.3f} ({run['seconds']:.1f} s)"
-        )
-    columns.append(ideal[: settings.grid_rows])
-    column_names.append("ideal")
-    grid = save_image_grid(columns, out / GRID_NAME)
 
-    report = {
-        "runs": runs,
-        "references": references,
-        "settings": {**dataclasses.asdict(settings), "seed": seed, "quick": quick},
-        "warm_start_last_l1": None if math.isnan(last_l1) else last_l1,
-        "grid": grid.name,
-        "grid_columns": column_names,
-        "seconds": time.perf_counter() - started,
+    references = {
+        "input unchanged": score_translations(test_a, test_labels),
+        "ideal": score_translations(paint_labels(test_labels, PALETTE_B), test_labels),
     }
-    (out / REPORT_NAME).write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
-    say(format_table(runs, references))
-    say(
-        f"report: {out / REPORT_NAME}; samples: {grid} ({' | '.join(report['grid_columns'])}); "
-        f"{report['seconds']:.0f} s in all"
-    )
+    report = {
+        "runs": results,
+        "references": references,
+        "settings": {**asdict(settings), "seed": seed, "quick": quick, "recipe": recipe,
+                     "seconds": time.perf_counter() - started},
+    }  # fmt: skip
+    (out / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    _write_grid(out / GRID_NAME, results, translations, test_a, paint_labels(test_labels, PALETTE_B), settings)
+    say(format_table(results, references))
+    say(f"report: {out / REPORT_NAME}; grid: {out / GRID_NAME}; {report['settings']['seconds']:.0f} s")
     return report
+
+
+def _write_grid(
+    path: Path, results: Sequence[dict[str, Any]], translations: dict[str, Tensor], inputs: Tensor, ideal: Tensor,
+    settings: DemoSettings,
+) -> None:  # fmt: skip
+    """input | GAN | travel | identity-L1 | cycle | ideal (the methods that ran), upscaled 4x; the
+    travel and identity-L1 columns show the run :func:`select_best` picks."""
+    gan = next((r for r in results if r["method"] == "gan"), None)
+    flip_limit = 0.5 * gan["semantic_flip_rate"] if gan else math.inf
+    rows = list(range(min(settings.grid_rows, len(inputs))))
+    columns = [inputs[rows]]
+    for method in ("gan", "travel", "identity-l1", "cycle"):
+        best = select_best(results, method, flip_limit)
+        if best is not None:
+            columns.append(translations[Method(best["method"], best["weight"]).name][rows])
+    columns.append(ideal[rows])
+    save_image_grid([F.interpolate(c, scale_factor=4, mode="nearest") for c in columns], path)

@@ -30,6 +30,9 @@ resampled bilinearly to the native 64 px before the network), output (N, 384).
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +43,15 @@ from reference.data import CLASSES, PALETTE_A, PALETTE_B, ToyStreets
 __all__ = [
     "GRID",
     "NATIVE_SIZE",
+    "LayoutAffinityEncoder",
     "SelfSimilarityEmbedder",
     "ToyLayoutEncoder",
+    "affinity_encoder",
+    "build_affinity_encoder",
     "build_toy_encoder",
     "cell_class_fractions",
     "pretrain_layout_encoder",
+    "random_affinity_encoder",
     "random_palette_images",
     "random_toy_encoder",
     "scramble_labels",
@@ -135,13 +142,16 @@ def random_palette_images(
     return images + sigma * torch.randn(images.shape, generator=generator)
 
 
-def scramble_labels(labels: Tensor, generator: torch.Generator, fraction: float = 0.5) -> Tensor:
+def scramble_labels(
+    labels: Tensor, generator: torch.Generator, fraction: float = 0.5, classes: int = len(CLASSES)
+) -> Tensor:
     """Overwrite parts of label maps (N, H, W) with random classes: a copy, for about ``fraction`` of the images.
 
     Each chosen image gets one of: random rows, random columns (stripes) or random pixels
     (speckle) within a random band, set to random classes. Trained on these, the encoder counts
     the pixels of each class in a cell also where a region is striped or speckled, the patterns
     a generator produces when it tries to fool a network that has only seen clean scenes.
+    The random classes are drawn from ``range(classes)``.
     """
     labels = labels.clone()
     n, height, width = labels.shape
@@ -162,7 +172,7 @@ def scramble_labels(labels: Tensor, generator: torch.Generator, fraction: float 
             mask = (torch.rand(1, band.shape[1], generator=generator) < density).expand_as(band)
         else:  # pixels
             mask = torch.rand(band.shape, generator=generator) < density
-        band[mask] = torch.randint(0, len(CLASSES), band.shape, generator=generator)[mask]
+        band[mask] = torch.randint(0, classes, band.shape, generator=generator)[mask]
     return labels
 
 
@@ -292,3 +302,165 @@ def self_similarity_embedder(image_size: int = NATIVE_SIZE) -> SelfSimilarityEmb
 def random_toy_encoder(image_size: int = NATIVE_SIZE) -> ToyLayoutEncoder:
     """Factory for the random-encoder ablation: :class:`ToyLayoutEncoder` with its random initial weights."""
     return build_toy_encoder(image_size, seed=0, pretrained=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# A palette-free layout encoder: pretrained on scenes in random palettes, it embeds which cells
+# show the same thing, not what colour anything is.
+# ---------------------------------------------------------------------------------------------
+
+AFFINITY_SLOTS = 16  # soft groups a cell is assigned to; more than the classes of any scene it is trained on
+AFFINITY_CLASSES = len(CLASSES) + 2  # the pretraining scenes hold up to two classes no toy street has
+
+
+class LayoutAffinityEncoder(nn.Module):
+    r"""Images (N, 3, size, size) in [-1, 1] -> cell affinities (N, GRID^2 (GRID^2 - 1) / 2).
+
+    The convolutional body of :class:`ToyLayoutEncoder` assigns each of the GRID x GRID cells a
+    soft group :math:`s_p = \mathrm{softmax}(h_p) \in \Delta^{16}`; the embedding is the affinity
+    of every pair of cells p < q, :math:`E(x)_{pq} = s_p^\top s_q`: the probability that the two
+    cells fall in the same group. Groups have no fixed meaning (any permutation of them gives the
+    same E), so the network need not know what a sky or a road looks like, only which regions of
+    *this* image belong together. :func:`pretrain_affinity_encoder` teaches it that on scenes
+    painted in uniformly random palettes, so E is invariant to the palette and changes when the
+    layout does, like the self-similarity of a ViT's keys that structure-preserving translation
+    methods compare (Tumanyan et al., "Splicing ViT Features", 2022).
+    """
+
+    def __init__(self, size: int = NATIVE_SIZE, width: int = 32) -> None:
+        super().__init__()
+        trunk = ToyLayoutEncoder(size, width)  # validates size and width
+        self.size, self.body = size, trunk.body
+        self.head = nn.Conv2d(width, AFFINITY_SLOTS, 1)
+        self.register_buffer("pairs", torch.triu_indices(GRID * GRID, GRID * GRID, offset=1), persistent=False)
+
+    def affinities(self, images: Tensor) -> Tensor:
+        """(N, 3, size, size) -> the full (N, GRID^2, GRID^2) matrix of :math:`s_p^\\top s_q`."""
+        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (self.size, self.size):
+            raise ValueError(
+                f"LayoutAffinityEncoder expects images of shape (N, 3, {self.size}, {self.size}), "
+                f"got {tuple(images.shape)}"
+            )
+        if self.size != NATIVE_SIZE:
+            images = F.interpolate(images, size=(NATIVE_SIZE, NATIVE_SIZE), mode="bilinear", align_corners=False)
+        groups = self.head(self.body(images)).flatten(2).softmax(dim=1)  # (N, slots, cells)
+        return groups.transpose(1, 2) @ groups
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.affinities(images)[:, self.pairs[0], self.pairs[1]]
+
+
+def uniform_palette_images(
+    labels: Tensor, generator: torch.Generator, jitter: float = 0.05, noise: float = 0.08
+) -> Tensor:
+    """Paint label maps (N, H, W) of class ids < AFFINITY_CLASSES with a uniformly random colour per
+    class and image, a per-pixel jitter of up to ``jitter`` per channel and Gaussian noise of a
+    per-image standard deviation in U(0, ``noise``): (N, 3, H, W) in [-1, 1]. Knows no palette."""
+    n = labels.shape[0]
+    palettes = torch.rand(n, AFFINITY_CLASSES, 3, generator=generator) * 2 - 1
+    images = torch.stack([palettes[i][labels[i]] for i in range(n)]).permute(0, 3, 1, 2)
+    images = images + (torch.rand(images.shape, generator=generator) * 2 - 1) * 2 * jitter
+    sigma = torch.rand(n, 1, 1, 1, generator=generator) * 2 * noise
+    return (images + sigma * torch.randn(images.shape, generator=generator)).clamp(-1, 1)
+
+
+def cell_affinity_target(labels: Tensor, classes: int = AFFINITY_CLASSES) -> Tensor:
+    r"""(N, H, W) class ids -> (N, GRID^2, GRID^2): :math:`\sum_k q_k(p)\, q_k(q)`, the probability that
+    a pixel of cell p and a pixel of cell q show the same class (q(p): cell p's class fractions)."""
+    fractions = F.adaptive_avg_pool2d(F.one_hot(labels.long(), classes).permute(0, 3, 1, 2).float(), GRID)
+    cells = fractions.flatten(2)  # (N, classes, cells)
+    return cells.transpose(1, 2) @ cells
+
+
+def pretrain_affinity_encoder(
+    encoder: LayoutAffinityEncoder, *, steps: int = 400, batch_size: int = 32, scenes: int = 512, seed: int = 0,
+    lr: float = 3e-3,
+) -> list[float]:  # fmt: skip
+    r"""Train ``encoder`` in place to predict cell affinities; returns the loss of every step.
+
+    Data: label maps of ``scenes`` toy streets of each domain at 64 px (ToyStreets seed
+    ``1000 + seed``, none of the seeds the studies train or score on), half of them overwritten in
+    a random band with stripes or speckle of random classes, including two classes no street
+    has (:func:`scramble_labels`), painted by :func:`uniform_palette_images`. Loss: the mean
+    squared error between :meth:`LayoutAffinityEncoder.affinities` and
+    :func:`cell_affinity_target`. Adam with learning rate ``lr``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.stack([
+        ToyStreets(domain, NATIVE_SIZE, scenes, seed=1000 + seed)[i][1] for domain in ("A", "B") for i in range(scenes)
+    ])  # fmt: skip
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=lr)
+    native, encoder.size = encoder.size, NATIVE_SIZE
+    losses = []
+    try:
+        for _ in range(steps):
+            batch = labels[torch.randint(0, labels.shape[0], (batch_size,), generator=generator)]
+            batch = scramble_labels(batch, generator, classes=AFFINITY_CLASSES)
+            predicted = encoder.affinities(uniform_palette_images(batch, generator))
+            loss = (predicted - cell_affinity_target(batch)).square().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        encoder.size = native
+    return losses
+
+
+AFFINITY_PRETRAINING_VERSION = 1  # bump when the pretraining changes, so that cached weights are not reused
+
+
+def weights_cache_dir() -> Path:
+    """Where pretrained toy weights are kept between processes: ``$TRAVEL_LOSS_CACHE`` if set, else
+    ``$XDG_CACHE_HOME/travel-loss`` (``~/.cache/travel-loss``)."""
+    if os.environ.get("TRAVEL_LOSS_CACHE"):
+        return Path(os.environ["TRAVEL_LOSS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "travel-loss"
+
+
+@functools.lru_cache(maxsize=4)
+def _pretrained_affinity_state(seed: int) -> dict[str, Tensor]:
+    """Pretrained weights for ``seed``: from the cache folder if there, else pretrained (deterministic)
+    and written there atomically, so that the trainer runs of a study pretrain once between them."""
+    path = weights_cache_dir() / f"layout_affinity_v{AFFINITY_PRETRAINING_VERSION}_seed{seed}.pt"
+    try:
+        return dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, EOFError, ValueError):
+        pass  # absent or damaged: pretrain again
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = LayoutAffinityEncoder(NATIVE_SIZE)
+        pretrain_affinity_encoder(encoder, seed=seed)
+    state = {name: value.detach().clone() for name, value in encoder.state_dict().items()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
+            torch.save(state, handle)
+        os.replace(handle.name, path)
+    except OSError:
+        pass  # a read-only cache only costs the pretraining next time
+    return state
+
+
+def build_affinity_encoder(size: int, seed: int = 0, *, pretrained: bool = True) -> LayoutAffinityEncoder:
+    """A frozen :class:`LayoutAffinityEncoder` for (N, 3, size, size) images; the first call per seed
+    pretrains it (seconds on a CPU, global RNG untouched). ``pretrained=False``: random weights."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = LayoutAffinityEncoder(size)
+    if pretrained:
+        encoder.load_state_dict(_pretrained_affinity_state(seed))
+    encoder.requires_grad_(False)
+    return encoder.eval()
+
+
+def affinity_encoder(image_size: int = NATIVE_SIZE) -> LayoutAffinityEncoder:
+    """Factory for ``--encoder-mode module --encoder reference/toy_encoder.py:affinity_encoder`` (the toy-demo's)."""
+    return build_affinity_encoder(image_size)
+
+
+def random_affinity_encoder(image_size: int = NATIVE_SIZE) -> LayoutAffinityEncoder:
+    """Factory for the random-encoder ablation of the toy-demo: the same network at its random initial weights."""
+    return build_affinity_encoder(image_size, pretrained=False)

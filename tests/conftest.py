@@ -36,9 +36,16 @@ TINY_CLIP_MEAN = (0.5, 0.4, 0.3)
 TINY_CLIP_STD = (0.2, 0.25, 0.3)
 
 
+@pytest.fixture(scope="session")
+def _weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("weights-cache")
+
+
 @pytest.fixture(autouse=True)
-def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test runs in Hugging Face offline mode: nothing can reach the network."""
+def _offline_hub(monkeypatch: pytest.MonkeyPatch, _weights_cache: Path) -> None:
+    """Every test runs in Hugging Face offline mode: nothing can reach the network; pretrained toy
+    weights are cached in a folder of the test session, not the user's cache."""
+    monkeypatch.setenv("TRAVEL_LOSS_CACHE", str(_weights_cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     try:

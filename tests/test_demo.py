@@ -11,8 +11,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from reference.config import TRAINER_PRESETS
 from reference.data import CLASSES, PALETTE_A, PALETTE_B, ToyStreets, paint_labels
-from reference.demo import QUICK, REPORT_NAME, DemoSettings, format_table, run_demo
+from reference.demo import (
+    GRID_NAME,
+    METHODS,
+    QUICK,
+    REPORT_NAME,
+    DemoSettings,
+    Method,
+    format_table,
+    run_demo,
+    select_best,
+)
 from reference.toy_encoder import (
     GRID,
     ToyLayoutEncoder,
@@ -22,6 +33,7 @@ from reference.toy_encoder import (
     random_palette_images,
     scramble_labels,
 )
+from reference.train import TrainConfig
 from travel_loss import travel_loss
 from travel_loss.testing import check_embedder
 
@@ -205,53 +217,67 @@ def test_bad_inputs_raise(encoder: ToyLayoutEncoder) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_quick_demo_writes_a_valid_report(tmp_path) -> None:
-    rng_before = torch.get_rng_state()
+def test_quick_demo_writes_the_report_the_grid_and_one_trainer_run_per_method(tmp_path) -> None:
     report = run_demo(tmp_path, seed=0, quick=True, progress=False)
-    assert torch.equal(torch.get_rng_state(), rng_before)
     written = json.loads((tmp_path / REPORT_NAME).read_text())
     assert written["runs"] == json.loads(json.dumps(report["runs"]))
-    planned = [("toy", v) for v in QUICK.lambdas] + [("toy-random", v) for v in QUICK.random_encoder_lambdas]
-    assert [(run["encoder"], run["lambda_travel"]) for run in written["runs"]] == planned
+    assert [(run["method"], run["weight"]) for run in written["runs"]] == [(m.method, m.weight) for m in QUICK.runs]
     for run in written["runs"]:
-        assert 0 <= run["semantic_flip_rate"] <= 1
-        assert 0 <= run["lane_accuracy"] <= 1
-        assert 0 <= run["realism"] <= 1 and run["palette_distance"] >= 0 and 0 <= run["travel"] <= 2
-    ideal = written["references"]["ideal"]
-    assert (
-        ideal["semantic_flip_rate"] == 0
-        and ideal["lane_accuracy"] == 1
-        and ideal["realism"] == 1
-        and ideal["palette_distance"] < 1e-6
-    )
-    unchanged = written["references"]["input unchanged"]
-    assert unchanged["semantic_flip_rate"] == 0 and unchanged["lane_accuracy"] == 0
-    with Image.open(tmp_path / written["grid"]) as grid:
-        columns = len(planned) + 2  # input | runs | ideal
-        assert written["grid_columns"][0] == "input" and written["grid_columns"][-1] == "ideal"
-        assert grid.size == (columns * (QUICK.size + 2) + 2, QUICK.grid_rows * (QUICK.size + 2) + 2)
+        assert {"method", "weight", "lambda_travel", "semantic_flip_rate", "lane_accuracy", "realism"} <= run.keys()
+        assert 0 <= run["semantic_flip_rate"] <= 1 and 0 <= run["lane_accuracy"] <= 1 and 0 <= run["realism"] <= 1
+        log = (tmp_path / "runs" / Method(run["method"], run["weight"]).name / "train.log").read_text()
+        assert "done: 3 steps" in log  # each method really was a run of the trainer's command line
+    ideal, unchanged = written["references"]["ideal"], written["references"]["input unchanged"]
+    assert (ideal["semantic_flip_rate"], ideal["lane_accuracy"], ideal["realism"]) == (0, 1, 1)
+    assert unchanged["semantic_flip_rate"] == 0 and unchanged["lane_accuracy"] == 0 and unchanged["realism"] == 0
+    size = 4 * TRAINER_PRESETS["toy-demo"]["size"]  # the grid is upscaled 4x
+    with Image.open(tmp_path / GRID_NAME) as grid:  # input | gan | travel | identity-l1 | cycle | ideal
+        assert grid.size == (6 * (size + 2) + 2, QUICK.grid_rows * (size + 2) + 2)
     table = format_table(written["runs"], written["references"])
-    assert "lambda = 0" in table and "ideal" in table
+    assert "identity-l1" in table and "(ideal)" in table
+    # a rerun reuses the finished runs: same scores, no new training
+    again = run_demo(tmp_path, seed=0, quick=True, progress=False)
+    assert [r["realism"] for r in again["runs"]] == [r["realism"] for r in report["runs"]]
 
 
-def test_quick_demo_is_deterministic_and_runs_from_the_command_line(tmp_path, capsys) -> None:
-    from reference.train import main
-
-    first = run_demo(tmp_path / "first", seed=0, quick=True, progress=False)  # seed 0: the encoder is cached
-    assert main(["--demo", "--quick", "--seed", "0", "--out", str(tmp_path / "cli")]) == 0
-    second = json.loads((tmp_path / "cli" / REPORT_NAME).read_text())
-    for a, b in zip(first["runs"], second["runs"], strict=True):
-        assert (a["semantic_flip_rate"], a["lane_accuracy"], a["realism"]) == (
-            b["semantic_flip_rate"],
-            b["lane_accuracy"],
-            b["realism"],
-        )
-    assert "flip rate" in capsys.readouterr().out
+def test_each_method_maps_onto_the_trainer_flags_of_its_baseline() -> None:
+    assert Method("gan", 0.0).flags() == {"lambda_travel": 0.0}
+    assert Method("identity-l1", 3.0).flags() == {"lambda_travel": 0.0, "lambda_identity": 3.0}
+    assert Method("cycle", 10.0).flags() == {"lambda_travel": 0.0, "lambda_cycle": 10.0, "lambda_cycle_identity": 0.5}
+    assert Method("siamese", 10.0).flags()["encoder_mode"] == "siamese"
+    assert Method("random-encoder", 10.0).flags()["encoder"].endswith("toy_encoder.py:random_affinity_encoder")
+    assert Method("travel-auto", 2.0).flags() == {"lambda_travel": "auto", "lambda_auto_scale": 2.0}
+    for method in METHODS:  # every flag set is one the trainer's command line accepts
+        config = TrainConfig(**{**TRAINER_PRESETS["toy-demo"], **Method(method, 1.0).flags(), "data_a": "a"})
+        assert isinstance(config, TrainConfig)
 
 
-def test_demo_rejects_bad_arguments(tmp_path) -> None:
+def test_select_best_takes_the_most_realistic_run_within_the_flip_limit() -> None:
+    runs = [
+        {"method": "travel", "weight": 1.0, "semantic_flip_rate": 0.5, "realism": 0.9},
+        {"method": "travel", "weight": 10.0, "semantic_flip_rate": 0.2, "realism": 0.6},
+        {"method": "travel", "weight": 100.0, "semantic_flip_rate": 0.1, "realism": 0.3},
+    ]
+    assert select_best(runs, "travel", 0.25)["weight"] == 10.0
+    assert select_best(runs, "travel", 0.05)["weight"] == 100.0  # none qualifies: the lowest flip rate
+    assert select_best(runs, "cycle", 0.25) is None
+
+
+def test_demo_rejects_bad_arguments_before_any_work(tmp_path) -> None:
     with pytest.raises(ValueError, match="seed"):
         run_demo(tmp_path, seed=-1)
-    with pytest.raises(ValueError, match="lambdas"):
-        run_demo(tmp_path, settings=DemoSettings(lambdas=(0.0, -1.0)))
-    assert not (tmp_path / REPORT_NAME).exists()
+    with pytest.raises(ValueError, match="method must be one of"):
+        run_demo(tmp_path, settings=DemoSettings(runs=(Method("pix2pix", 1.0),)))
+    with pytest.raises(ValueError, match="preset"):
+        run_demo(tmp_path, settings=DemoSettings(preset="nope"))
+    assert not (tmp_path / REPORT_NAME).exists() and not (tmp_path / "data").exists()
+
+
+def test_command_line_runs_the_street_study(tmp_path, monkeypatch) -> None:
+    from reference import demo
+    from reference.train import main
+
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, **kw: calls.append((out, kw)))
+    assert main(["--demo", "--quick", "--out", str(tmp_path)]) == 0
+    assert calls == [(str(tmp_path), {"seed": 0, "quick": True})]

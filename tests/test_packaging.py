@@ -130,3 +130,45 @@ def test_built_wheel_carries_licence_and_extracted_sdist_collects_every_test(tmp
     assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
     files = {line.split("::")[0] for line in collected.stdout.splitlines() if "::" in line}
     assert files == {path.relative_to(ROOT).as_posix() for path in (ROOT / "tests").glob("test_*.py")}
+
+
+def _project_imports(path: Path) -> set[str]:
+    """Modules of reference/ and travel_loss/ that ``path`` imports anywhere (top level or inside functions)."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        found |= {name for name in names if name.split(".")[0] in ("reference", "travel_loss")}
+    return found
+
+
+def test_no_module_of_the_project_imports_itself_back():
+    """The import graph of reference/ and travel_loss/, lazy imports included, has no cycle."""
+    modules = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts): path
+        for package in ("reference", "travel_loss")
+        for path in (ROOT / package).glob("*.py")
+        if path.name != "__init__.py"
+    }
+    graph = {name: {m for m in _project_imports(path) if m in modules and m != name} for name, path in modules.items()}
+    assert graph["reference.train"] >= {"reference.steps", "reference.config"}  # the graph is really read
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            node, trail = stack.pop()
+            for following in graph[node]:
+                if following == start:
+                    return [*trail, start]
+                if following not in trail:
+                    stack.append((following, [*trail, following]))
+        return None
+
+    cycles = [cycle for name in sorted(graph) if (cycle := cycle_from(name))]
+    assert not cycles, f"import cycles: {[' -> '.join(c) for c in cycles]}"
