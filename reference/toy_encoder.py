@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -425,7 +426,7 @@ def _pretrained_affinity_state(seed: int) -> dict[str, Tensor]:
     path = weights_cache_dir() / f"layout_affinity_v{AFFINITY_PRETRAINING_VERSION}_seed{seed}.pt"
     try:
         return dict(torch.load(path, map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError, EOFError, ValueError):
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
         pass  # absent or damaged: pretrain again
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,15 +37,19 @@ TINY_CLIP_MEAN = (0.5, 0.4, 0.3)
 TINY_CLIP_STD = (0.2, 0.25, 0.3)
 
 
-@pytest.fixture(scope="session")
-def _weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("weights-cache")
+@pytest.fixture(scope="session", autouse=True)
+def _weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Pretrained toy weights are cached in a folder of the test session, not the user's cache,
+    from the first fixture on (module-scoped fixtures build encoders before any test runs)."""
+    folder = tmp_path_factory.mktemp("weights-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRAVEL_LOSS_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture(autouse=True)
 def _offline_hub(monkeypatch: pytest.MonkeyPatch, _weights_cache: Path) -> None:
-    """Every test runs in Hugging Face offline mode: nothing can reach the network; pretrained toy
-    weights are cached in a folder of the test session, not the user's cache."""
+    """Every test runs in Hugging Face offline mode: nothing can reach the network."""
     monkeypatch.setenv("TRAVEL_LOSS_CACHE", str(_weights_cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")

@@ -248,11 +248,29 @@ def test_toy_domains_differ_as_game_and_city_streets() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"domain": "C"}, "domain"), ({"size": 8}, "size"), ({"length": 0}, "length"), ({"seed": -1}, "seed")],
+    [
+        ({"domain": "C"}, "domain"),
+        ({"size": 8}, "size"),
+        ({"length": 0}, "length"),
+        ({"seed": -1}, "seed"),
+        ({"lane_width": 0}, "lane_width"),
+        ({"lane_width": 11.0}, "lane_width"),
+        ({"lane_width": True}, "lane_width"),
+    ],
 )
 def test_toy_streets_reject_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ToyStreets(**{"domain": "A", **kwargs})
+
+
+def test_lane_width_widens_the_lanes_and_nothing_else() -> None:
+    """Same scene, same seed: wider lane lines only take pixels the thin ones did not, and only lanes grow."""
+    thin = torch.stack([ToyStreets("A", size=32, length=8, seed=9)[i][1] for i in range(8)])
+    wide = torch.stack([ToyStreets("A", size=32, length=8, seed=9, lane_width=2.5)[i][1] for i in range(8)])
+    assert ((thin == LANE) <= (wide == LANE)).all()
+    assert (wide == LANE).sum() > 1.8 * (thin == LANE).sum()
+    changed = thin != wide
+    assert (wide[changed] == LANE).all()
 
 
 def test_toy_streets_index_out_of_range() -> None:
