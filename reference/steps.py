@@ -265,7 +265,10 @@ def generator_step(
             if emb_src is None:
                 with torch.no_grad():
                     emb_src = encoder(real_a)
-            emb_gen = encoder(fake)
+            # at a fixed lambda of 0 the travel term is only logged: no graph through E
+            travel_trains = adaptive_lambda is not None or options.lambda_travel != 0
+            with torch.set_grad_enabled(travel_trains):
+                emb_gen = encoder(fake)
     adversarial = generator_adversarial_loss(fake_logits, options.gan_loss)
     emb_src = all_gather_with_grad(_at_least_float32(emb_src))
     emb_gen = all_gather_with_grad(_at_least_float32(emb_gen))

@@ -119,6 +119,41 @@ def test_cycle_step_equals_the_cyclegan_formula(lambda_cycle, lambda_cycle_ident
     assert all(p.grad is None for p in [*d_a.parameters(), *d_b.parameters()])
 
 
+class GradModeRecorder(nn.Module):
+    """``pooled`` that records, per call, whether autograd was recording."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grad_enabled: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.grad_enabled.append(torch.is_grad_enabled())
+        return pooled(x)
+
+
+@pytest.mark.parametrize(("lambda_travel", "graph_through_e"), [(0.0, False), (0.5, True)])
+def test_the_travel_term_is_logged_at_lambda_0_without_a_graph_through_the_encoder(lambda_travel, graph_through_e):
+    """The gan, identity-L1 and cycle baselines (lambda 0) pay no backward through E, and their loss is unchanged."""
+    g_ab, _, d_b, _ = tiny_networks()
+    real_a = torch.rand(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    encoder = GradModeRecorder()
+    options = StepOptions(lambda_travel=lambda_travel, lambda_identity=0.3, gan_loss="lsgan")
+    out = generator_step(g_ab, d_b, encoder, torch.optim.SGD(g_ab.parameters(), lr=0.0), real_a, options)
+    assert encoder.grad_enabled == [False, graph_through_e]  # E(x), then E(G(x))
+
+    fake = g_ab(real_a)
+    src, gen = pooled(real_a), pooled(fake)
+    pairs = [(i, j) for i in range(3) for j in range(3) if i != j]
+    travel = torch.stack([1 - torch.cosine_similarity(src[i] - src[j], gen[i] - gen[j], dim=0) for i, j in pairs])
+    expected = (d_b(fake) - 1).square().mean() + 0.3 * (fake - real_a).abs().mean() + lambda_travel * travel.mean()
+    torch.testing.assert_close(out["loss_travel"], travel.mean().detach())
+    torch.testing.assert_close(out["loss_g"], expected.detach())
+    for ours, straightforward in zip(
+        [p.grad for p in g_ab.parameters()], torch.autograd.grad(expected, list(g_ab.parameters())), strict=True
+    ):
+        torch.testing.assert_close(ours, straightforward)
+
+
 def test_cycle_terms_move_both_generators():
     g_ab, g_ba, d_b, d_a = tiny_networks()
     real_a, real_b = torch.rand(2, 2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
