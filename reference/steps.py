@@ -371,6 +371,7 @@ def micro_batched_generator_step(
     adversarial, fakes = torch.zeros((), device=real_a.device), []
     travel_grads: list[Tensor | None] = [None] * len(parameters)
     chunks = real_a.split(chunk_size)
+    travel_trains = separate or lam != 0  # with a frozen E and lambda 0, no graph through E
     trained_modules = (generator, encoder if trainable_encoder else None)
     for index, x in enumerate(chunks):
         rows = slice(index * chunk_size, index * chunk_size + x.shape[0])
@@ -381,7 +382,7 @@ def micro_batched_generator_step(
                 fake_logits = discriminator(diff_augment(judged, options.augment) if options.augment else judged)
                 if trainable_encoder:
                     embedded, grad = encoder(torch.cat([x, fake])), torch.cat([grad_src[rows], grad_gen[rows]])
-                else:
+                elif travel_trains:
                     embedded, grad = encoder(fake), grad_gen[rows]
             adversarial_chunk = generator_adversarial_loss(fake_logits, options.gan_loss) * (x.shape[0] / n)
             if separate:
@@ -390,8 +391,10 @@ def micro_batched_generator_step(
                     embedded, parameters, scaled(grad).to(embedded.dtype), allow_unused=True
                 )
                 travel_grads = [_add(total, g) for total, g in zip(travel_grads, chunk_grads)]
-            else:
+            elif trainable_encoder or travel_trains:
                 backward_chunk(embedded, scaled(lam * grad), scaled(adversarial_chunk), inputs=parameters)
+            else:  # a fixed lambda of 0: the travel term was only logged
+                torch.autograd.backward(scaled(adversarial_chunk), inputs=parameters)
         adversarial = adversarial + adversarial_chunk.detach()
         fakes.append(fake.detach())
     if separate:

@@ -34,15 +34,30 @@ def networks(dtype: torch.dtype, trainable: bool = False):
     return generator, discriminator, encoder
 
 
-def step_gradients(dtype, micro_batch, n, *, trainable=False, amp=None, adaptive=None, steps=1, **options):
+def step_gradients(
+    dtype,
+    micro_batch,
+    n,
+    *,
+    trainable=False,
+    amp=None,
+    adaptive=None,
+    steps=1,
+    lambda_travel=3.0,
+    grad_modes=None,
+    **options,
+):
     """Gradients of the last of ``steps`` generator_steps (SGD with lr 0: the weights stay, the
-    gradients remain). ``adaptive``: keyword arguments of a GradientBalancedLambda."""
+    gradients remain). ``adaptive``: keyword arguments of a GradientBalancedLambda. ``grad_modes``:
+    a list that receives, per encoder forward, whether autograd was recording."""
     generator, discriminator, encoder = networks(dtype, trainable)
+    if grad_modes is not None:
+        encoder.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
     real_a = torch.rand(n, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(1)) * 2 - 1
     optimizer = torch.optim.SGD(generator.parameters(), lr=0.0)
     encoder_optimizer = torch.optim.SGD(encoder.parameters(), lr=0.0) if trainable else None
     balance = None if adaptive is None else GradientBalancedLambda(last_layer_weight(generator), **adaptive)
-    step_options = StepOptions(lambda_travel=3.0, micro_batch=micro_batch, amp_dtype=amp, **options)
+    step_options = StepOptions(lambda_travel=lambda_travel, micro_batch=micro_batch, amp_dtype=amp, **options)
     for _ in range(steps):
         out = generator_step(generator, discriminator, encoder, optimizer, real_a, step_options,
                              encoder_optimizer=encoder_optimizer, adaptive_lambda=balance)  # fmt: skip
@@ -65,6 +80,22 @@ def test_float64_micro_batched_gradient_equals_the_whole_batch(micro_batch):
     for key in ("loss_g", "loss_adv", "loss_travel"):
         torch.testing.assert_close(chunked[key], whole[key], rtol=1e-6, atol=0)
     torch.testing.assert_close(chunked["fake"], whole["fake"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("micro_batch", [0, 3])
+def test_at_lambda_0_the_travel_term_is_logged_without_a_graph_through_the_encoder(micro_batch):
+    """Whole-batch and micro-batched: same gradient and logged travel term, and no encoder forward with a graph."""
+    grad_modes: list[bool] = []
+    expected, whole = step_gradients(torch.float64, 0, 6, lambda_travel=0.0)
+    actual, chunked = step_gradients(torch.float64, micro_batch, 6, lambda_travel=0.0, grad_modes=grad_modes)
+    assert grad_modes and not any(grad_modes)
+    scale = max(float(e.abs().max()) for e in expected)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * scale)
+    _, travelling = step_gradients(torch.float64, micro_batch, 6)
+    torch.testing.assert_close(chunked["loss_travel"], whole["loss_travel"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(chunked["loss_travel"], travelling["loss_travel"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(chunked["loss_g"], chunked["loss_adv"])
 
 
 @pytest.mark.parametrize(
