@@ -257,7 +257,9 @@ def training_state(
             width=generator.width,
             n_blocks=generator.n_blocks,
         ),
-        "discriminator_kwargs": dict(in_channels=3, width=config["d_width"], n_layers=config["d_layers"]),
+        "discriminator_kwargs": dict(
+            in_channels=3, width=config["d_width"], n_layers=config["d_layers"], norm=config["d_norm"]
+        ),
         **{name: module.state_dict() for name, module in modules.items()},
         "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
         "schedulers": {name: sched.state_dict() for name, sched in schedulers.items()},

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from reference.losses import AUGMENT_OPS, GAN_LOSSES
-from reference.models import PatchDiscriminator, default_n_blocks
+from reference.models import DISCRIMINATOR_NORMS, PatchDiscriminator, default_n_blocks
 
 __all__ = [
     "AMP_MODES",
@@ -98,6 +98,7 @@ class TrainConfig:
     travel_queue: int = 0  # K > 0: also pair with the last K rows of earlier batches (travel_loss.TravelQueue)
     gan_loss: str = "bce"  # bce (non-saturating) | lsgan | hinge
     augment: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"
+    r1_gamma: float = 0.0  # > 0: D's R1 penalty (gamma / 2) E|grad_x D(x)|^2 on real images (Mescheder et al. 2018)
     lambda_identity: float = 0.0  # baseline: CycleGAN's identity term, + lambda_identity * mean |G(x) - x|
     lambda_cycle: float = 0.0  # > 0: the CycleGAN baseline (G_BA, D_A, cycle terms of this weight; CycleGAN: 10)
     lambda_cycle_identity: float = 0.5  # with lambda_cycle: CycleGAN's identity terms weigh lambda_cycle * this
@@ -118,6 +119,7 @@ class TrainConfig:
     g_blocks: int | None = None  # None: 9 above 128 px, else 6
     d_width: int = 64  # discriminator width
     d_layers: int = 3  # stride-2 layers of the PatchGAN (3: 70 x 70 patches)
+    d_norm: str = "instance"  # the PatchGAN's norm: instance (CycleGAN) | none (StyleGAN-style, with --r1-gamma)
 
     # optimisation
     steps: int = 20_000  # training iterations (one G and one D update each)
@@ -194,7 +196,7 @@ def check_config(config: TrainConfig) -> None:
         isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or not math.isfinite(lam)
     ):
         fail("lambda_travel", "a finite number >= 0 or 'auto'")
-    for name in ("lambda_identity", "lambda_cycle", "lambda_cycle_identity"):
+    for name in ("lambda_identity", "lambda_cycle", "lambda_cycle_identity", "r1_gamma"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
             fail(name, "a finite number >= 0")
@@ -227,6 +229,11 @@ def check_config(config: TrainConfig) -> None:
         op.strip() and op.strip() not in AUGMENT_OPS for op in config.augment.split(",")
     ):
         fail("augment", f"'' or a comma-separated list of {sorted(AUGMENT_OPS)}")
+    if config.r1_gamma and config.compile:
+        fail("r1_gamma", "0 with compile (R1 differentiates D's input gradient; torch.compile has no double backward)")
+    if config.r1_gamma and config.amp == "fp16":
+        fail("r1_gamma", "0 with amp 'fp16' (untested under the float16 gradient scaler; use amp 'bf16' or 'off')")
+    choice("d_norm", DISCRIMINATOR_NORMS)
     choice("encoder_mode", ENCODER_MODES)
     if config.encoder_mode == "module" and ":" not in str(config.encoder):
         fail("encoder", "FILE.py:FACTORY or package.module:FACTORY with encoder_mode='module'")

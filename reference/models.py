@@ -21,6 +21,9 @@ PatchDiscriminator (the 70x70 PatchGAN of pix2pix/CycleGAN), all convs 4x4 with 
 
 IN is ``InstanceNorm2d(affine=False)``; every conv has a bias (with a non-affine norm the bias
 is the only shift the layer has). Weights start from normal(0, 0.02), biases from 0.
+``PatchDiscriminator(norm="none")`` drops the discriminator's IN layers (the StyleGAN-family
+choice, usually with an R1 penalty): IN over the few cells of a small image's deep feature maps
+removes each channel's mean, i.e. much of what the absolute colours say.
 
 SiameseEmbedder is TraVeLGAN's trainable embedder, the baseline encoder of the travel loss.
 """
@@ -31,6 +34,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "DISCRIMINATOR_NORMS",
     "PatchDiscriminator",
     "ResidualBlock",
     "ResnetGenerator",
@@ -39,6 +43,8 @@ __all__ = [
     "init_weights",
     "receptive_field",
 ]
+
+DISCRIMINATOR_NORMS = ("instance", "none")  # PatchDiscriminator's norm: CycleGAN's IN, or none
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> nn.Module:
@@ -154,12 +160,14 @@ class PatchDiscriminator(nn.Module):
     convs, then ``-1`` for each of the two stride-1 convs.
     """
 
-    def __init__(self, in_channels: int = 3, width: int = 64, n_layers: int = 3) -> None:
+    def __init__(self, in_channels: int = 3, width: int = 64, n_layers: int = 3, norm: str = "instance") -> None:
         super().__init__()
         _check_positive_int("in_channels", in_channels)
         _check_positive_int("width", width)
         _check_positive_int("n_layers", n_layers)
-        self.in_channels, self.width, self.n_layers = in_channels, width, n_layers
+        if norm not in DISCRIMINATOR_NORMS:
+            raise ValueError(f"norm must be one of {DISCRIMINATOR_NORMS}, got {norm!r}")
+        self.in_channels, self.width, self.n_layers, self.norm = in_channels, width, n_layers, norm
 
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, width, kernel_size=4, stride=2, padding=1, bias=True),
@@ -171,7 +179,7 @@ class PatchDiscriminator(nn.Module):
             out = width * min(2**index, 8)
             layers += [
                 nn.Conv2d(channels, out, kernel_size=4, stride=stride, padding=1, bias=True),
-                nn.InstanceNorm2d(out),
+                nn.InstanceNorm2d(out) if norm == "instance" else nn.Identity(),
                 nn.LeakyReLU(0.2, inplace=True),
             ]
             channels = out

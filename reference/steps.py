@@ -67,6 +67,7 @@ class StepOptions:
     micro_batch: int = 0  # > 0: the generator step in chunks of this many images, same gradient
     lambda_cycle: float = 0.0  # weight of CycleGAN's cycle-consistency terms (with a ReverseDirection)
     lambda_cycle_identity: float = 0.5  # CycleGAN's identity terms weigh lambda_cycle * this
+    r1_gamma: float = 0.0  # weight of D's R1 penalty on real images
 
     @classmethod
     def from_config(cls, config: TrainConfig, device_type: str) -> StepOptions:
@@ -84,6 +85,7 @@ class StepOptions:
             micro_batch=config.micro_batch,
             lambda_cycle=config.lambda_cycle,
             lambda_cycle_identity=config.lambda_cycle_identity,
+            r1_gamma=config.r1_gamma,
         )
 
     def autocast(self) -> torch.autocast:
@@ -484,22 +486,37 @@ def discriminator_step(
     *,
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, Tensor]:
-    """One discriminator update on real target images ``real_b`` and translations ``fake_b`` (both (n, 3, H, W)).
+    r"""One discriminator update on real target images ``real_b`` and translations ``fake_b`` (both (n, 3, H, W)).
 
     Real and fake go through D as one batch (one call of a DDP module; D has no batch
     statistics, so this equals two calls), each augmented by the same policy.
+
+    ``options.r1_gamma`` = :math:`\gamma > 0` adds the R1 penalty on the (augmented) real images,
+    :math:`\frac{\gamma}{2}\, \mathrm{mean}_i \lVert \nabla_x \textstyle\sum D(x_i) \rVert^2`
+    (the gradient of the sum of x_i's patch logits; Mescheder et al., "Which Training Methods for
+    GANs do actually Converge?", 2018), logged as ``"r1"`` (the mean squared gradient norm);
+    ``"loss_d"`` stays the adversarial loss alone.
     """
     optimizer.zero_grad(set_to_none=True)
     fake_b = fake_b.detach().to(real_b.dtype)  # an autocast G(x) would otherwise recompile a compiled D
     if options.augment:
         real_b, fake_b = diff_augment(real_b, options.augment), diff_augment(fake_b, options.augment)
+    if options.r1_gamma:
+        real_b = real_b.detach().requires_grad_(True)
     with options.autocast():
         logits = discriminator(torch.cat([real_b, fake_b]))
     real_logits, fake_logits = logits.split([real_b.shape[0], fake_b.shape[0]])
     loss = discriminator_adversarial_loss(real_logits, fake_logits, options.gan_loss)
-    _backward_and_step(loss, [optimizer], _parameters([optimizer]), scaler)
+    total, extra = loss, {}
+    if options.r1_gamma:
+        (gradient,) = torch.autograd.grad(_at_least_float32(real_logits).sum(), real_b, create_graph=True)
+        squared_norm = _at_least_float32(gradient).square().flatten(1).sum(1).mean()
+        total = loss + 0.5 * options.r1_gamma * squared_norm
+        extra["r1"] = squared_norm.detach()
+    _backward_and_step(total, [optimizer], _parameters([optimizer]), scaler)
     return {
         "loss_d": loss.detach(),
         "d_real": real_logits.detach().float().mean(),
         "d_fake": fake_logits.detach().float().mean(),
+        **extra,
     }

@@ -292,7 +292,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     # ---- models, encoder, optimizers: the same initial weights on every rank
     seed_everything(config.seed)
     generator = ResnetGenerator(3, 3, width=config.g_width, n_blocks=config.generator_blocks).to(device)
-    discriminator = PatchDiscriminator(3, width=config.d_width, n_layers=config.d_layers).to(device)
+    discriminator = PatchDiscriminator(3, width=config.d_width, n_layers=config.d_layers, norm=config.d_norm).to(device)
     encoder = build_encoder(config).to(device)
     check_encoder_input_size(encoder, config.size)
     trainable_encoder = config.encoder_mode == "siamese"
@@ -310,7 +310,9 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
         modules["siamese"] = encoder
     if config.lambda_cycle:  # CycleGAN's B -> A half: G_BA and D_A, built like G and D
         modules["generator_ba"] = ResnetGenerator(3, 3, width=config.g_width, n_blocks=config.generator_blocks)
-        modules["discriminator_a"] = PatchDiscriminator(3, width=config.d_width, n_layers=config.d_layers)
+        modules["discriminator_a"] = PatchDiscriminator(
+            3, width=config.d_width, n_layers=config.d_layers, norm=config.d_norm
+        )
         for name, lr in (("generator_ba", config.lr), ("discriminator_a", config.discriminator_lr)):
             modules[name].to(device)
             if config.channels_last:
