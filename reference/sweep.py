@@ -21,6 +21,10 @@ as reference points) and ``frontier.md`` (the table)::
 
     python reference/sweep.py --out runs/frontier            # 14 runs, two at a time: about 66 min on 2 cores
     python reference/sweep.py --out /tmp/smoke --quick       # tiny networks, a few steps
+    python reference/sweep.py --out runs/r1 --set r1_gamma=0.05 --set d_norm=none   # another recipe
+
+``--set NAME=VALUE`` changes a field of the preset's recipe for every run (any ``TrainConfig``
+field, the value written as on ``train.py``'s command line); the methods' own flags still apply.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from reference.demo import FULL, QUICK, DemoSettings, Method, run_demo, select_best
 
-__all__ = ["frontier_settings", "frontier_table", "plot_frontier", "run_sweep"]
+__all__ = ["frontier_settings", "frontier_table", "parse_recipe_changes", "plot_frontier", "run_sweep"]
 
 TRAVEL_WEIGHTS = (1.0, 3.0, 10.0, 30.0, 100.0)
 AUTO_SCALES = (1.0,)
@@ -114,11 +118,44 @@ def plot_frontier(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def parse_recipe_changes(items: Sequence[str]) -> dict[str, Any]:
+    """``["r1_gamma=0.05", "d_norm=none"]`` -> ``{"r1_gamma": 0.05, "d_norm": "none"}``, each value
+    parsed and checked by ``train.py``'s own flag; ValueError naming the item otherwise."""
+    from reference.train import build_parser
+
+    parser = build_parser()
+    parser.exit_on_error = False  # a bad value raises ArgumentError instead of printing the usage and exiting
+    names = {action.dest for action in parser._actions}
+    changes: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in names or name in ("demo", "quick", "preset", "help"):
+            raise ValueError(f"--set: expected NAME=VALUE with NAME a TrainConfig field, got {item!r}")
+        flag = "--" + name.replace("_", "-")
+        if isinstance(parser.get_default(name), bool):
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"--set: {name} takes true or false, got {value!r}")
+            changes[name] = value.lower() == "true"
+            continue
+        try:
+            parsed = parser.parse_args(["--toy-streets", flag, value])
+        except argparse.ArgumentError as error:
+            raise ValueError(f"--set: bad value for {name}: {value!r} ({error.message})") from None
+        changes[name] = getattr(parsed, name)
+    return changes
+
+
 def run_sweep(
-    out: str | Path, *, seed: int = 0, quick: bool = False, workers: int = 2, progress: bool = True
-) -> dict[str, Any]:
-    """Run the frontier into ``out`` and write ``frontier.png`` and ``frontier.md`` beside the study's report."""
-    settings = replace(frontier_settings(QUICK if quick else FULL), workers=workers)
+    out: str | Path, *, seed: int = 0, quick: bool = False, workers: int = 2, progress: bool = True,
+    recipe: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Run the frontier into ``out`` and write ``frontier.png`` and ``frontier.md`` beside the study's report.
+
+    ``recipe``: TrainConfig fields that replace the preset's for every run (see ``--set``).
+    """
+    settings = frontier_settings(QUICK if quick else FULL)
+    settings = replace(settings, workers=workers, overrides={**settings.overrides, **(recipe or {})})
     report = run_demo(out, seed=seed, quick=quick, settings=settings, progress=progress)
     plot_frontier(report, Path(out) / PLOT_NAME)
     (Path(out) / TABLE_NAME).write_text(frontier_table(report) + "\n")
@@ -131,8 +168,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="trainer runs at once, one thread each")
     parser.add_argument("--quick", action="store_true", help="tiny networks, a few steps: a smoke test")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE",
+        help="change a field of the preset's recipe for every run (repeatable), e.g. --set r1_gamma=0.05",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    run_sweep(args.out, seed=args.seed, quick=args.quick, workers=args.workers)
+    try:
+        recipe = parse_recipe_changes(args.set)
+    except ValueError as error:
+        parser.error(str(error))
+    run_sweep(args.out, seed=args.seed, quick=args.quick, workers=args.workers, recipe=recipe)
     print(f"frontier: {Path(args.out) / PLOT_NAME}, table: {Path(args.out) / TABLE_NAME}")
     return 0
 

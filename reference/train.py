@@ -85,7 +85,7 @@ from reference.data import (
 )
 from reference.logs import MetricsLog, log_record, progress_bar, save_image_grid, write_samples
 from reference.losses import GAN_LOSSES
-from reference.models import PatchDiscriminator, ResnetGenerator, SiameseEmbedder
+from reference.models import DISCRIMINATOR_NORMS, PatchDiscriminator, ResnetGenerator, SiameseEmbedder
 from reference.outputs import RunFolderBusyError, RunFolderLock, error_line
 from reference.runtime import (
     RunInputError,
@@ -571,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         "travel_distance": dict(choices=("cosine", "squared_euclidean", "travelgan")),
         "travel_reduction": dict(choices=("mean", "sum")),
         "gan_loss": dict(choices=GAN_LOSSES),
+        "d_norm": dict(choices=DISCRIMINATOR_NORMS),
         "augment": dict(nargs="?", const="color,translation,cutout", metavar="POLICY"),
         "encoder_mode": dict(choices=ENCODER_MODES),
         "crop": dict(choices=("center", "resize", "full")),

@@ -448,6 +448,38 @@ def test_format_table_text_and_markdown():
     assert markdown[0] == "| name | x |" and markdown[2] == "| a | 0.1235 |"
 
 
+def test_sweep_recipe_changes_are_parsed_by_the_trainers_own_flags(capsys):
+    from reference.sweep import main, parse_recipe_changes
+
+    changes = parse_recipe_changes(["r1_gamma=0.05", "d-norm=none", "steps=3000", "flip=false", "lambda_travel=auto"])
+    assert changes == {"r1_gamma": 0.05, "d_norm": "none", "steps": 3000, "flip": False, "lambda_travel": "auto"}
+    assert type(changes["steps"]) is int and parse_recipe_changes([]) == {}
+    for bad, named in [("bogus=1", "bogus"), ("d_norm=batch", "d_norm"), ("steps=x", "steps"), ("r1_gamma", "r1_gamma"),
+                       ("flip=maybe", "flip"), ("preset=toy-demo", "preset")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"--set: .*{named}"):
+            parse_recipe_changes([bad])
+    with pytest.raises(SystemExit) as stopped:
+        main(["--out", "unused", "--set", "d_norm=batch"])
+    assert stopped.value.code == 2 and "d_norm" in capsys.readouterr().err
+
+
+def test_sweep_passes_its_recipe_to_every_run(tmp_path, monkeypatch):
+    from reference import sweep
+
+    seen = {}
+
+    def fake_run_demo(out, *, seed, quick, settings, progress):
+        seen["settings"] = settings
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(sweep, "run_demo", fake_run_demo)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(tmp_path, quick=True, recipe={"r1_gamma": 0.05, "d_norm": "none"})
+    overrides = seen["settings"].overrides
+    assert overrides["r1_gamma"] == 0.05 and overrides["d_norm"] == "none"
+    assert overrides["steps"] == 3  # the quick settings' own overrides are kept
+
+
 def test_sweep_plans_every_method_and_writes_its_frontier(tmp_path):
     from reference.sweep import frontier_settings, frontier_table, plot_frontier
 
