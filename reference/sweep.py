@@ -40,7 +40,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reference.demo import FULL, QUICK, DemoSettings, Method, run_demo, select_best
+from reference.demo import FULL, QUICK, DemoSettings, Method, car_flip_rate, run_demo, select_best
 
 __all__ = ["frontier_settings", "frontier_table", "parse_recipe_changes", "plot_frontier", "run_sweep"]
 
@@ -68,16 +68,17 @@ def frontier_table(report: dict[str, Any]) -> str:
     gan = next((r for r in runs if r["method"] == "gan"), None)
     limit = 0.5 * gan["semantic_flip_rate"] if gan else math.inf
     chosen = {id(select_best(runs, m, limit)) for m in {r["method"] for r in runs}}
-    lines = ["| method | weight | flip rate | lane accuracy | realism |", "|---|---:|---:|---:|---:|"]
+    lines = ["| method | weight | flip rate | car flips | lane accuracy | realism |", "|---|---:|---:|---:|---:|---:|"]
     for run in runs:
         mark = " *" if id(run) in chosen and run["method"] != "gan" else ""
         lines.append(
             f"| {run['method']}{mark} | {run['weight']:g} | {run['semantic_flip_rate']:.3f} | "
-            f"{run['lane_accuracy']:.3f} | {run['realism']:.3f} |"
+            f"{car_flip_rate(run):.3f} | {run['lane_accuracy']:.3f} | {run['realism']:.3f} |"
         )
     for name, row in report["references"].items():
         lines.append(
-            f"| ({name}) | | {row['semantic_flip_rate']:.3f} | {row['lane_accuracy']:.3f} | {row['realism']:.3f} |"
+            f"| ({name}) | | {row['semantic_flip_rate']:.3f} | {car_flip_rate(row):.3f} | {row['lane_accuracy']:.3f} | "
+            f"{row['realism']:.3f} |"
         )
     lines.append(f"\n\\* the run of its method the claim is judged on (flip rate <= {limit:.3f}, half the GAN's).")
     return "\n".join(lines)

@@ -234,7 +234,9 @@ def test_quick_demo_writes_the_report_the_grid_and_one_trainer_run_per_method(tm
     with Image.open(tmp_path / GRID_NAME) as grid:  # input | gan | travel | identity-l1 | cycle | ideal
         assert grid.size == (6 * (size + 2) + 2, QUICK.grid_rows * (size + 2) + 2)
     table = format_table(written["runs"], written["references"])
-    assert "identity-l1" in table and "(ideal)" in table
+    assert "identity-l1" in table and "(ideal)" in table and "car flips" in table
+    ideal_row = next(line for line in table.splitlines() if line.startswith("(ideal)"))
+    assert ideal_row.split()[1:5] == ["0.000", "0.000", "1.000", "1.000"]  # flips, car flips, lane, realism
     # a rerun reuses the finished runs: same scores, no new training
     again = run_demo(tmp_path, seed=0, quick=True, progress=False)
     assert [r["realism"] for r in again["runs"]] == [r["realism"] for r in report["runs"]]
