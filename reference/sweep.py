@@ -19,7 +19,7 @@ Output in ``--out``: the study's ``demo_report.json`` and ``demo_grid.png``, plu
 (flip rate against realism, one curve per method; the ideal translation and the unchanged input
 as reference points) and ``frontier.md`` (the table)::
 
-    python reference/sweep.py --out runs/frontier            # 14 runs, two at a time: about 66 min on 2 cores
+    python reference/sweep.py --out runs/frontier            # 14 runs, two at a time: about 33 min on 2 cores
     python reference/sweep.py --out /tmp/smoke --quick       # tiny networks, a few steps
     python reference/sweep.py --out runs/r1 --set r1_gamma=0.05 --set d_norm=none   # another recipe
 
