@@ -157,7 +157,9 @@ class PatchDiscriminator(nn.Module):
 
     With the defaults (n_layers=3) each logit sees a 70x70 patch and a 256x256 input gives a
     30x30 map; in general each side maps as ``s -> s // 2`` for each of the n_layers stride-2
-    convs, then ``-1`` for each of the two stride-1 convs.
+    convs, then ``-1`` for each of the two stride-1 convs. ``norm``: "instance" (CycleGAN's IN
+    after every conv but the first and the last) or "none" (the same layers without it; the same
+    state-dict keys).
     """
 
     def __init__(self, in_channels: int = 3, width: int = 64, n_layers: int = 3, norm: str = "instance") -> None:
