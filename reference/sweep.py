@@ -30,6 +30,7 @@ field, the value written as on ``train.py``'s command line); the methods' own fl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from collections.abc import Sequence
@@ -122,16 +123,16 @@ def plot_frontier(report: dict[str, Any], path: str | Path) -> Path:
 def parse_recipe_changes(items: Sequence[str]) -> dict[str, Any]:
     """``["r1_gamma=0.05", "d_norm=none"]`` -> ``{"r1_gamma": 0.05, "d_norm": "none"}``, each value
     parsed and checked by ``train.py``'s own flag; ValueError naming the item otherwise."""
-    from reference.train import build_parser
+    from reference.train import TrainConfig, build_parser
 
     parser = build_parser()
     parser.exit_on_error = False  # a bad value raises ArgumentError instead of printing the usage and exiting
-    names = {action.dest for action in parser._actions}
+    names = {item.name for item in dataclasses.fields(TrainConfig)}
     changes: dict[str, Any] = {}
     for item in items:
         name, sep, value = item.partition("=")
         name = name.strip().replace("-", "_")
-        if not sep or name not in names or name in ("demo", "quick", "preset", "help"):
+        if not sep or name not in names:
             raise ValueError(f"--set: expected NAME=VALUE with NAME a TrainConfig field, got {item!r}")
         flag = "--" + name.replace("_", "-")
         if isinstance(parser.get_default(name), bool):

@@ -37,6 +37,18 @@ TINY_CLIP_MEAN = (0.5, 0.4, 0.3)
 TINY_CLIP_STD = (0.2, 0.25, 0.3)
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny convolutions on a shared 2-core machine are far faster on one thread than on two."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Pretrained toy weights are cached in a folder of the test session, not the user's cache,

@@ -18,13 +18,7 @@ from reference.steps import ReverseDirection, StepOptions, discriminator_step, g
 from reference.train import build_parser, train
 from reference.translate import load_generator
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(out: Path, **overrides) -> TrainConfig:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_baselines import tiny_config
 from torch import nn
 
 from reference.checkpoint import load_checkpoint
@@ -18,23 +19,7 @@ from reference.models import PatchDiscriminator
 from reference.steps import StepOptions, discriminator_step
 from reference.train import build_parser, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_config(out: Path, **overrides) -> TrainConfig:
-    options = dict(
-        toy_streets=True, toy_length=32, size=32, batch_size=4, steps=2, encoder="unused", encoder_mode="toy",
-        g_width=8, g_blocks=1, d_width=8, d_layers=2, out=str(out), log_every=1, sample_every=1000,
-        checkpoint_every=1000, num_workers=0,
-    )  # fmt: skip
-    options.update(overrides)
-    return TrainConfig(**options)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def r1_by_hand(discriminator: nn.Module, real: torch.Tensor) -> torch.Tensor:

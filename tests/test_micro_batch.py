@@ -15,12 +15,7 @@ TINY_VISION = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_siz
                    num_attention_heads=2, projection_dim=8)  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def networks(dtype: torch.dtype, trainable: bool = False):

@@ -6,19 +6,12 @@ import dataclasses
 import json
 
 import pytest
-import torch
 from test_train import assert_states_equal, tiny_config
 
 from reference.checkpoint import load_checkpoint
 from reference.train import TrainConfig, build_parser, check_config, train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_batch_one_with_a_queue_resumes_exactly(tmp_path, tiny_clip_dir):
