@@ -26,7 +26,7 @@ Usage::
     python reference/train.py --data ... --lambda-travel 0 --lambda-cycle 10      # the CycleGAN baseline
     python reference/train.py --data ... --g-ema 0.999              # samples and translate.py use the EMA of G
     python reference/train.py --resume --out runs/gta                             # continue latest.pt
-    python reference/train.py --demo --out runs/demo                              # the toy-street study
+    python reference/train.py --demo --out runs/demo              # the digit study (--demo streets: toy streets)
 
 The file reads top to bottom: the encoder, the data, the training loop, the command line. Its
 parts live in their own modules of ``reference``: the two update steps (``steps``), the options
@@ -103,6 +103,7 @@ from reference.runtime import (
 )
 from reference.steps import ReverseDirection, StepOptions, discriminator_step, generator_step, update_ema
 from reference.stream import FlippedImages, stream_loader
+from reference.studies import DEFAULT_STUDY, STUDIES, run_study
 from travel_loss import TravelQueue
 
 __all__ = [
@@ -144,7 +145,7 @@ def build_encoder(config: TrainConfig) -> nn.Module:
     - ``random-clip``: the same architecture with random weights (the paper's ablation), from
       the checkpoint's config when ``config.encoder`` names one, else ViT-L/14's shape;
     - ``siamese``: :class:`SiameseEmbedder`, trainable (the TraVeLGAN baseline);
-    - ``toy``: ``reference.toy_encoder.build_toy_encoder``, a small frozen encoder that needs no weights;
+    - ``toy``: ``reference.studies.street_encoder.build_toy_encoder``, a small frozen encoder that needs no weights;
     - ``module``: your own embedder, built by the factory that ``config.encoder`` names
       (``FILE.py:FACTORY`` or ``package.module:FACTORY``; ``reference.user_embedder``), frozen
       and checked with ``travel_loss.testing.check_embedder`` before the first step.
@@ -161,7 +162,7 @@ def build_encoder(config: TrainConfig) -> nn.Module:
         except EmbedderSpecError as error:
             raise SetupError(str(error)) from error
     if config.encoder_mode == "toy":
-        from reference.toy_encoder import build_toy_encoder
+        from reference.studies.street_encoder import build_toy_encoder
 
         return _frozen(build_toy_encoder(config.size, seed=config.seed))
     from travel_loss.encoder import FrozenCLIPEncoder
@@ -595,9 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag, default=default, help=text)
     parser.add_argument(
-        "--demo", nargs="?", const="streets", choices=("streets", "digits"), default=None,
-        help="run a study into --out: the toy streets (reference.demo; --demo alone) "
-        "or real digits (reference.digit_demo)",
+        "--demo", nargs="?", const=DEFAULT_STUDY, choices=sorted(STUDIES), default=None, metavar="STUDY",
+        help=f"run a study into --out (reference.studies): {', '.join(sorted(STUDIES))}; --demo alone: {DEFAULT_STUDY}",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="with --demo: a shorter study")
     parser.add_argument(
@@ -616,15 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.pop("preset")
     demo, quick = args.pop("demo"), args.pop("quick")
     config = TrainConfig(**args)
-    if demo == "digits":
-        from reference.digit_demo import run_digit_demo
-
-        run_digit_demo(config.out, seed=config.seed, quick=quick)
-        return 0
     if demo:
-        from reference.demo import run_demo
-
-        run_demo(config.out, seed=config.seed, quick=quick)
+        run_study(demo, config.out, seed=config.seed, quick=quick)
         return 0
     try:
         check_config(config)

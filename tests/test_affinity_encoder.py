@@ -14,9 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference import toy_encoder
 from reference.data import CLASSES, PALETTE_B, ToyStreets, paint_labels
-from reference.toy_encoder import (
+from reference.studies import street_encoder as toy_encoder
+from reference.studies.street_encoder import (
     AFFINITY_CLASSES,
     GRID,
     LayoutAffinityEncoder,

@@ -13,7 +13,16 @@ from PIL import Image
 
 from reference.config import TRAINER_PRESETS
 from reference.data import CLASSES, PALETTE_A, PALETTE_B, ToyStreets, paint_labels
-from reference.demo import (
+from reference.studies.street_encoder import (
+    GRID,
+    ToyLayoutEncoder,
+    build_toy_encoder,
+    cell_class_fractions,
+    pretrain_layout_encoder,
+    random_palette_images,
+    scramble_labels,
+)
+from reference.studies.streets import (
     GRID_NAME,
     METHODS,
     QUICK,
@@ -23,15 +32,6 @@ from reference.demo import (
     format_table,
     run_demo,
     select_best,
-)
-from reference.toy_encoder import (
-    GRID,
-    ToyLayoutEncoder,
-    build_toy_encoder,
-    cell_class_fractions,
-    pretrain_layout_encoder,
-    random_palette_images,
-    scramble_labels,
 )
 from reference.train import TrainConfig
 from travel_loss import travel_loss

@@ -11,9 +11,11 @@ import torch
 
 pytest.importorskip("sklearn")  # the reference extra's scikit-learn: the digits ship inside it
 
-from reference import digit_demo
 from reference.checkpoint import load_checkpoint
-from reference.digits import (
+from reference.losses import generator_adversarial_loss
+from reference.models import PatchDiscriminator, ResnetGenerator
+from reference.studies import digits as digit_demo
+from reference.studies.digit_data import (
     STYLE_A,
     STYLE_B,
     DigitJudge,
@@ -23,8 +25,6 @@ from reference.digits import (
     render_digits,
     stroke_embedder,
 )
-from reference.losses import generator_adversarial_loss
-from reference.models import PatchDiscriminator, ResnetGenerator
 from reference.train import SetupError, StepOptions, TrainConfig, generator_step, main, train
 from reference.user_embedder import EmbedderSpecError, build_user_embedder, load_factory
 from travel_loss import travel_loss
@@ -148,7 +148,7 @@ def test_module_loader_takes_a_file_or_a_package(factory_file):
     assert embedder(torch.zeros(2, 3, 16, 16)).shape == (2, 48)
     assert not any(p.requires_grad for p in embedder.parameters()) and not embedder.training
     assert build_user_embedder(f"{factory_file}:no_arguments", 16)(torch.zeros(2, 3, 16, 16)).shape == (2, 48)
-    assert load_factory("reference.digits:stroke_embedder") is stroke_embedder
+    assert load_factory("reference.studies.digit_data:stroke_embedder") is stroke_embedder
 
 
 @pytest.mark.parametrize(

@@ -449,7 +449,7 @@ def test_format_table_text_and_markdown():
 
 
 def test_sweep_recipe_changes_are_parsed_by_the_trainers_own_flags(capsys):
-    from reference.sweep import main, parse_recipe_changes
+    from reference.studies.street_sweep import main, parse_recipe_changes
 
     changes = parse_recipe_changes(["r1_gamma=0.05", "d-norm=none", "steps=3000", "flip=false", "lambda_travel=auto"])
     assert changes == {"r1_gamma": 0.05, "d_norm": "none", "steps": 3000, "flip": False, "lambda_travel": "auto"}
@@ -481,7 +481,7 @@ def test_sweep_passes_its_recipe_to_every_run(tmp_path, monkeypatch):
 
 
 def test_sweep_plans_every_method_and_writes_its_frontier(tmp_path):
-    from reference.sweep import frontier_settings, frontier_table, plot_frontier
+    from reference.studies.street_sweep import frontier_settings, frontier_table, plot_frontier
 
     methods = [run.method for run in frontier_settings().runs]
     assert set(methods) == {"gan", "travel", "travel-auto", "identity-l1", "cycle", "siamese", "random-encoder"}

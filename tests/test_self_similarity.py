@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reference.data import CLASSES, ToyStreets, paint_labels
-from reference.toy_encoder import SelfSimilarityEmbedder, random_toy_encoder, self_similarity_embedder
+from reference.studies.street_encoder import SelfSimilarityEmbedder, random_toy_encoder, self_similarity_embedder
 from travel_loss import travel_loss
 from travel_loss.testing import check_embedder
 

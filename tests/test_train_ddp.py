@@ -195,7 +195,8 @@ def test_torchrun_with_a_users_module_encoder(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD_SIZE),
         str(REPO / "reference" / "train.py"), "--toy-streets", "--toy-length", "16", "--size", "16", "--d-layers", "1",
         "--batch-size", "2", "--g-width", "4", "--g-blocks", "0", "--d-width", "4", "--encoder-mode", "module",
-        "--encoder", f"{REPO / 'reference' / 'toy_encoder.py'}:self_similarity_embedder", "--lambda-travel", "3",
+        "--encoder", f"{REPO / 'reference' / 'studies' / 'street_encoder.py'}:self_similarity_embedder",
+        "--lambda-travel", "3",
         "--steps", "2", "--log-every", "1", "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -8,12 +8,12 @@ trains every method as one run of the public trainer,
     python reference/train.py --preset toy-demo --data-a DIR/data/trainA --data-b DIR/data/trainB \
         --out DIR/runs/NAME [method flags] --resume
 
-two runs at a time, one thread each (:mod:`reference.study`). Same preset, seed, data and budget
+two runs at a time, one thread each (:mod:`reference.studies.runner`). Same preset, seed, data and budget
 for every method; only the flags differ:
 
 - ``gan``: the adversarial loss alone (``--lambda-travel 0``);
 - ``travel``: :math:`L_G = L_\mathrm{adv} + \lambda L_\mathrm{travel}` with the preset's frozen
-  palette-free layout encoder (:func:`reference.toy_encoder.affinity_encoder`, pretrained on
+  palette-free layout encoder (:func:`reference.studies.street_encoder.affinity_encoder`, pretrained on
   scenes in uniformly random palettes);
 - ``travel-auto``: the same with ``--lambda-travel auto`` (weight: ``--lambda-auto-scale``);
 - ``identity-l1``: CycleGAN's identity term alone, :math:`L_\mathrm{adv} + w\,\lVert G(x) - x \rVert_1`;
@@ -53,14 +53,14 @@ from reference.config import TRAINER_PRESETS
 from reference.data import PALETTE_B, ToyStreets, paint_labels, score_translations
 from reference.evaluate import translate_images
 from reference.logs import save_image_grid
-from reference.study import TrainerRun, finished_checkpoint, run_trainers, trainer_argv
+from reference.studies.runner import TrainerRun, finished_checkpoint, run_trainers, trainer_argv
 from reference.translate import load_generator
 
 __all__ = ["FULL", "QUICK", "DemoSettings", "Method", "car_flip_rate", "format_table", "run_demo", "select_best"]
 
 REPORT_NAME = "demo_report.json"
 GRID_NAME = "demo_grid.png"
-TOY_ENCODERS = Path(__file__).resolve().with_name("toy_encoder.py")
+TOY_ENCODERS = Path(__file__).resolve().with_name("street_encoder.py")
 EVAL_SEED = 10_000  # ToyStreets seed of the held-out A scenes (training scenes use the run's seed)
 METHODS = ("gan", "travel", "travel-auto", "identity-l1", "cycle", "siamese", "random-encoder")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 __all__ = ["TRAIN_SCRIPT", "TrainerRun", "run_trainers", "trainer_argv"]
 
-TRAIN_SCRIPT = Path(__file__).resolve().with_name("train.py")
+TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
 LOG_NAME = "train.log"
 
 

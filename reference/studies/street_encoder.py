@@ -290,7 +290,7 @@ class SelfSimilarityEmbedder(nn.Module):
 
 
 def self_similarity_embedder(image_size: int = NATIVE_SIZE) -> SelfSimilarityEmbedder:
-    """Factory for ``--encoder-mode module --encoder reference/toy_encoder.py:self_similarity_embedder``.
+    """Factory for ``--encoder-mode module --encoder reference/studies/street_encoder.py:self_similarity_embedder``.
 
     An 8 x 8 grid of cells at any ``image_size`` (it needs no weights, so the size only has to
     be at least 8 pixels).
@@ -458,7 +458,7 @@ def build_affinity_encoder(size: int, seed: int = 0, *, pretrained: bool = True)
 
 
 def affinity_encoder(image_size: int = NATIVE_SIZE) -> LayoutAffinityEncoder:
-    """Factory for ``--encoder-mode module --encoder reference/toy_encoder.py:affinity_encoder`` (the toy-demo's)."""
+    """Factory for ``--encoder-mode module --encoder reference/studies/street_encoder.py:affinity_encoder``."""
     return build_affinity_encoder(image_size)
 
 

@@ -1,6 +1,6 @@
 r"""The toy-street frontier: semantic flip rate against realism, one curve per method over its weights.
 
-Every run is a run of the toy-street study (:mod:`reference.demo`: the same data, preset, seed
+Every run is a run of the toy-street study (:mod:`reference.studies.streets`: the same data, preset, seed
 and budget, trained through ``reference/train.py --preset toy-demo``), with more weights per
 method than the demo has:
 
@@ -12,16 +12,16 @@ method than the demo has:
 - ``cycle``: CycleGAN's objective at cycle weights ``CYCLE_WEIGHTS`` (identity 0.5);
 - ``siamese`` (TraVeLGAN, lambda 10) and ``random-encoder`` (the ablation, lambda 10).
 
-The claim is judged the way :func:`reference.demo.select_best` does: among runs whose flip rate is
+The claim is judged the way :func:`reference.studies.streets.select_best` does: among runs whose flip rate is
 at most half the GAN's, the most realistic one of each method.
 
 Output in ``--out``: the study's ``demo_report.json`` and ``demo_grid.png``, plus ``frontier.png``
 (flip rate against realism, one curve per method; the ideal translation and the unchanged input
 as reference points) and ``frontier.md`` (the table)::
 
-    python reference/sweep.py --out runs/frontier            # 14 runs, two at a time: about 33 min on 2 cores
-    python reference/sweep.py --out /tmp/smoke --quick       # tiny networks, a few steps
-    python reference/sweep.py --out runs/r1 --set r1_gamma=0.05 --set d_norm=none   # another recipe
+    python reference/studies/street_sweep.py --out runs/frontier        # 14 runs, two at a time: 33 min on 2 cores
+    python reference/studies/street_sweep.py --out /tmp/smoke --quick       # tiny networks, a few steps
+    python reference/studies/street_sweep.py --out runs/r1 --set r1_gamma=0.05 --set d_norm=none   # another recipe
 
 ``--set NAME=VALUE`` changes a field of the preset's recipe for every run (any ``TrainConfig``
 field, the value written as on ``train.py``'s command line); the methods' own flags still apply.
@@ -41,7 +41,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reference.demo import FULL, QUICK, DemoSettings, Method, car_flip_rate, run_demo, select_best
+from reference.studies.streets import FULL, QUICK, DemoSettings, Method, car_flip_rate, run_demo, select_best
 
 __all__ = ["frontier_settings", "frontier_table", "parse_recipe_changes", "plot_frontier", "run_sweep"]
 
@@ -165,7 +165,7 @@ def run_sweep(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reference/sweep.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="reference/studies/street_sweep.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (a rerun continues its runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="trainer runs at once, one thread each")

@@ -247,7 +247,8 @@ class PixelPCAEmbedder(nn.Module):
 def stroke_embedder(image_size: int = DIGIT_SIZE, components: int = 32, grid: int = 8, seed: int = 0) -> nn.Module:
     """The digit study's frozen embedder: :class:`StrokePCAEmbedder` fitted on A-train (no labels).
 
-    A factory for ``reference/train.py --encoder-mode module --encoder reference/digits.py:stroke_embedder``.
+    A factory for ``reference/train.py --encoder-mode module
+    --encoder reference/studies/digit_data.py:stroke_embedder``.
     """
     a_train = digit_domains(seed=seed, size=image_size).a_train
     mean, basis = _pca_basis(StrokePCAEmbedder.stroke_map(a_train, grid), components)

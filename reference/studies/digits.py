@@ -1,7 +1,7 @@
 r"""The digit study: does the travel loss keep a real digit's label while its style is translated?
 
 ``python reference/train.py --demo digits --out DIR`` (or :func:`run_digit_demo`) renders
-scikit-learn's real handwritten digits as two unpaired domains (``reference.digits``): A, light
+scikit-learn's real handwritten digits as two unpaired domains (``reference.studies.digit_data``): A, light
 ink on dark navy, every class equally often; B, dark red ink on cream paper with thick strokes
 and strongly skewed class frequencies. Each method is one run of the public trainer
 (:func:`reference.train.train`, i.e. ``reference/train.py --data-a .../trainA --data-b
@@ -9,7 +9,7 @@ and strongly skewed class frequencies. Each method is one run of the public trai
 
 - ``gan``: the adversarial loss alone (lambda = 0);
 - ``travel``: ``+ lambda * L_travel`` with the study's frozen embedder, loaded through
-  ``--encoder-mode module --encoder reference/digits.py:stroke_embedder`` (principal components
+  ``--encoder-mode module --encoder reference/studies/digit_data.py:stroke_embedder`` (principal components
   of colour-invariant stroke maps, fitted without labels on A only);
 - ``identity-l1``: CycleGAN's identity term ``+ w * mean|G(x) - x|`` instead (``--lambda-identity``);
 - ``travel-pixel-embedder``: the ablation, travel with an embedder fitted the same way on raw
@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reference.config import TRAINER_PRESETS
-from reference.digits import DigitJudge, digit_domains, score_digit_translations
 from reference.evaluate import translate_images
 from reference.logs import save_image_grid
-from reference.study import TrainerRun, finished_checkpoint, run_trainers, trainer_argv
+from reference.studies.digit_data import DigitJudge, digit_domains, score_digit_translations
+from reference.studies.runner import TrainerRun, finished_checkpoint, run_trainers, trainer_argv
 from reference.translate import load_generator
 
 __all__ = ["FULL", "QUICK", "DigitDemoSettings", "Run", "run_digit_demo"]
@@ -51,8 +51,8 @@ __all__ = ["FULL", "QUICK", "DigitDemoSettings", "Run", "run_digit_demo"]
 REPORT_NAME = "demo_report.json"
 GRID_NAME = "demo_grid.png"
 EMBEDDERS = {
-    "stroke": str(Path(__file__).with_name("digits.py")) + ":stroke_embedder",
-    "pixel": str(Path(__file__).with_name("digits.py")) + ":pixel_embedder",
+    "stroke": str(Path(__file__).with_name("digit_data.py")) + ":stroke_embedder",
+    "pixel": str(Path(__file__).with_name("digit_data.py")) + ":pixel_embedder",
 }
 
 
