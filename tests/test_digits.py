@@ -19,10 +19,15 @@ from reference.studies.digit_data import (
     STYLE_A,
     STYLE_B,
     DigitJudge,
+    coloured_noise,
     digit_domains,
+    fidelity_l1,
+    kid,
     pixel_embedder,
+    pixel_features,
     realism,
     render_digits,
+    salt_and_pepper,
     stroke_embedder,
 )
 from reference.train import SetupError, StepOptions, TrainConfig, generator_step, main, train
@@ -57,6 +62,25 @@ def test_domains_are_deterministic_and_b_is_skewed(domains):
     assert a_counts.min() >= 0.6 * a_counts.max()  # A is roughly balanced
 
 
+def test_seed_draws_b_and_leaves_a_the_judge_and_the_reference_alone(domains):
+    other = digit_domains(seed=1)
+    assert other.class_order != domains.class_order and not torch.equal(other.b_labels, domains.b_labels)
+    for name in ("a_train", "a_test", "a_test_ideal", "judge", "realism_reference"):
+        assert torch.equal(getattr(other, name), getattr(domains, name)), name
+    counts = torch.bincount(domains_reference_labels(domains), minlength=10)
+    assert counts.min() == counts.max() >= 20  # every class equally often
+
+
+def domains_reference_labels(domains) -> torch.Tensor:
+    """The labels of the KID reference set, read back by the judge-free route: its scans' labels."""
+    from reference.studies.digit_data import _scans
+
+    _, labels = _scans()
+    judge_ids = domains.scan_ids["judge"].numpy()
+    per_class = min(int((labels[judge_ids] == d).sum()) for d in range(10))
+    return torch.arange(10).repeat_interleave(per_class)
+
+
 def test_subsets_are_disjoint_scans(domains):
     ids = {name: set(index.tolist()) for name, index in domains.scan_ids.items()}
     names = sorted(ids)
@@ -83,6 +107,67 @@ def test_judge_reads_style_b_digits_but_not_style_a(domains):
 
 # ---------------------------------------------------------------------------------------------
 # embedders
+
+
+# ---------------------------------------------------------------------------------------------
+# the scores: KID in pixels + local contrast, L1 to the ideal, the colour fraction
+
+
+def test_kid_ranks_the_known_cases_as_the_eye_does(domains):
+    """Ideal renders best; the ideal with B-coloured speckle at the study's density clearly worse (while
+    the colour fraction calls it perfect); the input unchanged and B-coloured noise worst."""
+    draw = torch.Generator().manual_seed(0)
+    ideal = domains.a_test_ideal
+    speckled = salt_and_pepper(ideal, digit_demo.SPECKLE_DENSITY, draw)
+    scores = {
+        "ideal": kid(ideal, domains.realism_reference)[0],
+        "speckle": kid(speckled, domains.realism_reference)[0],
+        "input": kid(domains.a_test, domains.realism_reference)[0],
+        "noise": kid(coloured_noise(200, 16, draw), domains.realism_reference)[0],
+    }
+    assert scores["ideal"] < 0.01
+    assert scores["speckle"] > 10 * scores["ideal"] and scores["speckle"] > 0.1
+    assert min(scores["input"], scores["noise"]) > scores["speckle"]
+    assert realism(speckled) > 0.99  # the colour fraction cannot see it
+
+
+def test_kid_of_a_set_against_itself_is_about_zero_and_grows_with_the_speckle(domains):
+    reference = domains.realism_reference
+    draw = torch.Generator().manual_seed(1)
+    values = [kid(salt_and_pepper(reference, density, draw), reference)[0] for density in (0.0, 0.02, 0.05, 0.15)]
+    assert abs(values[0]) < 1e-3
+    assert values == sorted(values)
+
+
+def test_pixel_features_are_the_pixels_and_their_local_contrast():
+    flat = torch.full((2, 3, 8, 8), 0.2)
+    features = pixel_features(flat)
+    assert features.shape == (2, 6 * 64)
+    torch.testing.assert_close(features[:, :192], torch.full((2, 192), 0.6, dtype=torch.float64))
+    assert torch.all(features[:, 192:] == 0)  # a flat image has no contrast
+    dot = flat.clone()
+    dot[0, :, 4, 4] = 1.0
+    contrast = pixel_features(dot)[0, 192:].view(3, 8, 8)
+    assert contrast[0, 4, 4] == pytest.approx(6.0 * 0.4 * 8 / 9) and contrast[0, 0, 0] == 0
+
+
+def test_fidelity_is_the_mean_absolute_difference_on_the_unit_scale(domains):
+    ideal = domains.a_test_ideal
+    assert fidelity_l1(ideal, ideal) == 0
+    shifted = (ideal + 0.2).clamp(-1, 1)
+    assert fidelity_l1(shifted, ideal) == pytest.approx(float((shifted - ideal).abs().mean() / 2))
+    with pytest.raises(ValueError, match="translated, ideal: expected the same shape"):
+        fidelity_l1(ideal[:3], ideal)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5])
+def test_salt_and_pepper_touches_the_density_and_uses_the_style_colours(domains, density):
+    images = domains.a_test_ideal
+    speckled = salt_and_pepper(images, density, torch.Generator().manual_seed(0))
+    changed = (speckled != images).any(1).float().mean()
+    assert abs(float(changed) - density) < 0.03 + 0.5 * density  # a speckle can land on its own colour
+    with pytest.raises(ValueError, match="density"):
+        salt_and_pepper(images, 1.5, torch.Generator())
 
 
 @pytest.mark.parametrize("factory", [stroke_embedder, pixel_embedder])
@@ -181,7 +266,8 @@ def test_module_loader_rejects_bad_specs(spec, message):
 def digit_config(out: Path, data: Path, **overrides) -> TrainConfig:
     options = dict(
         data_a=str(data / "trainA"), data_b=str(data / "trainB"), size=16, flip=False, num_workers=0,
-        encoder_mode="module", encoder=f"{REPO / 'reference' / 'digits.py'}:stroke_embedder", lambda_travel=10.0,
+        encoder_mode="module", encoder=f"{REPO / 'reference' / 'studies' / 'digit_data.py'}:stroke_embedder",
+        lambda_travel=10.0,
         g_width=8, g_blocks=1, d_width=8, d_layers=2, batch_size=4, steps=4, out=str(out), log_every=1,
         sample_every=1000, checkpoint_every=1000,
     )  # fmt: skip
@@ -259,31 +345,89 @@ def test_identity_term_adds_w_times_mean_absolute_difference():
 # the study itself, in its quick mode
 
 
-def test_quick_digit_demo_writes_report_and_grid(tmp_path):
+def test_quick_digit_demo_writes_report_grid_and_frontier(tmp_path):
     report = digit_demo.run_digit_demo(tmp_path / "demo", quick=True, progress=False)
     saved = json.loads((tmp_path / "demo" / digit_demo.REPORT_NAME).read_text())
     assert saved["runs"] == json.loads(json.dumps(report["runs"]))
-    methods = {run["method"] for run in saved["runs"]}
-    assert methods == {"gan", "travel", "identity-l1", "travel-pixel-embedder"}
+    methods = [m.name for m in digit_demo.CORE]
+    assert methods == ["gan", "travel", "identity-l1", "cycle", "patchnce"]
+    seeds = [0, 1]
+    assert sorted((r["method"], r["seed"]) for r in saved["runs"]) == sorted((m, s) for m in methods for s in seeds)
     for run in saved["runs"]:
-        assert {"method", "weight", "lambda_travel", "lambda_identity", "label_accuracy", "realism"} <= run.keys()
         assert 0 <= run["label_accuracy"] <= 1 and 0 <= run["realism"] <= 1
-    assert saved["references"]["ideal"]["label_accuracy"] >= 0.9
+        assert run["kid"] > -0.01 and run["kid_std"] >= 0 and 0 <= run["fidelity_l1"] <= 1
+    assert [row["method"] for row in saved["summary"]] == methods
+    for row in saved["summary"]:
+        values = [r["label_accuracy"] for r in saved["runs"] if r["method"] == row["method"]]
+        assert row["label_accuracy"] == pytest.approx({"mean": sum(values) / 2, "min": min(values), "max": max(values)})
+    refs = saved["references"]
+    assert refs["ideal"]["label_accuracy"] >= 0.9 and refs["ideal"]["fidelity_l1"] == 0
     from PIL import Image
 
     grid = Image.open(tmp_path / "demo" / digit_demo.GRID_NAME)
-    rows, columns = digit_demo.QUICK.grid_rows, 6  # input | gan | travel | identity | pixel | ideal
+    rows, columns = digit_demo.QUICK.grid_rows, len(methods) + 2  # input | methods | ideal
     assert grid.size == (columns * (64 + 2) + 2, rows * (64 + 2) + 2)
+    assert Image.open(tmp_path / "demo" / digit_demo.FRONTIER_NAME).size[0] > 0
     # a second call continues the finished runs instead of failing on their checkpoints
     again = digit_demo.run_digit_demo(tmp_path / "demo", quick=True, progress=False)
     assert [r["label_accuracy"] for r in again["runs"]] == [r["label_accuracy"] for r in report["runs"]]
 
 
-def test_command_line_runs_the_digit_study(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--demo"], ("digits", {"seed": 0, "quick": False})),
+        (["--demo", "digits", "--quick", "--seed", "3"], ("digits", {"seed": 3, "quick": True})),
+        (["--demo", "digits-full"], ("digits", {"seed": 0, "quick": False, "full": True})),
+        (["--demo", "streets", "--quick"], ("streets", {"seed": 0, "quick": True})),
+    ],
+)
+def test_command_line_dispatches_the_studies(tmp_path, monkeypatch, argv, expected):
+    from reference.studies import streets
+
     calls = []
-    monkeypatch.setattr(digit_demo, "run_digit_demo", lambda out, **kw: calls.append((out, kw)))
-    assert main(["--demo", "digits", "--quick", "--out", str(tmp_path)]) == 0
-    assert calls == [(str(tmp_path), {"seed": 0, "quick": True})]
+    monkeypatch.setattr(digit_demo, "run_digit_demo", lambda out, **kw: calls.append(("digits", out, kw)))
+    monkeypatch.setattr(streets, "run_demo", lambda out, **kw: calls.append(("streets", out, kw)))
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    assert calls == [(expected[0], str(tmp_path), expected[1])]
+
+
+def test_unknown_study_is_refused_with_the_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--demo", "faces", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "digits-full" in capsys.readouterr().err
+
+
+def test_a_run_in_a_shared_worker_equals_the_command_line_bit_for_bit(tmp_path, digit_folders):
+    """Two runs in one worker process (the second after the first, as a study runs them) and the same
+    flags as a command line of its own give bit-identical weights."""
+    import subprocess
+
+    from reference.studies.runner import TrainerRun, run_trainers, trainer_argv
+
+    def run(name: str) -> TrainerRun:
+        flags = dict(
+            data_a=str(digit_folders / "trainA"), data_b=str(digit_folders / "trainB"), g_width=8, g_blocks=1,
+            d_width=8, batch_size=4, steps=3, lambda_travel=3.0, g_ema=0.9, out=str(tmp_path / name),
+        )  # fmt: skip
+        return TrainerRun(name, trainer_argv("digits-demo", flags), tmp_path / name)
+
+    first, second, alone = run("first"), run("second"), run("alone")
+    run_trainers([first, second], workers=1, say=lambda *a: None)
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    subprocess.run(alone.command, check=True, capture_output=True, env=env, cwd=REPO)
+    states = [load_checkpoint(r.out / "latest.pt") for r in (first, second, alone)]
+    for name in ("generator", "generator_ema", "discriminator"):
+        for key, value in states[2][name].items():
+            assert torch.equal(states[0][name][key], value) and torch.equal(states[1][name][key], value), (name, key)
+
+
+def test_a_failing_run_names_itself_with_its_log(tmp_path):
+    from reference.studies.runner import TrainerRun, run_trainers
+
+    bad = TrainerRun("bad", ["--data-a", str(tmp_path / "missing"), "--out", str(tmp_path / "bad")], tmp_path / "bad")
+    with pytest.raises(RuntimeError, match=r"(?s)'bad' exited with 2.*data_a"):
+        run_trainers([bad], workers=1, say=lambda *a: None)
 
 
 def test_preset_sets_defaults_and_flags_override_them(tmp_path, monkeypatch):

@@ -44,9 +44,15 @@ __all__ = [
     "DigitJudge",
     "PixelPCAEmbedder",
     "StrokePCAEmbedder",
+    "coloured_noise",
     "digit_domains",
+    "fidelity_l1",
+    "kid",
     "pixel_embedder",
+    "pixel_features",
+    "random_embedder",
     "render_digits",
+    "salt_and_pepper",
     "score_digit_translations",
     "stroke_embedder",
 ]
@@ -104,44 +110,52 @@ class DigitDomains:
     judge: Tensor
     judge_labels: Tensor
     class_order: tuple[int, ...]  # B's classes from most to least frequent
+    realism_reference: Tensor  # judge scans in style B, every class equally often: KID's reference set
     scan_ids: dict[str, Tensor]  # subset name -> indices into load_digits() of its scans (disjoint)
+
+
+SPLIT_SEED = 0  # the split into A-train, A-test, judge and B's pool, the same for every study seed
 
 
 def digit_domains(seed: int = 0, size: int = DIGIT_SIZE, skew: float = DEFAULT_SKEW, copies: int = 2) -> DigitDomains:
     """Split scikit-learn's digits into A-train, A-test, B (class frequencies ``skew ** rank``) and judge sets.
 
-    The split and B's class order depend on ``seed`` only. Training sets hold ``copies``
-    renderings of each scan (random one-pixel shifts and colour jitter); test and ideal images
-    are rendered once without jitter. ``skew`` in (0, 1]: 1 keeps B balanced.
+    The split, A's renders and the judge's are fixed (``SPLIT_SEED``), so the embedders fitted
+    on A-train are the same for every study seed; ``seed`` draws B's class order and B's
+    render jitter. Training sets hold ``copies`` renderings of each scan (random one-pixel
+    shifts and colour jitter); test and ideal images are rendered once without jitter.
+    ``skew`` in (0, 1]: 1 keeps B balanced.
     """
     if not 0 < skew <= 1:
         raise ValueError(f"skew must be in (0, 1], got {skew!r}")
     images, labels = _scans()
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(images))
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
     bounds = np.cumsum([SPLIT_SIZES["a_train"], SPLIT_SIZES["a_test"], SPLIT_SIZES["judge"]])
     a_train, a_test, judge, pool_b = np.split(order, bounds)
-    class_order = tuple(int(c) for c in rng.permutation(10))
+    class_order = tuple(int(c) for c in np.random.default_rng(seed).permutation(10))
     keep = []
     for rank, digit in enumerate(class_order):
         members = pool_b[labels[pool_b] == digit]
         keep.append(members[: max(1, round(len(members) * skew**rank))])
     b = np.concatenate(keep)
     scans, targets = torch.from_numpy(images), torch.from_numpy(labels)
-    jitter = torch.Generator().manual_seed(seed)
 
-    def rendered(index: np.ndarray, style: dict, times: int) -> tuple[Tensor, Tensor]:
-        index = np.tile(index, times)
-        return render_digits(scans[index], style, size, jitter if times > 1 else None), targets[index]
+    def rendered(index: np.ndarray, style: dict, jitter_seed: int) -> tuple[Tensor, Tensor]:
+        index = np.tile(index, copies)
+        return render_digits(scans[index], style, size, torch.Generator().manual_seed(jitter_seed)), targets[index]
 
-    a_train_images, a_train_labels = rendered(a_train, STYLE_A, copies)
-    b_images, b_labels = rendered(b, STYLE_B, copies)
-    judge_images, judge_labels = rendered(judge, STYLE_B, copies)
+    a_train_images, a_train_labels = rendered(a_train, STYLE_A, SPLIT_SEED)
+    b_images, b_labels = rendered(b, STYLE_B, 1000 + seed)
+    judge_images, judge_labels = rendered(judge, STYLE_B, SPLIT_SEED + 1)
+    balanced = np.concatenate(
+        [judge[labels[judge] == d][: min(np.bincount(labels[judge], minlength=10))] for d in range(10)]
+    )
     return DigitDomains(
         a_train=a_train_images, a_train_labels=a_train_labels,
         a_test=render_digits(scans[a_test], STYLE_A, size), a_test_labels=targets[a_test],
         a_test_ideal=render_digits(scans[a_test], STYLE_B, size),
         b=b_images, b_labels=b_labels, judge=judge_images, judge_labels=judge_labels, class_order=class_order,
+        realism_reference=render_digits(scans[balanced], STYLE_B, size, torch.Generator().manual_seed(SPLIT_SEED + 2)),
         scan_ids={name: torch.from_numpy(ids) for name, ids in
                   (("a_train", a_train), ("a_test", a_test), ("b", b), ("judge", judge))},
     )  # fmt: skip
@@ -172,7 +186,10 @@ class DigitJudge:
 
 
 def realism(images: Tensor, style: dict = STYLE_B, tolerance: float = REALISM_TOLERANCE) -> float:
-    """Fraction of pixels whose colour lies within ``tolerance`` of the style's paper-ink segment (RGB in [0, 1])."""
+    """Fraction of pixels whose colour lies within ``tolerance`` of the style's paper-ink segment (RGB in [0, 1]).
+
+    A secondary score: it cannot see *where* the pixels are, so speckle in B's two colours scores 1.
+    """
     pixels = ((images.detach().float().cpu() + 1) / 2).permute(0, 2, 3, 1).reshape(-1, 3)
     paper, ink = torch.tensor(style["paper"]), torch.tensor(style["ink"])
     direction = ink - paper
@@ -181,9 +198,85 @@ def realism(images: Tensor, style: dict = STYLE_B, tolerance: float = REALISM_TO
     return float((distance <= tolerance).float().mean())
 
 
-def score_digit_translations(translated: Tensor, labels: Tensor, judge: DigitJudge) -> dict[str, float]:
-    """``label_accuracy`` (judge agrees with the source label) and ``realism`` of translations (N, 3, S, S)."""
-    return {"label_accuracy": judge.accuracy(translated, labels), "realism": realism(translated)}
+CONTRAST_WEIGHT = 6.0  # on balanced B renders the contrast block then varies about as much as the pixels
+
+
+def pixel_features(images: Tensor) -> Tensor:
+    """KID's feature space for the digits: the pixels and their local contrast, (N, 3, S, S) in [-1, 1] -> (N, 6 S^2).
+
+    For x on the [0, 1] scale: ``[x, CONTRAST_WEIGHT * |x - box3(x)|]`` per pixel and channel, where
+    box3 is the 3 x 3 mean (replicate padding). The pixels see where the strokes are and their
+    colours; the local contrast sees texture: B-coloured speckle, which keeps the mean colour and
+    hardly moves a pixel-space KID, multiplies the contrast away from the strokes. The space is
+    fixed and no method trains in it (the travel embedders see pooled stroke maps or principal
+    components), and at 16 px there is no detail that a pretrained network would add.
+    """
+    pixels = (images.detach().double().cpu() + 1) / 2
+    local_mean = F.avg_pool2d(F.pad(pixels, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return torch.cat([pixels.flatten(1), CONTRAST_WEIGHT * (pixels - local_mean).abs().flatten(1)], dim=1)
+
+
+def kid(images: Tensor, reference: Tensor, *, subsets: int = 50, subset_size: int = 100) -> tuple[float, float]:
+    """KID (Binkowski et al. 2018) between ``images`` and ``reference`` in :func:`pixel_features`:
+    mean and standard deviation over ``subsets`` random subsets of the unbiased MMD^2 with the
+    cubic kernel :math:`k(a, b) = (a^\top b / d + 1)^3`; 0 when the two sets come from one distribution."""
+    from reference.evaluate import kernel_distance
+
+    return kernel_distance(pixel_features(images), pixel_features(reference), subsets=subsets, subset_size=subset_size)
+
+
+def fidelity_l1(translated: Tensor, ideal: Tensor) -> float:
+    """Mean absolute difference to the ideal translations per pixel and channel, on the [0, 1] scale
+    (0: the ideal itself). Shapes (N, 3, S, S), the same for both."""
+    if translated.shape != ideal.shape:
+        raise ValueError(
+            f"translated, ideal: expected the same shape, got {tuple(translated.shape)} and {tuple(ideal.shape)}"
+        )
+    return float((translated.detach().float().cpu() - ideal.float().cpu()).abs().mean() / 2)
+
+
+def salt_and_pepper(
+    images: Tensor, density: float, generator: torch.Generator, style: dict = STYLE_B
+) -> Tensor:  # fmt: skip
+    """``images`` with a fraction ``density`` of pixels set to the style's ink or paper colour at random
+    (B-coloured speckle: the colour fraction cannot see it). Shapes (N, 3, S, S) in [-1, 1]."""
+    if not 0 <= density <= 1:
+        raise ValueError(f"density: expected a fraction in [0, 1], got {density!r}")
+    n, _, height, width = images.shape
+    hit = torch.rand(n, 1, height, width, generator=generator) < density
+    ink = torch.rand(n, 1, height, width, generator=generator) < 0.5
+    colours = torch.where(
+        ink, torch.tensor(style["ink"]).view(1, 3, 1, 1), torch.tensor(style["paper"]).view(1, 3, 1, 1)
+    )
+    return torch.where(hit, colours * 2 - 1, images)
+
+
+def coloured_noise(count: int, size: int, generator: torch.Generator, style: dict = STYLE_B) -> Tensor:
+    """(count, 3, size, size) images whose every pixel is an independent uniform mix of the style's
+    paper and ink colours: all in B's colours, no digit."""
+    mix = torch.rand(count, 1, size, size, generator=generator)
+    paper, ink = (torch.tensor(style[key]).view(1, 3, 1, 1) for key in ("paper", "ink"))
+    return (paper + mix * (ink - paper)) * 2 - 1
+
+
+def score_digit_translations(
+    translated: Tensor, domains: DigitDomains, judge: DigitJudge
+) -> dict[str, float]:  # fmt: skip
+    """The study's scores of translations (N, 3, S, S) of ``domains.a_test``:
+
+    - ``label_accuracy``: the judge reads the input's digit (1 is ideal);
+    - ``kid``, ``kid_std``: :func:`kid` against B-style renders of balanced held-out scans (0 is ideal);
+    - ``fidelity_l1``: :func:`fidelity_l1` to the ideal translations (0 is ideal);
+    - ``realism``: the colour fraction, :func:`realism` (1 is ideal; blind to speckle).
+    """
+    kid_mean, kid_std = kid(translated, domains.realism_reference)
+    return {
+        "label_accuracy": judge.accuracy(translated, domains.a_test_labels),
+        "kid": kid_mean,
+        "kid_std": kid_std,
+        "fidelity_l1": fidelity_l1(translated, domains.a_test_ideal),
+        "realism": realism(translated),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,19 +337,43 @@ class PixelPCAEmbedder(nn.Module):
         return (images.flatten(1) - self.mean) @ self.basis
 
 
-def stroke_embedder(image_size: int = DIGIT_SIZE, components: int = 32, grid: int = 8, seed: int = 0) -> nn.Module:
+@functools.lru_cache(maxsize=4)
+def _a_train(size: int) -> Tensor:
+    return digit_domains(size=size).a_train  # the same for every study seed
+
+
+def stroke_embedder(image_size: int = DIGIT_SIZE, components: int = 32, grid: int = 8) -> nn.Module:
     """The digit study's frozen embedder: :class:`StrokePCAEmbedder` fitted on A-train (no labels).
 
     A factory for ``reference/train.py --encoder-mode module
     --encoder reference/studies/digit_data.py:stroke_embedder``.
     """
-    a_train = digit_domains(seed=seed, size=image_size).a_train
+    a_train = _a_train(image_size)
     mean, basis = _pca_basis(StrokePCAEmbedder.stroke_map(a_train, grid), components)
     return StrokePCAEmbedder(mean, basis, grid).eval().requires_grad_(False)
 
 
-def pixel_embedder(image_size: int = DIGIT_SIZE, components: int = 32, seed: int = 0) -> nn.Module:
+def pixel_embedder(image_size: int = DIGIT_SIZE, components: int = 32) -> nn.Module:
     """The ablation's frozen embedder: :class:`PixelPCAEmbedder` fitted on A-train (no labels)."""
-    a_train = digit_domains(seed=seed, size=image_size).a_train
+    a_train = _a_train(image_size)
     mean, basis = _pca_basis(a_train.flatten(1), components)
     return PixelPCAEmbedder(mean, basis).eval().requires_grad_(False)
+
+
+def random_embedder(image_size: int = DIGIT_SIZE, width: int = 32, dim: int = 64) -> nn.Module:
+    """The random-weights ablation (the paper's random CLIP, at this scale): a small conv net
+    (3 x [conv3 stride 2, ReLU], global average pool, linear to ``dim``) with fixed random weights
+    (seed 0), frozen. (N, 3, S, S) -> (N, dim)."""
+    del image_size  # any size: the pool makes the output size-free
+    generator = torch.Generator().manual_seed(0)
+    layers: list[nn.Module] = []
+    channels = 3
+    for _ in range(3):
+        conv = nn.Conv2d(channels, width, 3, stride=2, padding=1)
+        layers += [conv, nn.ReLU()]
+        channels = width
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, dim))
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.5 if parameter.dim() > 1 else 0.1))
+    return net.eval().requires_grad_(False)

@@ -1,37 +1,42 @@
 r"""The digit study: does the travel loss keep a real digit's label while its style is translated?
 
-``python reference/train.py --demo digits --out DIR`` (or :func:`run_digit_demo`) renders
-scikit-learn's real handwritten digits as two unpaired domains (``reference.studies.digit_data``): A, light
+``python reference/train.py --demo --out DIR`` (or :func:`run_digit_demo`) renders scikit-learn's
+real handwritten digits as two unpaired domains (:mod:`reference.studies.digit_data`): A, light
 ink on dark navy, every class equally often; B, dark red ink on cream paper with thick strokes
-and strongly skewed class frequencies. Each method is one run of the public trainer
-(:func:`reference.train.train`, i.e. ``reference/train.py --data-a .../trainA --data-b
-.../trainB``) with the same seed, data, networks and budget:
+and strongly skewed class frequencies (the seed draws which classes are common). Every method is
+a run of the public trainer, ``reference/train.py --preset digits-demo --data-a DATA/trainA
+--data-b DATA/seed_S/trainB --seed S ...``, with the same networks, data, seed and budget:
 
-- ``gan``: the adversarial loss alone (lambda = 0);
-- ``travel``: ``+ lambda * L_travel`` with the study's frozen embedder, loaded through
-  ``--encoder-mode module --encoder reference/studies/digit_data.py:stroke_embedder`` (principal components
-  of colour-invariant stroke maps, fitted without labels on A only);
-- ``identity-l1``: CycleGAN's identity term ``+ w * mean|G(x) - x|`` instead (``--lambda-identity``);
-- ``travel-pixel-embedder``: the ablation, travel with an embedder fitted the same way on raw
-  pixels, which is *not* invariant to the style change (B's polarity is the opposite of A's).
+- ``gan``: the adversarial loss alone;
+- ``travel``: ``+ lambda * L_travel`` with the study's frozen stroke embedder
+  (``--encoder-mode module --encoder reference/studies/digit_data.py:stroke_embedder``);
+- ``identity-l1``: CycleGAN's identity term alone, ``+ w * mean|G(x) - x|`` (``--lambda-identity``);
+- ``cycle``: CycleGAN's full objective at its default weights (``--lambda-cycle 10``, identity 0.5);
+- ``patchnce``: CUT's PatchNCE at its defaults (``--lambda-nce 1``, with the identity NCE on B).
 
-Each run is scored on 200 held-out A digits by a judge (an SVM fitted on B-style renders of a
-third disjoint set of scans): **label accuracy** (the judge still reads the input's digit; 1 is
-ideal) and **realism** (fraction of pixels in B's colours; 1 is ideal).
+``--demo digits-full`` adds the lambda sweep that chose the travel weight, the other identity
+weight, TraVeLGAN's trainable Siamese network, a randomly initialised frozen embedder and the
+pixel-embedder ablation (an embedder that is *not* invariant to the style change).
 
-Outputs in ``out_dir``: ``demo_report.json`` (``{"runs": [{"method", "weight", "lambda_travel",
-"lambda_identity", "label_accuracy", "realism", ...}], "references": ..., "settings": ...}``),
-``demo_grid.png`` (rows: held-out digits, one per class; columns: input | GAN only | travel |
-identity-L1 | travel with the pixel embedder | ideal), a printed table, ``data/`` (the rendered
-training folders) and ``runs/`` (one trainer run folder per method).
+Each run translates 200 held-out A digits, scored by (``digit_data.score_digit_translations``):
+**label accuracy** (an SVM judge fitted on B-style renders of other scans still reads the input's
+digit), **KID** (pixel space, against B-style renders of held-out scans with every class equally
+often: realism that sees speckle and collapse), **L1 to the ideal** (the same scan rendered in
+B's style, known in this study) and the colour fraction (secondary). Known cases are scored the
+same way: the ideal, the ideal with B-coloured speckle, the input unchanged and B-coloured noise.
+
+Outputs in ``out_dir``: ``demo_report.json`` (every seed's row, the per-method summary, the
+references, the settings), ``demo_grid.png`` (one held-out digit per class; input | each method |
+ideal, first seed), ``demo_frontier.png`` (label accuracy against KID, one marker per method and
+seed), the printed table, ``data/`` and ``runs/METHOD/seed_S/`` (the trainer's run folders).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,59 +47,83 @@ from torch import Tensor
 from reference.config import TRAINER_PRESETS
 from reference.evaluate import translate_images
 from reference.logs import save_image_grid
-from reference.studies.digit_data import DigitJudge, digit_domains, score_digit_translations
+from reference.studies.digit_data import (
+    DigitDomains,
+    DigitJudge,
+    coloured_noise,
+    digit_domains,
+    salt_and_pepper,
+    score_digit_translations,
+)
 from reference.studies.runner import TrainerRun, finished_checkpoint, run_trainers, trainer_argv
 from reference.translate import load_generator
 
-__all__ = ["FULL", "QUICK", "DigitDemoSettings", "Run", "run_digit_demo"]
+__all__ = ["CORE", "FULL", "QUICK", "DigitDemoSettings", "Method", "run_digit_demo", "summarise"]
 
 REPORT_NAME = "demo_report.json"
 GRID_NAME = "demo_grid.png"
-EMBEDDERS = {
-    "stroke": str(Path(__file__).with_name("digit_data.py")) + ":stroke_embedder",
-    "pixel": str(Path(__file__).with_name("digit_data.py")) + ":pixel_embedder",
-}
+FRONTIER_NAME = "demo_frontier.png"
+_DATA = Path(__file__).with_name("digit_data.py")
+EMBEDDERS = {name: f"{_DATA}:{name}_embedder" for name in ("stroke", "pixel", "random")}
+TRAVEL_LAMBDA = 3.0  # chosen once by the digits-full sweep over 1, 3, 10, 30 (README: the digit study)
+IDENTITY_WEIGHT = 1.0  # the better of CycleGAN identity weights 1 and 10 in the same sweep
+SPECKLE_DENSITY = 0.15  # the known case "ideal + speckle": a fraction of pixels set to B's ink or paper
 
 
 @dataclass(frozen=True)
-class Run:
-    """One method of the study: ``method`` and ``weight`` as the report names them, and the trainer flags."""
+class Method:
+    """One method of the study: the report's ``name`` and ``weight``, the trainer flags beside the
+    preset, and its relative cost (for scheduling the longest runs first)."""
 
-    method: str
+    name: str
     weight: float
-    lambda_travel: float | str = 0.0
-    lambda_identity: float = 0.0
-    embedder: str = "stroke"
+    flags: Mapping[str, Any] = field(default_factory=dict)
+    cost: float = 1.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}_{self.weight:g}"
+
+
+def _travel(weight: float, embedder: str = "stroke", name: str = "travel") -> Method:
+    return Method(name, weight, {"lambda_travel": weight, "encoder": EMBEDDERS[embedder]})
+
+
+CORE: tuple[Method, ...] = (
+    Method("gan", 0.0),
+    _travel(TRAVEL_LAMBDA),
+    Method("identity-l1", IDENTITY_WEIGHT, {"lambda_identity": IDENTITY_WEIGHT}),
+    Method("cycle", 10.0, {"lambda_cycle": 10.0, "lambda_cycle_identity": 0.5}, cost=2.2),
+    Method("patchnce", 1.0, {"lambda_nce": 1.0, "nce_idt": True}, cost=2.0),
+)
+FULL: tuple[Method, ...] = (
+    *CORE,
+    *(_travel(w) for w in (1.0, 3.0, 10.0, 30.0) if w != TRAVEL_LAMBDA),
+    *(Method("identity-l1", w, {"lambda_identity": w}) for w in (1.0, 10.0) if w != IDENTITY_WEIGHT),
+    Method("siamese", 10.0, {"lambda_travel": 10.0, "encoder_mode": "siamese"}, cost=1.5),
+    _travel(10.0, "random", name="random-embedder"),
+    _travel(10.0, "pixel", name="pixel-embedder"),
+)
 
 
 @dataclass(frozen=True)
 class DigitDemoSettings:
-    """What the study runs: the methods, the trainer recipe (a preset plus overrides) and the grid."""
+    """What the study runs: the methods, the trainer recipe (a preset plus overrides), seeds, the grid."""
 
-    runs: tuple[Run, ...] = (
-        Run("gan", 0.0),
-        Run("travel", 3.0, lambda_travel=3.0),
-        Run("travel", 10.0, lambda_travel=10.0),
-        Run("identity-l1", 1.0, lambda_identity=1.0),
-        Run("identity-l1", 10.0, lambda_identity=10.0),
-        Run("travel-pixel-embedder", 10.0, lambda_travel=10.0, embedder="pixel"),
-    )
+    methods: tuple[Method, ...] = CORE
     preset: str = "digits-demo"  # reference.config.TRAINER_PRESETS: networks, optimiser, budget
-    overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields that differ from the preset
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # TrainConfig fields that differ from the preset
+    seeds: int = 3  # seed, seed + 1, ...: networks' initialisation, data order, B's class order
     grid_rows: int = 10
     workers: int = 2  # trainer runs at once, one thread each
 
+    @property
+    def steps(self) -> int:
+        return int({**TRAINER_PRESETS[self.preset], **self.overrides}["steps"])
 
-FULL = DigitDemoSettings()
+
 QUICK = DigitDemoSettings(
-    runs=(
-        Run("gan", 0.0),
-        Run("travel", 10.0, lambda_travel=10.0),
-        Run("identity-l1", 10.0, lambda_identity=10.0),
-        Run("travel-pixel-embedder", 10.0, lambda_travel=10.0, embedder="pixel"),
-    ),
-    overrides=dict(g_width=8, g_blocks=1, d_width=8, batch_size=8, steps=4),
-    grid_rows=4,
+    overrides=dict(g_width=8, g_blocks=1, d_width=8, batch_size=8, steps=4, nce_patches=16), seeds=2, grid_rows=4
 )
 
 
@@ -107,20 +136,153 @@ def _write_folder(images: Tensor, folder: Path) -> None:
         Image.fromarray(image).save(folder / f"{index:05d}.png")
 
 
-def _run_name(run: Run) -> str:
-    return f"{run.method}_{run.weight:g}"
-
-
-def trainer_flags(run: Run, settings: DigitDemoSettings, data: Path, out: Path, seed: int) -> dict[str, Any]:
-    """The flags of one run beside ``--preset``: ``reference/train.py --preset digits-demo --data-a
-    DATA/trainA --data-b DATA/trainB --lambda-travel ... --out OUT/runs/NAME``."""
-    steps = {**TRAINER_PRESETS[settings.preset], **settings.overrides}["steps"]
-    return {
-        **settings.overrides, "data_a": str(data / "trainA"), "data_b": str(data / "trainB"), "seed": seed,
-        "out": str(out / "runs" / _run_name(run)), "lambda_travel": run.lambda_travel,
-        "lambda_identity": run.lambda_identity, "encoder": EMBEDDERS[run.embedder],
-        "log_every": max(1, steps // 10), "sample_every": steps, "checkpoint_every": steps,
+def _trainer_run(method: Method, settings: DigitDemoSettings, data: Path, out: Path, seed: int) -> TrainerRun:
+    """``reference/train.py --preset digits-demo --data-a DATA/trainA --data-b DATA/seed_S/trainB
+    --seed S --lambda-travel 0 [method flags] --out OUT/runs/METHOD/seed_S --resume``."""
+    run_dir = out / "runs" / method.key / f"seed_{seed}"
+    flags = {
+        "lambda_travel": 0.0, "encoder": EMBEDDERS["stroke"], **settings.overrides, **method.flags,
+        "data_a": str(data / "trainA"), "data_b": str(data / f"seed_{seed}" / "trainB"), "seed": seed,
+        "out": str(run_dir), "log_every": max(1, settings.steps // 10), "sample_every": settings.steps,
+        "checkpoint_every": settings.steps,
     }  # fmt: skip
+    return TrainerRun(f"{method.key} seed {seed}", trainer_argv(settings.preset, flags), run_dir)
+
+
+def run_digit_demo(
+    out_dir: str | Path, *, seed: int = 0, quick: bool = False, full: bool = False,
+    settings: DigitDemoSettings | None = None, progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Run the digit study into ``out_dir`` (see the module docstring); returns the report dict.
+
+    ``full`` runs :data:`FULL`'s methods; ``quick`` tiny networks for a few steps (a smoke test).
+    """
+    if settings is None:
+        settings = QUICK if quick else DigitDemoSettings()
+        if full:
+            settings = replace(settings, methods=FULL)
+    return _run_study(Path(out_dir), seed, settings, progress)
+
+
+def _run_study(out: Path, first_seed: int, settings: DigitDemoSettings, progress: bool) -> dict[str, Any]:
+    say = print if progress else (lambda *args, **kwargs: None)
+    started = time.perf_counter()
+    seeds = [first_seed + k for k in range(settings.seeds)]
+    size = int({**TRAINER_PRESETS[settings.preset], **settings.overrides}["size"])
+    domains = {seed: digit_domains(seed=seed, size=size) for seed in seeds}
+    data = out / "data"
+    if not (data / "trainA").is_dir():
+        _write_folder(domains[first_seed].a_train, data / "trainA")
+    for seed in seeds:
+        if not (data / f"seed_{seed}" / "trainB").is_dir():
+            _write_folder(domains[seed].b, data / f"seed_{seed}" / "trainB")
+    reference = domains[first_seed]
+    say(
+        f"digits: A-train {len(reference.a_train)}, A-test {len(reference.a_test)}, B per seed "
+        + ", ".join(f"{len(domains[s].b)} (common classes {domains[s].class_order[:3]})" for s in seeds)
+    )
+
+    jobs = [(method, seed) for method in settings.methods for seed in seeds]
+    runs = {(method.key, seed): _trainer_run(method, settings, data, out, seed) for method, seed in jobs}
+    order = sorted(jobs, key=lambda job: -job[0].cost)  # longest first: the two workers finish together
+    say(
+        f"training {len(jobs)} runs ({len(settings.methods)} methods x {len(seeds)} seeds), {settings.workers} at a time"
+    )
+    seconds = run_trainers([runs[m.key, s] for m, s in order], workers=settings.workers, say=say)
+
+    judge = DigitJudge(reference.judge, reference.judge_labels)
+    rows, translations = [], {}
+    for method, seed in jobs:
+        run = runs[method.key, seed]
+        translated = translate_images(load_generator(finished_checkpoint(run.out, settings.steps)), reference.a_test)
+        if seed == first_seed:
+            translations[method.key] = translated
+        rows.append({
+            "method": method.name, "weight": method.weight, "seed": seed, "flags": dict(method.flags),
+            **score_digit_translations(translated, reference, judge),
+            "predicted_class_counts": torch.bincount(judge.predict(translated), minlength=10).tolist(),
+            "seconds": seconds.get(run.name, 0.0), "run_dir": str(run.out),
+        })  # fmt: skip
+    references = reference_scores(reference, judge)
+    summary = summarise(rows)
+    report = {
+        "runs": rows,
+        "summary": summary,
+        "references": references,
+        "settings": {
+            **asdict(settings), "seeds": seeds, "b_class_order": {s: list(domains[s].class_order) for s in seeds},
+            "torch": torch.__version__, "seconds": time.perf_counter() - started,
+        },
+    }  # fmt: skip
+    (out / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    rows_of_grid = _grid_rows(reference.a_test_labels, settings.grid_rows)
+    columns = [reference.a_test[rows_of_grid]]
+    columns += [translations[m.key][rows_of_grid] for m in settings.methods]
+    columns.append(reference.a_test_ideal[rows_of_grid])
+    save_image_grid([F.interpolate(c, scale_factor=4, mode="nearest") for c in columns], out / GRID_NAME)
+    plot_frontier(report, out / FRONTIER_NAME)
+    say(format_table(summary, references))
+    say(f"grid columns: input | {' | '.join(m.key for m in settings.methods)} | ideal")
+    say(f"report: {out / REPORT_NAME}; grid: {out / GRID_NAME}; frontier: {out / FRONTIER_NAME}")
+    say(f"{report['settings']['seconds']:.0f} s, torch {torch.__version__}")
+    return report
+
+
+def reference_scores(domains: DigitDomains, judge: DigitJudge) -> dict[str, dict[str, float]]:
+    """The known cases, scored like the methods: the ideal translation, the ideal with
+    ``SPECKLE_DENSITY`` B-coloured salt and pepper, the input unchanged, B-coloured noise."""
+    draw = torch.Generator().manual_seed(0)
+    cases = {
+        "ideal": domains.a_test_ideal,
+        f"ideal + {SPECKLE_DENSITY:.0%} speckle": salt_and_pepper(domains.a_test_ideal, SPECKLE_DENSITY, draw),
+        "input unchanged": domains.a_test,
+        "B-coloured noise": coloured_noise(len(domains.a_test), domains.a_test.shape[-1], draw),
+    }
+    return {name: score_digit_translations(images, domains, judge) for name, images in cases.items()}
+
+
+SCORES = ("label_accuracy", "kid", "fidelity_l1", "realism", "seconds")
+
+
+def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, weight), in first-seen order: each score's mean, min and max over seeds."""
+    groups: dict[tuple[str, float], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["weight"]), []).append(row)
+    summary = []
+    for (method, weight), members in groups.items():
+        entry: dict[str, Any] = {"method": method, "weight": weight, "seeds": [r["seed"] for r in members]}
+        for score in SCORES:
+            values = [float(r[score]) for r in members]
+            entry[score] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+        summary.append(entry)
+    return summary
+
+
+def format_table(summary: Sequence[Mapping[str, Any]], references: Mapping[str, Mapping[str, float]]) -> str:
+    """Mean (min-max over seeds) per method; KID x 1e3; the known cases below."""
+
+    def spread(score: Mapping[str, float], scale: float = 1.0, digits: int = 3) -> str:
+        return (
+            f"{score['mean'] * scale:.{digits}f} ({score['min'] * scale:.{digits}f}-{score['max'] * scale:.{digits}f})"
+        )
+
+    lines = [
+        f"{'method':<18}{'weight':>7}  {'label accuracy':<21}{'KID x1e3':<20}{'L1 to ideal':<21}"
+        f"{'colour frac':<21}{'s/run':>6}"
+    ]
+    for row in summary:
+        lines.append(
+            f"{row['method']:<18}{row['weight']:>7g}  {spread(row['label_accuracy']):<21}"
+            f"{spread(row['kid'], 1e3, 1):<20}{spread(row['fidelity_l1']):<21}{spread(row['realism']):<21}"
+            f"{row['seconds']['mean']:>6.0f}"
+        )
+    for name, scores in references.items():
+        lines.append(
+            f"{'(' + name + ')':<25}  {scores['label_accuracy']:<21.3f}{scores['kid'] * 1e3:<20.1f}"
+            f"{scores['fidelity_l1']:<21.3f}{scores['realism']:<21.3f}"
+        )
+    return "\n".join(lines)
 
 
 def _grid_rows(labels: Tensor, count: int) -> list[int]:
@@ -139,100 +301,33 @@ def _grid_rows(labels: Tensor, count: int) -> list[int]:
     return rows
 
 
-def format_table(runs: Sequence[dict[str, Any]], references: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'method':<24}{'weight':>8}{'label acc':>11}{'realism':>9}{'seconds':>9}"]
-    for run in runs:
-        lines.append(
-            f"{run['method']:<24}{run['weight']:>8g}{run['label_accuracy']:>11.3f}{run['realism']:>9.3f}{run['seconds']:>9.1f}"
-        )
-    for name, scores in references.items():
-        lines.append(f"{'(' + name + ')':<24}{'':>8}{scores['label_accuracy']:>11.3f}{scores['realism']:>9.3f}")
-    return "\n".join(lines)
+def plot_frontier(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Label accuracy against KID (log scale), one marker per method and seed; the known cases marked."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-def run_digit_demo(
-    out_dir: str | Path, *, seed: int = 0, quick: bool = False, settings: DigitDemoSettings | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:  # fmt: skip
-    """Run the digit study into ``out_dir`` (see the module docstring); returns the report dict."""
-    return _run_study(Path(out_dir), seed, quick, settings or (QUICK if quick else FULL), progress)
-
-
-def _run_study(out: Path, seed: int, quick: bool, settings: DigitDemoSettings, progress: bool) -> dict[str, Any]:
-    say = print if progress else (lambda *args, **kwargs: None)
-    started = time.perf_counter()
-    domains = digit_domains(size=TRAINER_PRESETS[settings.preset]["size"])
-    judge = DigitJudge(domains.judge, domains.judge_labels)
-    data = out / "data"
-    if not (data / "trainB").is_dir():
-        _write_folder(domains.a_train, data / "trainA")
-        _write_folder(domains.b, data / "trainB")
-    b_counts = torch.bincount(domains.b_labels, minlength=10).tolist()
-    say(
-        f"digits: A-train {len(domains.a_train)}, B {len(domains.b)} (class counts {b_counts}), "
-        f"A-test {len(domains.a_test)}"
-    )
-
-    trainer_runs = [
-        TrainerRun(_run_name(run), trainer_argv(settings.preset, trainer_flags(run, settings, data, out, seed)),
-                   out / "runs" / _run_name(run))
-        for run in settings.runs
-    ]  # fmt: skip
-    say(f"training {len(trainer_runs)} runs, {settings.workers} at a time (logs: RUN/train.log)")
-    seconds = run_trainers(trainer_runs, workers=settings.workers, say=say)
-
-    results, translations = [], {}
-    steps = {**TRAINER_PRESETS[settings.preset], **settings.overrides}["steps"]
-    for run, trainer_run in zip(settings.runs, trainer_runs):
-        name = trainer_run.name
-        generator = load_generator(finished_checkpoint(trainer_run.out, steps))
-        translated = translate_images(generator, domains.a_test)
-        translations[name] = translated
-        scores = score_digit_translations(translated, domains.a_test_labels, judge)
-        predicted = judge.predict(translated)
-        per_class = {str(d): float((predicted[domains.a_test_labels == d] == d).float().mean()) for d in range(10)}
-        results.append({
-            "method": run.method, "weight": run.weight, "lambda_travel": run.lambda_travel,
-            "lambda_identity": run.lambda_identity, "embedder": run.embedder, **scores,
-            "label_accuracy_by_class": per_class,
-            "predicted_class_counts": torch.bincount(predicted, minlength=10).tolist(),
-            "seconds": seconds.get(name, 0.0), "run_dir": str(trainer_run.out),
-        })  # fmt: skip
-
-    references = {
-        "input unchanged": score_digit_translations(domains.a_test, domains.a_test_labels, judge),
-        "ideal": score_digit_translations(domains.a_test_ideal, domains.a_test_labels, judge),
-    }
-    report = {
-        "runs": results,
-        "references": references,
-        "settings": {**asdict(settings), "seed": seed, "quick": quick, "b_class_counts": b_counts,
-                     "b_class_order": list(domains.class_order), "seconds": time.perf_counter() - started},
-    }  # fmt: skip
-    (out / REPORT_NAME).write_text(json.dumps(report, indent=2))
-    _write_grid(
-        out / GRID_NAME, results, translations, domains.a_test, domains.a_test_ideal, domains.a_test_labels, settings
-    )
-    say(format_table(results, references))
-    say(f"report: {out / REPORT_NAME}; grid: {out / GRID_NAME}; {report['settings']['seconds']:.0f} s")
-    return report
-
-
-def _best(results: Sequence[dict[str, Any]], method: str) -> dict[str, Any] | None:
-    candidates = [r for r in results if r["method"] == method]
-    return max(candidates, key=lambda r: (r["label_accuracy"], r["realism"])) if candidates else None
-
-
-def _write_grid(
-    path: Path, results: Sequence[dict[str, Any]], translations: dict[str, Tensor], inputs: Tensor, ideal: Tensor,
-    labels: Tensor, settings: DigitDemoSettings,
-) -> None:  # fmt: skip
-    """input | GAN only | best travel | best identity-L1 | travel with the pixel embedder | ideal, upscaled 4x."""
-    rows = _grid_rows(labels, settings.grid_rows)
-    columns = [inputs[rows]]
-    for method in ("gan", "travel", "identity-l1", "travel-pixel-embedder"):
-        best = _best(results, method)
-        if best is not None:
-            columns.append(translations[_run_name(Run(best["method"], best["weight"]))][rows])
-    columns.append(ideal[rows])
-    save_image_grid([F.interpolate(c, scale_factor=4, mode="nearest") for c in columns], path)
+    figure, axes = plt.subplots(figsize=(7.5, 5))
+    markers = "osD^vP*Xhp<>"
+    keys = list(dict.fromkeys((r["method"], r["weight"]) for r in report["runs"]))
+    for index, key in enumerate(keys):
+        points = [r for r in report["runs"] if (r["method"], r["weight"]) == key]
+        axes.scatter(
+            [max(r["kid"], 1e-5) * 1e3 for r in points], [r["label_accuracy"] for r in points],
+            marker=markers[index % len(markers)], s=45, label=f"{key[0]} {key[1]:g}", alpha=0.85,
+        )  # fmt: skip
+    for name, scores in report["references"].items():
+        x, y = max(scores["kid"], 1e-5) * 1e3, scores["label_accuracy"]
+        axes.scatter([x], [y], marker="x", color="black", s=40)
+        axes.annotate(name, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    axes.set_xscale("log")
+    axes.set_xlabel("KID x 1e3 against balanced B renders (pixels; lower is more realistic)")
+    axes.set_ylabel("label accuracy (judge reads the input's digit)")
+    axes.set_ylim(-0.03, 1.03)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return Path(path)

@@ -1,13 +1,21 @@
 """Run a study's trainer runs through the public command line, several at a time.
 
-Each run of a study is ``python reference/train.py --preset NAME --flag value ... --resume`` in
-its own process (one thread each: the studies' networks are tiny and the runs are independent),
-so a study trains exactly what a user's command line would, and never imports the trainer.
-``--resume`` makes a rerun of the study continue interrupted runs and skip finished ones.
+Each run of a study is the command line ``reference/train.py --preset NAME --flag value ...
+--resume``: a run trains exactly what a user's command line would. ``--resume`` makes a rerun of
+the study continue interrupted runs and skip finished ones.
+
+The runs are tiny (16-32 px, a few hundred steps), so starting a Python process with torch for
+each one would cost as much as a tenth of the run. :func:`run_trainers` therefore starts
+``workers`` long-lived worker processes (one thread each) and hands them the runs one at a time;
+a worker calls :func:`reference.train.main` with the run's arguments, the same function the
+command line calls, and writes the run's output to ``OUT/train.log``. Every run starts by seeding
+every generator from its ``--seed`` (``reference.runtime.seed_everything``), so a run in a worker
+gives bit-identical weights to the same command line in a fresh process (tested).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,16 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TRAIN_SCRIPT", "TrainerRun", "run_trainers", "trainer_argv"]
+__all__ = ["TRAIN_SCRIPT", "TrainerRun", "finished_checkpoint", "run_trainers", "trainer_argv"]
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
+REPOSITORY = TRAIN_SCRIPT.parent.parent
 LOG_NAME = "train.log"
 
 
 def trainer_argv(preset: str, flags: Mapping[str, Any]) -> list[str]:
-    """``reference/train.py --preset PRESET`` plus one flag per item of ``flags`` (TrainConfig field
-    names; ``True``/``False`` become ``--name``/``--no-name``; ``None`` is left out), and ``--resume``."""
-    argv = [sys.executable, str(TRAIN_SCRIPT), "--preset", preset]
+    """``--preset PRESET`` plus one flag per item of ``flags`` (TrainConfig field names;
+    ``True``/``False`` become ``--name``/``--no-name``; ``None`` is left out), and ``--resume``:
+    the arguments of ``reference/train.py``."""
+    argv = ["--preset", preset]
     for name, value in flags.items():
         flag = "--" + name.replace("_", "-")
         if value is None:
@@ -41,58 +51,90 @@ def trainer_argv(preset: str, flags: Mapping[str, Any]) -> list[str]:
 
 @dataclass(frozen=True)
 class TrainerRun:
-    """One trainer run of a study: a name, the command line and the run folder (``--out``)."""
+    """One trainer run of a study: a name, the arguments of ``reference/train.py`` and the run folder (``--out``)."""
 
     name: str
     argv: list[str]
     out: Path
 
+    @property
+    def command(self) -> list[str]:
+        """The same run as a command line of its own."""
+        return [sys.executable, str(TRAIN_SCRIPT), *self.argv]
+
 
 def run_trainers(
     runs: Sequence[TrainerRun], *, workers: int = 2, say: Callable[[str], Any] = print
 ) -> dict[str, float]:
-    """Run ``runs`` with at most ``workers`` at once; returns each run's wall seconds by name.
+    """Run ``runs`` in ``workers`` worker processes, in order; returns each run's wall seconds by name.
 
-    Each run's output goes to ``OUT/train.log``. A run that fails raises :class:`RuntimeError` with
-    the end of its log, after the others have been stopped. On KeyboardInterrupt (or SIGTERM
-    turned into one by the caller) the running trainers get SIGTERM, save a checkpoint and exit;
-    rerunning the study continues them.
+    A run that fails raises :class:`RuntimeError` with the end of its log, after the workers have
+    been stopped. On KeyboardInterrupt (or SIGTERM turned into one by the caller) the workers get
+    SIGTERM: their trainers save a checkpoint and exit, and rerunning the study continues them.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), env.get("PYTHONPATH")]))
     pending = list(runs)
-    running: dict[str, tuple[subprocess.Popen[bytes], float, TrainerRun]] = {}
+    command = [sys.executable, "-m", "reference.studies.runner"]
+    pool = [
+        subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPOSITORY, text=True)
+        for _ in range(min(workers, len(runs)))
+    ]
+    busy: dict[int, tuple[TrainerRun, float]] = {}
     seconds: dict[str, float] = {}
     try:
-        while pending or running:
-            while pending and len(running) < workers:
-                run = pending.pop(0)
-                run.out.mkdir(parents=True, exist_ok=True)
-                with open(run.out / LOG_NAME, "ab") as log:
-                    process = subprocess.Popen(run.argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-                running[run.name] = (process, time.perf_counter(), run)
-            time.sleep(0.2)
-            for name, (process, started, run) in list(running.items()):
-                code = process.poll()
-                if code is None:
-                    continue
-                del running[name]
-                if code != 0:
-                    tail = (run.out / LOG_NAME).read_text(errors="replace").strip().splitlines()[-15:]
-                    raise RuntimeError(f"trainer run {name!r} exited with {code}; end of its log:\n" + "\n".join(tail))
-                seconds[name] = time.perf_counter() - started
-                say(f"    {name}: done in {seconds[name]:.0f} s")
+        for index in range(len(pool)):
+            _hand_out(pool, index, pending, busy)
+        while busy:
+            index = _next_finished(pool, busy)
+            run, started = busy.pop(index)
+            line = pool[index].stdout.readline() if pool[index].stdout else ""
+            code = int(json.loads(line)["code"]) if line.strip() else -1
+            if code != 0:
+                tail = (run.out / LOG_NAME).read_text(errors="replace").strip().splitlines()[-15:]
+                raise RuntimeError(f"trainer run {run.name!r} exited with {code}; end of its log:\n" + "\n".join(tail))
+            seconds[run.name] = time.perf_counter() - started
+            say(f"    {run.name}: done in {seconds[run.name]:.0f} s ({len(seconds)}/{len(runs)})")
+            _hand_out(pool, index, pending, busy)
     finally:
-        for process, _, _ in running.values():
-            if process.poll() is None:
+        for process in pool:
+            if process.poll() is None and busy:
                 process.send_signal(signal.SIGTERM)
-        for process, _, _ in running.values():
+            if process.stdin:
+                process.stdin.close()
+        for process in pool:
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
+            if process.stdout:
+                process.stdout.close()
     return seconds
+
+
+def _hand_out(
+    pool: list[subprocess.Popen[str]], index: int, pending: list[TrainerRun], busy: dict[int, tuple[TrainerRun, float]]
+) -> None:
+    if not pending:
+        return
+    run = pending.pop(0)
+    run.out.mkdir(parents=True, exist_ok=True)
+    assert pool[index].stdin is not None
+    pool[index].stdin.write(json.dumps({"argv": run.argv, "log": str(run.out / LOG_NAME)}) + "\n")
+    pool[index].stdin.flush()
+    busy[index] = (run, time.perf_counter())
+
+
+def _next_finished(pool: list[subprocess.Popen[str]], busy: dict[int, tuple[TrainerRun, float]]) -> int:
+    """The index of a busy worker whose answer can be read (or that died)."""
+    import selectors
+
+    with selectors.DefaultSelector() as selector:
+        for index in busy:
+            selector.register(pool[index].stdout, selectors.EVENT_READ, index)  # type: ignore[arg-type]
+        return int(selector.select()[0][0].data)
 
 
 def finished_checkpoint(out: Path, steps: int) -> Path:
@@ -105,3 +147,43 @@ def finished_checkpoint(out: Path, steps: int) -> Path:
     if reached < steps:
         raise KeyboardInterrupt(f"{out} stopped at step {reached} of {steps}; rerun the same command to continue")
     return path
+
+
+def _worker() -> None:
+    """Read ``{"argv": [...], "log": PATH}`` lines from stdin; run each through ``reference.train.main``
+    with stdout and stderr in the log; answer ``{"code": N}`` on stdout."""
+    import torch
+
+    from reference.train import main
+
+    torch.set_num_threads(1)
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    for line in sys.stdin:
+        task = json.loads(line)
+        with open(task["log"], "ab") as log:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            saved = os.dup(1), os.dup(2)
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            try:
+                code = main(task["argv"])
+            except SystemExit as error:
+                code = error.code if isinstance(error.code, int) else 1
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                os.close(saved[0])
+                os.close(saved[1])
+        answers.write(json.dumps({"code": code}) + "\n")
+
+
+if __name__ == "__main__":
+    _worker()
