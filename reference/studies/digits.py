@@ -185,9 +185,7 @@ def _run_study(out: Path, first_seed: int, settings: DigitDemoSettings, progress
     jobs = [(method, seed) for method in settings.methods for seed in seeds]
     runs = {(method.key, seed): _trainer_run(method, settings, data, out, seed) for method, seed in jobs}
     order = sorted(jobs, key=lambda job: -job[0].cost)  # longest first: the two workers finish together
-    say(
-        f"training {len(jobs)} runs ({len(settings.methods)} methods x {len(seeds)} seeds), {settings.workers} at a time"
-    )
+    say(f"training {len(jobs)} runs ({len(settings.methods)} methods x {len(seeds)} seeds), {settings.workers} at once")
     seconds = run_trainers([runs[m.key, s] for m, s in order], workers=settings.workers, say=say)
 
     judge = DigitJudge(reference.judge, reference.judge_labels)
