@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 __all__ = [
     "LOCK_FILE",
@@ -86,10 +87,14 @@ class RunFolderLock:
     """An exclusive, non-blocking OS lock on ``folder/run.lock``, held until :meth:`release` or process exit.
 
     ``acquire`` raises :class:`RunFolderBusyError` at once, naming the folder and the pid of
-    the process that holds it, if another open lock exists (in this or another process). The
-    lock is ``fcntl.flock``, which the kernel drops when its holder dies, so ``kill -9`` never
-    leaves a folder locked. On platforms without ``fcntl`` (Windows) it does nothing.
+    the process that holds it, if another lock on the folder is held (in this or another
+    process). The lock is a POSIX record lock (``fcntl.lockf``): it belongs to the process
+    alone, so DataLoader workers forked from the run do not hold it, and the kernel drops it
+    the moment its holder dies: after ``kill -9`` the folder can be resumed at once. On
+    platforms without ``fcntl`` (Windows) it does nothing.
     """
+
+    _held: ClassVar[set[Path]] = set()  # record locks do not exclude their own process: these do
 
     def __init__(self, folder: str | os.PathLike[str]):
         self.folder = Path(folder)
@@ -102,24 +107,32 @@ class RunFolderLock:
         except ImportError:  # Windows: no advisory locks; the folder is not guarded
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
+        key = self.path.resolve()
+        if key in RunFolderLock._held:  # checked before opening: closing any descriptor of the file would unlock it
+            raise self._busy(str(os.getpid()))
         descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(descriptor, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(descriptor)
-            raise RunFolderBusyError(
-                f"--out {self.folder} is in use by another run (pid {holder}); wait for it to end, "
-                "stop it, or choose another --out"
-            ) from None
+            raise self._busy(holder) from None
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
         self._descriptor = descriptor
+        RunFolderLock._held.add(key)
         return self
+
+    def _busy(self, holder: str) -> RunFolderBusyError:
+        return RunFolderBusyError(
+            f"--out {self.folder} is in use by another run (pid {holder}); wait for it to end, "
+            "stop it, or choose another --out"
+        )
 
     def release(self) -> None:
         if self._descriptor is not None:
-            os.close(self._descriptor)  # closing the last descriptor drops the flock
+            RunFolderLock._held.discard(self.path.resolve())
+            os.close(self._descriptor)  # closing the descriptor drops the record lock
             self._descriptor = None
 
     def __enter__(self) -> RunFolderLock:

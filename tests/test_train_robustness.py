@@ -245,3 +245,82 @@ def test_resume_with_another_architecture_is_one_line(tmp_path: Path, capsys: py
     code, err = run_main(capsys, "--toy-streets", "--out", str(out), "--resume-from", str(tmp_path / "nope.pt"))
     assert code == 2
     one_line(err, "--resume-from", "nope.pt")
+
+
+def test_an_immediate_resume_after_kill_9_of_a_run_with_dataloader_workers(tmp_path: Path) -> None:
+    """The run lock belongs to the trainer's process only: the DataLoader workers it forked, still alive for a
+    moment after ``kill -9``, do not keep the folder locked, so ``--resume`` right away continues the run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(0)
+    for domain in ("a", "b"):
+        (tmp_path / domain).mkdir()
+        for index in range(8):
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / domain / f"{index}.png")
+    out = tmp_path / "run"
+    flags = [*TINY, "--data-a", str(tmp_path / "a"), "--data-b", str(tmp_path / "b"), "--out", str(out)]
+    flags[flags.index("--num-workers") + 1] = "2"
+    script = [sys.executable, str(Path(__file__).resolve().parent.parent / "reference" / "train.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(
+            [*script, *flags, "--steps", "100000", "--checkpoint-every", "1"], stdout=log, stderr=log, env=env
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "latest.pt").exists() or first.poll() is not None:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the run saved no checkpoint in time"
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    reached = int(load_checkpoint(out / "latest.pt")["step"])
+    again = subprocess.run(
+        [*script, *flags, "--steps", str(reached + 2), "--resume"], capture_output=True, text=True, env=env
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "in use by another run" not in again.stderr
+    assert int(load_checkpoint(out / "latest.pt")["step"]) == reached + 2
+
+
+def test_a_lock_is_not_held_by_the_processes_its_holder_forked(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import os, sys, time
+            sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+            from reference.outputs import RunFolderLock
+            RunFolderLock({str(tmp_path)!r}).acquire()
+            child = os.fork()
+            if child == 0:
+                time.sleep(30)  # a DataLoader worker that outlives its parent for a while
+                os._exit(0)
+            print(child, flush=True)
+            time.sleep(60)
+        """)],
+        stdout=__import__("subprocess").PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(RunFolderBusyError, match=f"pid {holder.pid}"):
+            RunFolderLock(tmp_path).acquire()
+        holder.kill()
+        holder.wait()
+        RunFolderLock(tmp_path).acquire().release()  # the forked child is still alive
+        os.kill(child, 0)
+    finally:
+        for pid in (child,):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
