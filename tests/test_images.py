@@ -188,3 +188,21 @@ def test_a_folder_where_nothing_decodes_raises_naming_it(tmp_path: Path) -> None
         warnings.simplefilter("ignore", UnreadableImageWarning)
         with pytest.raises(OSError, match="none of the 4 image files decodes"):
             dataset[0]
+
+
+def test_cached_images_are_exactly_a_fresh_decode(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for index in range(6):
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(tmp_path / f"{index}.png")
+    cached, uncached = ImageFolder(tmp_path, size=8), ImageFolder(tmp_path, size=8, cache_bytes=0)
+    first = [cached[i] for i in range(6)]
+    assert len(cached._cache) == 6 and not uncached._cache
+    for index in range(6):
+        assert torch.equal(cached[index], first[index]) and torch.equal(cached[index], uncached[index])
+    cached[0].add_(1.0)  # a caller changing its tensor does not change the cache
+    assert torch.equal(cached[0], first[0])
+    small = ImageFolder(tmp_path, size=8, cache_bytes=2 * 3 * 8 * 8)  # room for two images
+    [small[i] for i in range(6)]
+    assert len(small._cache) == 2
+    with pytest.raises(ValueError, match="cache_bytes must be an int >= 0, got -1"):
+        ImageFolder(tmp_path, size=8, cache_bytes=-1)
