@@ -235,7 +235,9 @@ def training_state(
     state_dict is stored under its name: the trainer's are ``"generator"``, ``"discriminator"``,
     ``"siamese"`` (trainable encoder), ``"travel_queue"``, ``"generator_ba"`` and
     ``"discriminator_a"`` (the cycle baseline, whose optimizers, schedules and D_A's gradient scaler
-    are stored under the same names) and ``"generator_ema"`` (the moving average of G's weights).
+    are stored under the same names), ``"nce_heads"`` (the PatchNCE baseline's MLP heads, whose
+    optimizer and schedule are stored under that name too) and ``"generator_ema"`` (the moving
+    average of G's weights).
     """
     rng = capture_rng_state(runtime.device if runtime.device.type == "cuda" else None)
     if runtime.xla is not None:

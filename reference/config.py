@@ -106,6 +106,11 @@ class TrainConfig:
     lambda_identity: float = 0.0  # baseline: CycleGAN's identity term, + lambda_identity * mean |G(x) - x|
     lambda_cycle: float = 0.0  # > 0: the CycleGAN baseline (G_BA, D_A, cycle terms of this weight; CycleGAN: 10)
     lambda_cycle_identity: float = 0.5  # with lambda_cycle: CycleGAN's identity terms weigh lambda_cycle * this
+    lambda_nce: float = 0.0  # > 0: the CUT baseline, PatchNCE on G's encoder features, this weight (CUT 1, FastCUT 10)
+    nce_idt: bool = True  # with lambda_nce: also PatchNCE on (y, G(y)), the two averaged (CUT: on, FastCUT: off)
+    nce_patches: int = 256  # with lambda_nce: patch locations sampled per layer (all where a layer has fewer)
+    nce_temperature: float = 0.07  # with lambda_nce: temperature tau of the PatchNCE softmax
+    nce_dim: int = 256  # with lambda_nce: width of the MLP heads and of the patch embeddings (CUT: 256)
 
     # encoder E
     encoder: str = (
@@ -200,11 +205,11 @@ def check_config(config: TrainConfig) -> None:
         isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or not math.isfinite(lam)
     ):
         fail("lambda_travel", "a finite number >= 0 or 'auto'")
-    for name in ("lambda_identity", "lambda_cycle", "lambda_cycle_identity", "r1_gamma"):
+    for name in ("lambda_identity", "lambda_cycle", "lambda_cycle_identity", "r1_gamma", "lambda_nce"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
             fail(name, "a finite number >= 0")
-    for name in ("lambda_auto_scale", "lr", "siamese_margin"):
+    for name in ("lambda_auto_scale", "lr", "siamese_margin", "nce_temperature"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
             fail(name, "a finite number > 0")
@@ -258,6 +263,12 @@ def check_config(config: TrainConfig) -> None:
         fail("micro_batch", "0 with lambda_identity > 0 (the identity baseline runs on whole batches)")
     if config.micro_batch and config.lambda_cycle:
         fail("micro_batch", "0 with lambda_cycle > 0 (the cycle-consistent step runs on whole batches)")
+    if config.micro_batch and config.lambda_nce:
+        fail("micro_batch", "0 with lambda_nce > 0 (the PatchNCE term runs on whole batches)")
+    if not isinstance(config.nce_idt, bool):
+        fail("nce_idt", "True or False")
+    positive_int("nce_patches")
+    positive_int("nce_dim")
     if config.g_blocks is not None:
         positive_int("g_blocks", 0)
     probe = PatchDiscriminator(3, width=1, n_layers=config.d_layers)

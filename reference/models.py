@@ -19,6 +19,9 @@ PatchDiscriminator (the 70x70 PatchGAN of pix2pix/CycleGAN), all convs 4x4 with 
     conv s1 -> 8 width, IN, LeakyReLU(0.2)
     conv s1 -> 1 logit per patch
 
+``ResnetGenerator.encoder_features`` returns intermediate outputs of the same network (for
+CUT's PatchNCE loss, ``reference.patchnce``); ``forward`` and the state-dict keys are untouched.
+
 IN is ``InstanceNorm2d(affine=False)``; every conv has a bias (with a non-affine norm the bias
 is the only shift the layer has). Weights start from normal(0, 0.02), biases from 0.
 ``PatchDiscriminator(norm="none")`` drops the discriminator's IN layers (the StyleGAN-family
@@ -29,6 +32,8 @@ SiameseEmbedder is TraVeLGAN's trainable embedder, the baseline encoder of the t
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -142,6 +147,10 @@ class ResnetGenerator(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return self.net(x)
+
+    def _check_input(self, x: torch.Tensor) -> None:
         _check_images(x, self.in_channels, "ResnetGenerator")
         height, width = x.shape[-2:]
         if height % 4 or width % 4 or height < 8 or width < 8:
@@ -149,7 +158,65 @@ class ResnetGenerator(nn.Module):
                 f"ResnetGenerator needs H and W to be multiples of 4 and >= 8, got {height}x{width}; "
                 "pad the input (reflect) and crop the output"
             )
-        return self.net(x)
+
+    @property
+    def nce_layers(self) -> tuple[int, ...]:
+        """Indices into ``self.net`` of the encoder features of CUT's PatchNCE loss (:meth:`encoder_features`).
+
+        CUT's ``--nce_layers 0,4,8,12,16`` for its 9-block generator, mapped onto this network:
+
+        ====  ==========================================  ======================  ============================
+        CUT   what                                        here                    shape, for (N, 3, H, W) in
+        ====  ==========================================  ======================  ============================
+        0     the input after the first reflect-pad       0                       (N, 3, H + 6, W + 6)
+        4     the first stride-2 conv (before its IN)     4                       (N, 2 width, H/2, W/2)
+        8     the second stride-2 conv (before its IN)    7                       (N, 4 width, H/4, W/4)
+        12    residual block 1                            10                      (N, 4 width, H/4, W/4)
+        16    residual block 5 of 9 (the middle one)      10 + n_blocks // 2      (N, 4 width, H/4, W/4)
+        ====  ==========================================  ======================  ============================
+
+        The middle block is block ``n_blocks // 2 + 1`` (counted from 1): 2 of 2 or 3, 4 of 6, 5 of 9.
+        With one residual block the last two coincide (four layers), with none only the first three exist.
+        Layers 4 and 7 are the raw conv outputs, before their instance norm, as in CUT.
+        """
+        first_block = 10
+        blocks = (first_block, first_block + self.n_blocks // 2) if self.n_blocks else ()
+        return tuple(dict.fromkeys((0, 4, 7, *blocks)))
+
+    def feature_channels(self, layers: Sequence[int] | None = None) -> list[int]:
+        """The channel count of each of ``layers`` (default :attr:`nce_layers`) of :meth:`encoder_features`."""
+        layers = self._check_layers(layers)
+        channels, found = self.in_channels, {}
+        for index, module in enumerate(self.net):
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                channels = module.out_channels
+            found[index] = channels
+        return [found[index] for index in layers]
+
+    def encoder_features(self, x: torch.Tensor, layers: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """The outputs of the modules ``self.net[i]`` for i in ``layers`` (default :attr:`nce_layers`), in order.
+
+        Runs ``self.net`` only up to the last of them (for the defaults: the encoder up to the middle
+        residual block). The same parameters as :meth:`forward`, which it leaves unchanged.
+        """
+        self._check_input(x)
+        layers = self._check_layers(layers)
+        features = []
+        for index, module in enumerate(self.net[: layers[-1] + 1]):
+            x = module(x)
+            if index in layers:
+                following = self.net[index + 1] if index < layers[-1] else None
+                overwritten = isinstance(following, nn.ReLU) and following.inplace  # would change x in place
+                features.append(x.clone() if overwritten else x)
+        return features
+
+    def _check_layers(self, layers: Sequence[int] | None) -> list[int]:
+        layers = list(self.nce_layers if layers is None else layers)
+        if not layers or layers != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < len(self.net):
+            raise ValueError(
+                f"layers: expected increasing indices into the generator's {len(self.net)} modules, got {layers!r}"
+            )
+        return layers
 
 
 class PatchDiscriminator(nn.Module):

@@ -5,8 +5,10 @@ r"""The two updates of one training iteration, shared by every trainer in ``refe
 
 With a :class:`ReverseDirection` (G_BA, D_A) the generator step also trains CycleGAN's
 B -> A generator and adds the cycle-consistency terms (the CycleGAN baseline); the trainer then
-runs :func:`discriminator_step` a second time, for D_A on (a, G_BA(b)). :func:`update_ema`
-keeps an exponential moving average of the generator's weights.
+runs :func:`discriminator_step` a second time, for D_A on (a, G_BA(b)). With a
+:class:`PatchNCE` it adds CUT's patchwise contrastive term (``reference.patchnce``, the CUT
+baseline) and trains its MLP heads. :func:`update_ema` keeps an exponential moving average of
+the generator's weights.
 
 :func:`generator_step` (or :func:`micro_batched_generator_step`, the same gradient computed a
 few images at a time) and :func:`discriminator_step`; :class:`StepOptions` carries what they
@@ -31,6 +33,7 @@ from reference.losses import (
     generator_adversarial_loss,
     notebook_travel_loss,
 )
+from reference.patchnce import patch_nce_per_image
 from travel_loss import TravelQueue, siamese_margin_loss, travel_loss
 from travel_loss.distributed import all_gather_with_grad
 from travel_loss.gradcache import backward_chunk, embed_in_chunks, travel_loss_and_embedding_grads
@@ -39,12 +42,14 @@ if TYPE_CHECKING:
     from reference.config import TrainConfig
 
 __all__ = [
+    "PatchNCE",
     "ReverseDirection",
     "StepOptions",
     "cycle_terms",
     "discriminator_step",
     "generator_step",
     "micro_batched_generator_step",
+    "nce_term",
     "travel_term",
     "update_ema",
 ]
@@ -68,6 +73,10 @@ class StepOptions:
     lambda_cycle: float = 0.0  # weight of CycleGAN's cycle-consistency terms (with a ReverseDirection)
     lambda_cycle_identity: float = 0.5  # CycleGAN's identity terms weigh lambda_cycle * this
     r1_gamma: float = 0.0  # weight of D's R1 penalty on real images
+    lambda_nce: float = 0.0  # weight of CUT's PatchNCE term (with a PatchNCE)
+    nce_idt: bool = True  # PatchNCE also on (y, G(y)) for target images y, the two averaged (CUT's default)
+    nce_patches: int = 256  # PatchNCE: patch locations sampled per layer
+    nce_temperature: float = 0.07  # PatchNCE: softmax temperature
 
     @classmethod
     def from_config(cls, config: TrainConfig, device_type: str) -> StepOptions:
@@ -86,6 +95,10 @@ class StepOptions:
             lambda_cycle=config.lambda_cycle,
             lambda_cycle_identity=config.lambda_cycle_identity,
             r1_gamma=config.r1_gamma,
+            lambda_nce=config.lambda_nce,
+            nce_idt=config.nce_idt,
+            nce_patches=config.nce_patches,
+            nce_temperature=config.nce_temperature,
         )
 
     def autocast(self) -> torch.autocast:
@@ -115,6 +128,66 @@ class ReverseDirection:
     generator: nn.Module
     discriminator: nn.Module
     optimizer: torch.optim.Optimizer
+
+
+@dataclass(frozen=True)
+class PatchNCE:
+    """CUT's PatchNCE term for :func:`generator_step`: its MLP heads and their optimizer.
+
+    ``heads`` is the :class:`reference.patchnce.PatchHeads` of the generator's
+    :attr:`~reference.models.ResnetGenerator.nce_layers` as it trains (a DDP view is fine);
+    ``optimizer`` the heads' (CUT: Adam with G's learning rate and betas), stepped together with
+    G's after the one backward.
+    """
+
+    heads: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def _plain(module: nn.Module) -> nn.Module:
+    """The module inside DDP and torch.compile wrappers."""
+    while isinstance(module, DistributedDataParallel) or hasattr(module, "_orig_mod"):
+        module = module.module if isinstance(module, DistributedDataParallel) else module._orig_mod
+    return module
+
+
+def nce_term(
+    generator: nn.Module,
+    patch_nce: PatchNCE,
+    real_a: Tensor,
+    fake: Tensor,
+    options: StepOptions,
+    real_b: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    r"""CUT's NCE term (a scalar, at least float32) and what to log, for ``fake`` = G(``real_a``).
+
+    .. math::  \mathrm{NCE} = \mathrm{NCE}_X = \mathrm{PatchNCE}(x, G(x)), \quad \text{or with nce\_idt} \quad
+               \mathrm{NCE} = \tfrac12 \bigl(\mathrm{NCE}_X + \mathrm{PatchNCE}(y, G(y))\bigr)
+
+    (:func:`reference.patchnce.patch_nce_per_image` on the generator's own ``encoder_features``
+    at its ``nce_layers``). ``options.nce_idt`` needs ``real_b`` (n', 3, H, W) and costs one more
+    forward of ``generator`` (the view that trains) on it; x and y then go through the encoder
+    and the heads as one batch, with the same patch locations. The encoder passes call the
+    module inside any DDP / compile wrapper: they run eagerly, and under DDP their gradient joins
+    G's in the same backward, which the wrapper then averages. Logged: ``"loss_nce"`` (the term,
+    before its weight) and, with nce_idt, ``"loss_nce_x"`` and ``"loss_nce_y"``.
+    """
+    plain = _plain(generator)
+    sources, translations = real_a, fake
+    if options.nce_idt:
+        if real_b is None:
+            raise ValueError("real_b: nce_idt needs a batch of target images for its (y, G(y)) term, got None")
+        identity = generator(real_b)
+        sources, translations = torch.cat([real_a, real_b]), torch.cat([fake, identity.to(fake.dtype)])
+    per_image = patch_nce_per_image(
+        plain.encoder_features, patch_nce.heads, sources, translations,
+        num_patches=options.nce_patches, temperature=options.nce_temperature,
+    )  # fmt: skip
+    if not options.nce_idt:
+        return per_image.mean(), {"loss_nce": per_image.mean().detach()}
+    nce_x, nce_y = per_image[: real_a.shape[0]].mean(), per_image[real_a.shape[0] :].mean()
+    nce = (nce_x + nce_y) / 2
+    return nce, {"loss_nce": nce.detach(), "loss_nce_x": nce_x.detach(), "loss_nce_y": nce_y.detach()}
 
 
 def cycle_terms(
@@ -194,6 +267,7 @@ def generator_step(
     travel_queue: TravelQueue | None = None,
     reverse: ReverseDirection | None = None,
     real_b: Tensor | None = None,
+    patch_nce: PatchNCE | None = None,
 ) -> dict[str, Any]:
     r"""One generator update on a batch ``real_a`` (n, 3, H, W) of source images in [-1, 1].
 
@@ -232,16 +306,28 @@ def generator_step(
     (:func:`cycle_terms`; ``options.lambda_cycle``, ``options.lambda_cycle_identity``; the travel
     and identity-L1 terms of L_G act on A -> B only). The result gains ``"loss_adv_ba"``,
     ``"loss_cycle"``, ``"loss_cycle_identity"`` and ``"fake_a"`` = G_BA(b) (detached, for D_A's step).
+
+    ``patch_nce`` (the heads and their optimizer): CUT's baseline. The loss gains
+    :math:`\lambda_\mathrm{NCE}\, \mathrm{NCE}` (:func:`nce_term`; ``options.lambda_nce``; with
+    ``options.nce_idt`` on ``real_b`` too) and the heads take one update from the same backward.
+    The result gains ``"loss_nce"`` (and ``"loss_nce_x"``, ``"loss_nce_y"`` with nce_idt).
     """
-    if (reverse is None) != (real_b is None):
+    nce_needs_b = patch_nce is not None and options.nce_idt
+    if (reverse is not None and real_b is None) or (real_b is not None and reverse is None and not nce_needs_b):
         raise ValueError(
             f"reverse, real_b: give both (G_BA, D_A, optimizer and target images) or neither, "
             f"got reverse={type(reverse).__name__}, real_b={type(real_b).__name__}"
         )
+    if nce_needs_b and real_b is None:
+        raise ValueError("real_b: nce_idt needs a batch of target images for its (y, G(y)) term, got None")
     if reverse is None and options.lambda_cycle:
         raise ValueError(f"reverse: lambda_cycle = {options.lambda_cycle} needs G_BA and D_A, got None")
+    if patch_nce is None and options.lambda_nce:
+        raise ValueError(f"patch_nce: lambda_nce = {options.lambda_nce} needs the PatchNCE heads, got None")
     if reverse is not None and 0 < options.micro_batch < real_a.shape[0]:
         raise ValueError("reverse: the cycle-consistent step runs on whole batches; set micro_batch = 0")
+    if patch_nce is not None and 0 < options.micro_batch < real_a.shape[0]:
+        raise ValueError("patch_nce: the PatchNCE term runs on whole batches; set micro_batch = 0")
     if emb_src is not None and encoder_optimizer is not None:
         raise ValueError(
             "emb_src: precomputed source embeddings cannot be used with a trainable encoder (encoder_optimizer)"
@@ -249,6 +335,8 @@ def generator_step(
     optimizers = [optimizer] if encoder_optimizer is None else [optimizer, encoder_optimizer]
     if reverse is not None:
         optimizers.append(reverse.optimizer)
+    if patch_nce is not None:
+        optimizers.append(patch_nce.optimizer)
     if 0 < options.micro_batch < real_a.shape[0]:
         return micro_batched_generator_step(
             generator, discriminator, encoder, optimizers, real_a, options, scaler=scaler,
@@ -282,6 +370,10 @@ def generator_step(
     if options.lambda_identity:
         loss = loss + options.lambda_identity * (fake.float() - real_a.float()).abs().mean()
     reported: dict[str, Any] = {}
+    if patch_nce is not None:
+        with options.autocast():
+            nce, reported = nce_term(generator, patch_nce, real_a, fake, options, real_b)
+        loss = loss + options.lambda_nce * nce
     if reverse is not None and real_b is not None:
         with options.autocast():
             fake_a = reverse.generator(real_b)
@@ -292,7 +384,7 @@ def generator_step(
             )
         adversarial_ba = generator_adversarial_loss(logits_a, options.gan_loss)
         loss = loss + adversarial_ba + options.lambda_cycle * (cycle + options.lambda_cycle_identity * cycle_identity)
-        reported = {
+        reported |= {
             "loss_adv_ba": adversarial_ba.detach(),
             "loss_cycle": cycle.detach(),
             "loss_cycle_identity": cycle_identity.detach(),

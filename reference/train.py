@@ -13,7 +13,9 @@ is an optional differentiable augmentation (``reference.losses.diff_augment``). 
 
 ``--lambda-cycle L`` > 0 adds CycleGAN's second generator G_BA and discriminator D_A and its
 cycle-consistency and identity terms (``reference.steps.generator_step``), for the CycleGAN
-baseline; ``--g-ema d`` keeps an exponential moving average of G's weights (checkpoint key
+baseline; ``--lambda-nce L`` > 0 adds CUT's patchwise contrastive term on G's own encoder
+features and trains its MLP heads with G (``reference.patchnce``), for the CUT baseline;
+``--g-ema d`` keeps an exponential moving average of G's weights (checkpoint key
 ``generator_ema``), which the sample grids and ``reference.translate.load_generator`` then use.
 
 Usage::
@@ -24,6 +26,8 @@ Usage::
     torchrun --nproc_per_node 4 reference/train.py --data ... --batch-size 32   # 4 x 32 = 128 pairs set
     python reference/train.py --data ... --batch-size 128 --micro-batch 16   # batch 128 in 16's activation memory
     python reference/train.py --data ... --lambda-travel 0 --lambda-cycle 10      # the CycleGAN baseline
+    python reference/train.py --data ... --lambda-travel 0 --lambda-nce 1         # the CUT baseline
+    python reference/train.py --data ... --lambda-travel 0 --lambda-nce 10 --no-nce-idt   # FastCUT
     python reference/train.py --data ... --g-ema 0.999              # samples and translate.py use the EMA of G
     python reference/train.py --resume --out runs/gta                             # continue latest.pt
     python reference/train.py --demo --out runs/demo              # the digit study (--demo streets: toy streets)
@@ -87,6 +91,7 @@ from reference.logs import MetricsLog, log_record, progress_bar, save_image_grid
 from reference.losses import GAN_LOSSES
 from reference.models import DISCRIMINATOR_NORMS, PatchDiscriminator, ResnetGenerator, SiameseEmbedder
 from reference.outputs import RunFolderBusyError, RunFolderLock, error_line
+from reference.patchnce import PatchHeads
 from reference.runtime import (
     RunInputError,
     Runtime,
@@ -101,7 +106,7 @@ from reference.runtime import (
     seed_everything,
     setup_runtime,
 )
-from reference.steps import ReverseDirection, StepOptions, discriminator_step, generator_step, update_ema
+from reference.steps import PatchNCE, ReverseDirection, StepOptions, discriminator_step, generator_step, update_ema
 from reference.stream import FlippedImages, stream_loader
 from reference.studies import DEFAULT_STUDY, STUDIES, run_study
 from travel_loss import TravelQueue
@@ -319,6 +324,10 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
             if config.channels_last:
                 modules[name].to(memory_format=torch.channels_last)
             optimizers[name] = torch.optim.Adam(modules[name].parameters(), lr=lr, betas=betas)
+    if config.lambda_nce:  # CUT's MLP heads on G's encoder layers, trained with G's loss at G's learning rate
+        heads = PatchHeads(generator.feature_channels(generator.nce_layers), dim=config.nce_dim, seed=config.seed)
+        modules["nce_heads"] = heads.to(device)
+        optimizers["nce_heads"] = torch.optim.Adam(heads.parameters(), lr=config.lr, betas=betas)
     ema = None
     if config.g_ema:
         ema = modules["generator_ema"] = copy.deepcopy(generator).requires_grad_(False)
@@ -375,6 +384,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     g_train, d_train, e_train, d_for_g = generator, discriminator, encoder, discriminator
     ga_train, da_train = modules.get("generator_ba"), modules.get("discriminator_a")  # None without the cycle
     da_for_g = da_train
+    nce_train = modules.get("nce_heads")  # None without the PatchNCE term
     if runtime.distributed:
         device_ids = [device.index] if device.type == "cuda" else None
         g_train = DistributedDataParallel(generator, device_ids=device_ids)
@@ -384,6 +394,8 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
         if config.lambda_cycle:
             ga_train = DistributedDataParallel(modules["generator_ba"], device_ids=device_ids)
             da_train = DistributedDataParallel(modules["discriminator_a"], device_ids=device_ids)
+        if nce_train is not None:
+            nce_train = DistributedDataParallel(nce_train, device_ids=device_ids)
     if config.compile:
         g_train, d_train, e_train, d_for_g, *cycle_views = compile_modules(
             [g_train, d_train, e_train, d_for_g, *((ga_train, da_train, da_for_g) if config.lambda_cycle else ())],
@@ -394,6 +406,8 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     reverse = None
     if ga_train is not None and da_for_g is not None:  # with lambda_cycle
         reverse = ReverseDirection(ga_train, da_for_g, optimizers["generator_ba"])
+    patch_nce = None if nce_train is None else PatchNCE(nce_train, optimizers["nce_heads"])  # never compiled
+    needs_b = reverse is not None or (patch_nce is not None and config.nce_idt)
 
     # ---- data
     batches_a = _batches(images_a, config, runtime, domain=0, start=data_position)
@@ -433,7 +447,8 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
             g_out = generator_step(
                 g_train, d_for_g, e_train, optimizers["generator"], real_a, options, scaler=scalers["generator"],
                 encoder_optimizer=optimizers.get("siamese"), adaptive_lambda=adaptive,
-                travel_queue=modules.get("travel_queue"), reverse=reverse, real_b=real_b if reverse else None,
+                travel_queue=modules.get("travel_queue"), reverse=reverse, real_b=real_b if needs_b else None,
+                patch_nce=patch_nce,
             )  # fmt: skip
             if ema is not None:
                 update_ema(ema, generator, config.g_ema)
