@@ -654,6 +654,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"stopped by {summary['interrupted']} at step {summary['step']}; "
             f"continue with --resume --out {summary['out']}"
         )
+    elif summary["images_per_second"] == 0.0:  # a resume with nothing left to do
+        print(f"already at step {summary['step']} of {config.steps}; checkpoint {summary['checkpoint']}")
     else:
         print(
             f"done: {summary['step']} steps, {summary['images_per_second']:.1f} images/s; "

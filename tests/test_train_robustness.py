@@ -324,3 +324,17 @@ def test_a_lock_is_not_held_by_the_processes_its_holder_forked(tmp_path: Path) -
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
+
+
+def test_a_resume_with_nothing_left_to_do_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(1)
+    for domain in ("a", "b"):
+        (tmp_path / domain).mkdir()
+        for index in range(4):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / domain / f"{index}.png")
+    argv = [*TINY, "--data-a", str(tmp_path / "a"), "--data-b", str(tmp_path / "b"), "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "already at step 2 of 2" in out and "images/s" not in out
