@@ -12,7 +12,8 @@ a run of the public trainer, ``reference/train.py --preset digits-demo --data-a 
   (``--encoder-mode module --encoder reference/studies/digit_data.py:stroke_embedder``);
 - ``identity-l1``: CycleGAN's identity term alone, ``+ w * mean|G(x) - x|`` (``--lambda-identity``);
 - ``cycle``: CycleGAN's full objective at its default weights (``--lambda-cycle 10``, identity 0.5);
-- ``patchnce``: CUT's PatchNCE at its defaults (``--lambda-nce 1``, with the identity NCE on B).
+- ``patchnce``: CUT's PatchNCE (``--lambda-nce 1``, with the identity NCE on B; its MLP heads and
+  patch count scaled down with the generator, 64 instead of 256: ``--nce-dim 64 --nce-patches 64``).
 
 ``--demo digits-full`` adds the lambda sweep that chose the travel weight, the other identity
 weight, TraVeLGAN's trainable Siamese network, a randomly initialised frozen embedder and the
@@ -94,7 +95,8 @@ CORE: tuple[Method, ...] = (
     _travel(TRAVEL_LAMBDA),
     Method("identity-l1", IDENTITY_WEIGHT, {"lambda_identity": IDENTITY_WEIGHT}),
     Method("cycle", 10.0, {"lambda_cycle": 10.0, "lambda_cycle_identity": 0.5}, cost=2.2),
-    Method("patchnce", 1.0, {"lambda_nce": 1.0, "nce_idt": True}, cost=2.0),
+    # CUT's objective; heads and patch count scaled with the generator (width 16 here, CUT's 64: 256 / 4)
+    Method("patchnce", 1.0, {"lambda_nce": 1.0, "nce_idt": True, "nce_dim": 64, "nce_patches": 64}, cost=1.8),
 )
 FULL: tuple[Method, ...] = (
     *CORE,
