@@ -114,9 +114,7 @@ class TrainConfig:
     nce_dim: int = 256  # with lambda_nce: width of the MLP heads and of the patch embeddings (CUT: 256)
 
     # encoder E
-    encoder: str = (
-        PAPER_ENCODER  # hub id or folder of a CLIP checkpoint; module mode: FILE.py:FACTORY or pkg.mod:FACTORY
-    )
+    encoder: str = PAPER_ENCODER  # CLIP hub id or local folder; with --encoder-mode module: FILE.py:FACTORY
     encoder_mode: str = "clip"  # clip | random-clip (the ablation) | siamese (TraVeLGAN) | toy | module (your own)
     crop: str = "center"  # FrozenCLIPEncoder crop policy: center | resize | full
     features: str = "pooled"  # FrozenCLIPEncoder features: pooled | projected
@@ -137,8 +135,8 @@ class TrainConfig:
     micro_batch: int = 0  # > 0: the generator step in chunks of this many images, same gradient (0: off)
     lr: float = 2e-4  # generator learning rate
     lr_d: float | None = None  # None: 2 * lr
-    beta1: float = 0.5  # Adam betas of both optimizers
-    beta2: float = 0.999
+    beta1: float = 0.5  # Adam beta1 of every optimizer
+    beta2: float = 0.999  # Adam beta2 of every optimizer
     decay_steps: int = 0  # linear decay of both learning rates to 0 over the last decay_steps
     g_ema: float = 0.0  # > 0: keep an EMA of G's weights, this decay (e.g. 0.999); samples, translate use it
 
@@ -146,9 +144,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | xla
     amp: str = "off"  # off | bf16 | fp16 (CUDA only)
     compile: bool = False  # torch.compile G, D and the encoder forward
-    compile_backend: str = "inductor"
+    compile_backend: str = "inductor"  # torch.compile backend (inductor; eager or aot_eager to debug)
     channels_last: bool = False  # channels-last memory format (pays under --compile on CUDA)
-    seed: int = 0
+    seed: int = 0  # draws the initial weights, the data order and every random choice of the run
 
     # output
     out: str = "runs/cliptravelgan"  # run folder: latest.pt, metrics.jsonl, samples/
@@ -157,7 +155,7 @@ class TrainConfig:
     max_unreadable_fraction: float = 0.05  # stop (after a checkpoint) when more of the image files fail to decode
     log_every: int = 50  # steps between metric lines (the only host syncs)
     sample_every: int = 500  # steps between input | translation PNG grids
-    sample_count: int = 8
+    sample_count: int = 8  # source images in each sample grid
     checkpoint_every: int = 1000  # steps between atomic checkpoints
     keep_checkpoints: int = 0  # also keep the last K checkpoints as step_XXXXXX.pt
 

@@ -514,3 +514,14 @@ def test_diff_augment_is_random_differentiable_and_policy_checked():
     assert set(shifted.unique().tolist()) <= {0.0, 1.0} and (shifted == 0).any()
     with pytest.raises(ValueError, match="unknown augmentation"):
         diff_augment(images, "color,blur")
+
+
+def test_every_flag_has_help_text_and_shows_its_default(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a default value
+    parser = train_module.build_parser()
+    missing = [a.option_strings for a in parser._actions if a.option_strings != ["-h", "--help"] and not a.help]
+    assert missing == []
+    text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        if action.default is not None and action.option_strings and action.option_strings[0] not in ("-h",):
+            assert f"(default: {action.default})" in text or f"(default: {action.default!s})" in text, action.dest
