@@ -18,9 +18,16 @@ process, after ``--warmup`` steps each, ``--repeats`` times; the tables report t
 best step (on a shared machine other work only ever adds time, so the best is the steadier
 figure there, and the target is judged on it).
 
+A second table prices shared random views (:class:`travel_loss.RandomViews`, the light recipe
+``shift=2, blur=0.5, noise=0.1``): the frozen encoder's whole step with K views for each of
+``--view-counts`` against the same step without views, interleaved likewise. The encoder runs K
+times per image, so the ratio should be close to K; the views themselves add little.
+
     python benchmarks/bench_encoder.py               # hidden 256, 6 layers, 224 px, batch 8
     python benchmarks/bench_encoder.py --threads 1   # steadier on a shared machine
     python benchmarks/bench_encoder.py --hidden 1024 --layers 24 --heads 16 --patch 14 --device cuda
+    python benchmarks/bench_encoder.py --hidden 64 --layers 2 --heads 2 --image-size 64 --patch 8 \
+        --input-size 72 --threads 1                  # tiny: a quick check of both tables
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from travel_loss import travel_loss
+from travel_loss import RandomViews, travel_loss, travel_loss_over_views
 from travel_loss.encoder import FrozenCLIPEncoder
 
 PHASES = ("source forward", "generated forward", "backward", "step")
@@ -70,6 +77,21 @@ def timed_step(encoder: FrozenCLIPEncoder, source: torch.Tensor, generated: torc
     return phases
 
 
+def timed_views_step(encoder: FrozenCLIPEncoder, source: torch.Tensor, generated: torch.Tensor, count: int) -> float:
+    """Seconds of one whole travel-term step with ``count`` shared random views (0: no views)."""
+    generated.grad = None
+    start = _now(source.device)
+    if count == 0:
+        with torch.no_grad():
+            emb_src = encoder(source)
+        loss = travel_loss(emb_src, encoder(generated), check_finite=False)
+    else:
+        views = RandomViews(count=count, shift=2, blur=0.5, noise=0.1)
+        loss = travel_loss_over_views(encoder, source, generated, views, check_finite=False)
+    loss.backward()
+    return _now(source.device) - start
+
+
 def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -89,6 +111,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--view-counts", type=int, nargs="*", default=[1, 2, 4], help="K of the views table")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,6 +142,31 @@ def main() -> None:
         ratios = print_table(statistic, reduce, samples)
     verdict = "meets" if ratios["backward"] <= 0.7 else "misses"
     print(f"best frozen/trainable backward {ratios['backward']:.2f}x: {verdict} the 0.7x target")
+    if args.view_counts:
+        print_views_table(args, encoders["frozen"], source, generated)
+
+
+def print_views_table(
+    args: argparse.Namespace, encoder: FrozenCLIPEncoder, source: torch.Tensor, generated: torch.Tensor
+) -> None:
+    """Times the frozen encoder's step with K shared random views against no views, interleaved."""
+    counts = [0, *args.view_counts]
+    for _ in range(args.warmup):
+        for count in counts:
+            timed_views_step(encoder, source, generated, count)
+    samples: dict[int, list[float]] = {count: [] for count in counts}
+    for _ in tqdm(range(args.repeats), desc="views", leave=False):
+        for count in counts:
+            samples[count].append(timed_views_step(encoder, source, generated, count))
+    print("\nshared random views (shift 2, blur p 0.5, noise 0.1), frozen encoder, whole step, ms")
+    header = f"{'views':<10} | {'median':>9} | {'best':>9} | {'best / no views':>15}"
+    print(header)
+    print("-" * len(header))
+    baseline = min(samples[0])
+    for count in counts:
+        name = "none" if count == 0 else f"K = {count}"
+        median, best = statistics.median(samples[count]), min(samples[count])
+        print(f"{name:<10} | {1e3 * median:>9.1f} | {1e3 * best:>9.1f} | {best / baseline:>14.2f}x")
 
 
 def print_table(statistic: str, reduce, samples: dict[str, list[dict]]) -> dict[str, float]:

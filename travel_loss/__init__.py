@@ -2,6 +2,9 @@
 
 - :func:`travel_loss` / :class:`TravelLoss`: the loss between (N, D) embeddings of a batch and
   of its translations; :func:`siamese_margin_loss` for a trainable (TraVeLGAN) embedder.
+- :class:`RandomViews` (``TravelLoss(encoder=..., views=...)``, :func:`travel_loss_over_views`,
+  :func:`embed_views`): the loss over embeddings averaged across random views shared by x and
+  G(x), against a generator that games the frozen encoder; transforms in :mod:`travel_loss.views`.
 - :class:`FrozenCLIPEncoder`: a frozen CLIP image encoder that takes generator images and
   crops, resizes and normalises them differentiably; :class:`EncoderEnsemble` for several.
 - :mod:`travel_loss.distributed`: the global-batch loss under DDP.
@@ -10,17 +13,21 @@
 
 from travel_loss.encoder import CheckpointNotFoundError, EncoderEnsemble, FrozenCLIPEncoder, FrozenEncoder
 from travel_loss.gradcache import backward_chunk, embed_in_chunks, travel_loss_and_embedding_grads  # noqa: F401
-from travel_loss.loss import TravelLoss, siamese_margin_loss, travel_loss
+from travel_loss.loss import TravelLoss, siamese_margin_loss, travel_loss, travel_loss_over_views
 from travel_loss.queue import TravelQueue
+from travel_loss.views import RandomViews, embed_views
 
 __all__ = [
     "CheckpointNotFoundError",
     "EncoderEnsemble",
     "FrozenCLIPEncoder",
     "FrozenEncoder",
+    "RandomViews",
     "TravelLoss",
     "TravelQueue",
+    "embed_views",
     "siamese_margin_loss",
     "travel_loss",
+    "travel_loss_over_views",
 ]
 __version__ = "0.1.0"

@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Literal, cast
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TravelLoss", "pairwise_squared_norms", "siamese_margin_loss", "travel_loss"]
+from travel_loss.views import Encoder, RandomViews, _check_view_arguments, average_embeddings, embed_each_view
+
+__all__ = ["TravelLoss", "pairwise_squared_norms", "siamese_margin_loss", "travel_loss", "travel_loss_over_views"]
 
 Distance = Literal["cosine", "squared_euclidean", "travelgan"]
 Reduction = Literal["mean", "sum", "none"]
@@ -106,6 +108,54 @@ def travel_loss(
     return _reduce(pair_distances, reduction).to(_result_dtype(src.dtype))
 
 
+def travel_loss_over_views(
+    encoder: Encoder,
+    x: Tensor,
+    fake: Tensor,
+    views: RandomViews,
+    *,
+    generator: torch.Generator | None = None,
+    distance: Distance = "cosine",
+    reduction: Reduction = "mean",
+    check_finite: bool = True,
+) -> Tensor:
+    r"""The travel loss under K random views shared by x and G(x) (see :mod:`travel_loss.views`).
+
+    With draws :math:`\tau_1, \dots, \tau_K` applied alike to both batches, ``views.average``
+    chooses between the loss of the view-averaged embeddings (``"embeddings"``)
+
+    .. math::  L = L_\mathrm{travel}\Bigl(\tfrac1K \textstyle\sum_k E(\tau_k(x)),\
+               \tfrac1K \sum_k E(\tau_k(G(x)))\Bigr)
+
+    and the mean of the per-view losses (``"loss"``),
+    :math:`\frac1K \sum_k L_\mathrm{travel}(E(\tau_k(x)), E(\tau_k(G(x))))`. The source views are
+    embedded under ``torch.no_grad()``; gradients reach ``fake`` only. One view with every
+    transform off is exactly ``travel_loss(E(x), E(fake))``.
+
+    Args:
+        encoder: a frozen embedder (N, C, H, W) -> (N, D), or one returning a tuple per encoder.
+        x: (N, C, H, W) source images, N >= 2; fake: their translations, the same shape.
+        views: a :class:`~travel_loss.RandomViews`.
+        generator: the source of the views' random numbers (None: torch's global RNG).
+        distance, reduction, check_finite: as in :func:`travel_loss`.
+
+    Returns:
+        As :func:`travel_loss`: a scalar, or (N, N) pair distances for ``reduction="none"``.
+
+    Raises:
+        TypeError, ValueError: a bad argument, named in the message, before the encoder runs.
+    """
+    _check_option("distance", distance, DISTANCES)
+    _check_option("reduction", reduction, REDUCTIONS)
+    _check_view_arguments(encoder, x, fake, views, generator, min_batch=2)
+    src, gen = embed_each_view(encoder, x, fake, views, generator=generator)
+    options = dict(distance=distance, reduction=reduction, check_finite=check_finite)
+    if views.average == "embeddings":
+        return travel_loss(average_embeddings(src), average_embeddings(gen), **options)  # type: ignore[arg-type]
+    per_view = [travel_loss(s, g, **options) for s, g in zip(src, gen)]  # type: ignore[arg-type]
+    return torch.stack(per_view).mean(dim=0)
+
+
 def siamese_margin_loss(emb: Tensor, margin: float = 10.0, *, check_finite: bool = True) -> Tensor:
     r"""TraVeLGAN's margin term that keeps a *trainable* Siamese embedder from collapsing.
 
@@ -144,13 +194,21 @@ class TravelLoss(nn.Module):
     registered submodule, so ``.to(device)`` moves it (a :class:`~travel_loss.FrozenEncoder`
     adds nothing to ``state_dict()`` or ``parameters()``).
 
+    With ``views=RandomViews(...)`` as well (an encoder is then required), the loss is
+    :func:`travel_loss_over_views`: x and ``fake`` are embedded under the same K random views,
+    drawn from ``generator=`` of the call or from torch's global RNG. Without views (the default)
+    the module is exactly as above.
+
     >>> loss_fn = TravelLoss(encoder=FrozenEncoder("google/siglip-base-patch16-224")).to(device)
     >>> loss_g = adversarial + lam * loss_fn(real_a, fake_b)
+    >>> robust = TravelLoss(encoder=encoder, views=RandomViews(count=2, shift=2, blur=0.5, noise=0.1))
     """
 
     if TYPE_CHECKING:
         # nn.Module.__call__ is typed (...) -> Any; calling the module runs forward.
-        def __call__(self, first: Embeddings, second: Embeddings) -> Tensor: ...
+        def __call__(
+            self, first: Embeddings, second: Embeddings, *, generator: torch.Generator | None = None
+        ) -> Tensor: ...
 
     def __init__(
         self,
@@ -159,6 +217,7 @@ class TravelLoss(nn.Module):
         check_finite: bool = True,
         *,
         encoder: nn.Module | None = None,
+        views: RandomViews | None = None,
     ) -> None:
         super().__init__()
         _check_option("distance", distance, DISTANCES)
@@ -167,13 +226,29 @@ class TravelLoss(nn.Module):
             raise TypeError(
                 f"encoder: expected None or an nn.Module mapping images to embeddings, got {type(encoder).__name__}"
             )
+        _check_views_option(views, encoder)
         self.distance = distance
         self.reduction = reduction
         self.check_finite = check_finite
         self.encoder = encoder
+        self.views = views
 
-    def forward(self, first: Embeddings, second: Embeddings) -> Tensor:
-        """``(emb_src, emb_gen)`` without an encoder; ``(x, fake)`` images with one."""
+    def forward(self, first: Embeddings, second: Embeddings, *, generator: torch.Generator | None = None) -> Tensor:
+        """``(emb_src, emb_gen)`` without an encoder; ``(x, fake)`` images with one. ``generator``
+        draws the views' random numbers (only with ``views``; None: torch's global RNG)."""
+        if self.views is not None:
+            return travel_loss_over_views(
+                self.encoder,  # type: ignore[arg-type]  # checked in __init__: views need an encoder
+                first,  # type: ignore[arg-type]  # images, checked there
+                second,  # type: ignore[arg-type]
+                self.views,
+                generator=generator,
+                distance=self.distance,
+                reduction=self.reduction,
+                check_finite=self.check_finite,
+            )
+        if generator is not None:
+            raise ValueError("generator: draws the random views, but this TravelLoss has none (views=None)")
         if self.encoder is not None:
             first, second = self._embed(first, second)  # type: ignore[arg-type]
         return travel_loss(
@@ -205,7 +280,8 @@ class TravelLoss(nn.Module):
         return emb_src, self.encoder(fake)  # type: ignore[misc]
 
     def extra_repr(self) -> str:
-        return f"distance={self.distance!r}, reduction={self.reduction!r}"
+        views = "" if self.views is None else f", views={self.views!r}"
+        return f"distance={self.distance!r}, reduction={self.reduction!r}{views}"
 
 
 def pairwise_squared_norms(gram: Tensor) -> Tensor:
@@ -306,6 +382,15 @@ def _travel_loss_over_encoders(emb_src: Embeddings, emb_gen: Embeddings, **optio
                 )
     losses = [travel_loss(s, g, **options) for s, g in zip(emb_src, emb_gen)]  # type: ignore[arg-type]
     return torch.stack(losses).mean(dim=0)
+
+
+def _check_views_option(views: object, encoder: object) -> None:
+    if views is None:
+        return
+    if not isinstance(views, RandomViews):
+        raise TypeError(f"views: expected None or a travel_loss.RandomViews, got {type(views).__name__}")
+    if encoder is None:
+        raise ValueError("views: random views are of images, so they need encoder=...; got views without an encoder")
 
 
 def _check_option(name: str, value: object, allowed: tuple[str, ...]) -> None:

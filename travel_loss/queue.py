@@ -36,9 +36,11 @@ from travel_loss.loss import (
     Reduction,
     _check_all_finite,
     _check_option,
+    _check_views_option,
     _pair_distances,
     _result_dtype,
 )
+from travel_loss.views import RandomViews, embed_views
 
 __all__ = ["TravelQueue"]
 
@@ -54,6 +56,13 @@ class TravelQueue(nn.Module):
             ``"none"`` for the (n, n + q) matrix of pair distances, columns ordered as the
             current rows then the queue from oldest to newest, zero where j = i.
         check_finite: raise ``ValueError`` on NaN or infinite embeddings (one host sync).
+        encoder: None (the default: the queue takes embeddings), or a frozen encoder (N, 3, H, W)
+            -> (N, D): the queue then takes images, ``queue(x, fake)``, embeds ``x`` under
+            ``torch.no_grad()`` and ``fake`` with gradient, as :class:`~travel_loss.TravelLoss` does.
+        views: None, or :class:`~travel_loss.RandomViews` (needs ``encoder``, and
+            ``average="embeddings"``): the current rows are the view-averaged embeddings of
+            :func:`~travel_loss.views.embed_views`, and those are what is queued. Random numbers come
+            from ``generator=`` of the call, or torch's global RNG.
 
     Call it with the (n, D) embeddings ``emb_src`` :math:`s_i = E(x_i)` and ``emb_gen``
     :math:`g_i = E(G(x_i))` of the current batch (n >= 1; (n, \*) inputs are flattened). With an
@@ -74,7 +83,7 @@ class TravelQueue(nn.Module):
 
     if TYPE_CHECKING:
         # nn.Module.__call__ is typed (...) -> Any; calling the queue runs forward.
-        def __call__(self, emb_src: Tensor, emb_gen: Tensor) -> Tensor: ...
+        def __call__(self, emb_src: Tensor, emb_gen: Tensor, *, generator: torch.Generator | None = None) -> Tensor: ...
 
     def __init__(
         self,
@@ -83,12 +92,26 @@ class TravelQueue(nn.Module):
         distance: Distance = "cosine",
         reduction: Reduction = "mean",
         check_finite: bool = True,
+        encoder: nn.Module | None = None,
+        views: RandomViews | None = None,
     ) -> None:
         super().__init__()
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"size: expected an int >= 0 (rows kept from earlier batches), got {size!r}")
         _check_option("distance", distance, DISTANCES)
         _check_option("reduction", reduction, REDUCTIONS)
+        if encoder is not None and not isinstance(encoder, nn.Module):
+            raise TypeError(
+                f"encoder: expected None or an nn.Module mapping images to embeddings, got {type(encoder).__name__}"
+            )
+        _check_views_option(views, encoder)
+        if views is not None and views.average != "embeddings":
+            raise ValueError(
+                f"views: a TravelQueue queues view-averaged embeddings, so it expects average='embeddings', got "
+                f"average={views.average!r}"
+            )
+        self.encoder = encoder
+        self.views = views
         self.size = size
         self.distance = distance
         self.reduction = reduction
@@ -111,7 +134,12 @@ class TravelQueue(nn.Module):
         """Empty the queue."""
         self._src = self._gen = None
 
-    def forward(self, emb_src: Tensor, emb_gen: Tensor) -> Tensor:
+    def forward(self, emb_src: Tensor, emb_gen: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """``(emb_src, emb_gen)`` without an encoder; ``(x, fake)`` images with one."""
+        if generator is not None and self.views is None:
+            raise ValueError("generator: draws the random views, but this TravelQueue has none (views=None)")
+        if self.encoder is not None:
+            emb_src, emb_gen = self._embed(emb_src, emb_gen, generator)
         src, gen = self._validated(emb_src, emb_gen)
         n = src.shape[0]
         dtype = _result_dtype(src.dtype)
@@ -162,10 +190,21 @@ class TravelQueue(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, distance={self.distance!r}, reduction={self.reduction!r}, queued={len(self)}"
+        views = "" if self.views is None else f", views={self.views!r}"
+        return f"size={self.size}, distance={self.distance!r}, reduction={self.reduction!r}, queued={len(self)}{views}"
 
     # ----------------------------------------------------------------------------------------
     # internals
+
+    def _embed(self, x: Tensor, fake: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        assert self.encoder is not None
+        # Without views: one view with every transform off, i.e. E(x) under no_grad and E(fake).
+        views = RandomViews() if self.views is None else self.views
+        src, gen = embed_views(self.encoder, x, fake, views, generator=generator)
+        for name, embeddings in (("encoder(x)", src), ("encoder(fake)", gen)):
+            if not isinstance(embeddings, Tensor):
+                raise TypeError(f"{name}: a TravelQueue expects one (n, D) tensor, got {type(embeddings).__name__}")
+        return src, gen
 
     def _push(self, src: Tensor, gen: Tensor) -> None:
         if self.size == 0:
