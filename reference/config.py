@@ -101,6 +101,8 @@ class TrainConfig:
     travel_distance: str = "cosine"  # travel_loss distance: cosine | squared_euclidean | travelgan
     travel_reduction: str = "mean"  # mean | sum over the N(N-1) pairs (lambda conventions: README)
     travel_queue: int = 0  # K > 0: also pair with the last K rows of earlier batches (travel_loss.TravelQueue)
+    travel_views: int = 0  # > 0: E averaged over this many shared random views of x and G(x) (0: the images)
+    travel_view_transforms: str = "shift=2,blur=0.5,noise=0.1"  # with travel_views: travel_loss.RandomViews.parse
     gan_loss: str = "bce"  # bce (non-saturating) | lsgan | hinge
     augment: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"
     r1_gamma: float = 0.0  # > 0: D's R1 penalty (gamma / 2) E|grad_x D(x)|^2 on real images (Mescheder et al. 2018)
@@ -262,6 +264,18 @@ def check_config(config: TrainConfig) -> None:
         fail("micro_batch", "0 with lambda_identity > 0 (the identity baseline runs on whole batches)")
     if config.micro_batch and config.lambda_cycle:
         fail("micro_batch", "0 with lambda_cycle > 0 (the cycle-consistent step runs on whole batches)")
+    positive_int("travel_views", 0)
+    if config.travel_views:
+        from travel_loss import RandomViews
+
+        try:
+            RandomViews.parse(config.travel_view_transforms)
+        except (TypeError, ValueError) as error:
+            fail("travel_view_transforms", f"a view spec such as 'shift=2,blur=0.5,noise=0.1' ({error})")
+        if config.micro_batch:
+            fail("micro_batch", "0 with travel_views > 0 (the chunked gradient cache embeds the images themselves)")
+        if config.encoder_mode == "siamese":
+            fail("travel_views", "0 with encoder_mode siamese (views are for a frozen encoder)")
     if config.micro_batch and config.lambda_nce:
         fail("micro_batch", "0 with lambda_nce > 0 (the PatchNCE term runs on whole batches)")
     if not isinstance(config.nce_idt, bool):

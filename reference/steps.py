@@ -34,7 +34,7 @@ from reference.losses import (
     notebook_travel_loss,
 )
 from reference.patchnce import patch_nce_per_image
-from travel_loss import TravelQueue, siamese_margin_loss, travel_loss
+from travel_loss import RandomViews, TravelQueue, embed_views, siamese_margin_loss, travel_loss
 from travel_loss.distributed import all_gather_with_grad
 from travel_loss.gradcache import backward_chunk, embed_in_chunks, travel_loss_and_embedding_grads
 
@@ -77,6 +77,7 @@ class StepOptions:
     nce_idt: bool = True  # PatchNCE also on (y, G(y)) for target images y, the two averaged (CUT's default)
     nce_patches: int = 256  # PatchNCE: patch locations sampled per layer
     nce_temperature: float = 0.07  # PatchNCE: softmax temperature
+    views: RandomViews | None = None  # E averaged over shared random views of x and G(x) (a frozen encoder)
 
     @classmethod
     def from_config(cls, config: TrainConfig, device_type: str) -> StepOptions:
@@ -99,6 +100,9 @@ class StepOptions:
             nce_idt=config.nce_idt,
             nce_patches=config.nce_patches,
             nce_temperature=config.nce_temperature,
+            views=RandomViews.parse(f"count={config.travel_views},{config.travel_view_transforms}")
+            if config.travel_views
+            else None,
         )
 
     def autocast(self) -> torch.autocast:
@@ -352,13 +356,17 @@ def generator_step(
         if encoder_optimizer is not None:  # one forward of the trainable embedder (one DDP call)
             emb_src, emb_gen = encoder(torch.cat([real_a, fake])).chunk(2)
         else:
-            if emb_src is None:
-                with torch.no_grad():
-                    emb_src = encoder(real_a)
             # at a fixed lambda of 0 the travel term is only logged: no graph through E
             travel_trains = adaptive_lambda is not None or options.lambda_travel != 0
-            with torch.set_grad_enabled(travel_trains):
-                emb_gen = encoder(fake)
+            if options.views is not None:  # the same random views of x and G(x); E(views of x) without grad
+                with torch.set_grad_enabled(travel_trains):
+                    emb_src, emb_gen = embed_views(encoder, real_a, fake, options.views)
+            else:
+                if emb_src is None:
+                    with torch.no_grad():
+                        emb_src = encoder(real_a)
+                with torch.set_grad_enabled(travel_trains):
+                    emb_gen = encoder(fake)
     adversarial = generator_adversarial_loss(fake_logits, options.gan_loss)
     emb_src = all_gather_with_grad(_at_least_float32(emb_src))
     emb_gen = all_gather_with_grad(_at_least_float32(emb_gen))
