@@ -95,9 +95,16 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from reference.config import PAPER_ENCODER
 from reference.data import IMAGE_EXTENSIONS
 from reference.models import PatchDiscriminator
-from travel_loss.lambdas import mean_to_paper_lambda, paper_to_mean_lambda
+from travel_loss.lambdas import (
+    PAPER_BATCH_SIZE,
+    _check_batch_and_patches,
+    _check_lambda,
+    mean_to_paper_lambda,
+    paper_to_mean_lambda,
+)
 
 __all__ = [
     "CONVENTIONS",
@@ -116,8 +123,6 @@ __all__ = [
     "preset_config",
 ]
 
-PAPER_ENCODER = "openai/clip-vit-large-patch14"
-PAPER_BATCH_SIZE = 128
 PAPER_SIZE = 256
 CONVENTIONS = ("mean", "notebook")
 
@@ -138,25 +143,8 @@ def patches_per_image(size: int = PAPER_SIZE, d_layers: int = 3) -> int:
 def notebook_lambda(lambda_paper: float, *, batch_size: int = PAPER_BATCH_SIZE, patches: int | None = None) -> float:
     r""":math:`\lambda_\mathrm{paper} / (NP)`: the weight of ``travel_objective="notebook"`` next to this
     project's mean adversarial loss that reproduces the notebook's summed objective."""
-    n, p = _check_batch_and_patches(batch_size, patches)
+    n, p = _check_batch_and_patches(batch_size, patches)  # patches None: PAPER_PATCHES, patches_per_image()
     return _check_lambda(lambda_paper) / (n * p)
-
-
-def _check_batch_and_patches(batch_size: int, patches: int | None) -> tuple[int, int]:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 2:
-        raise ValueError(
-            f"batch_size: expected an int >= 2 (the global batch; pairs need two images), got {batch_size!r}"
-        )
-    patches = patches_per_image() if patches is None else patches
-    if not isinstance(patches, int) or isinstance(patches, bool) or patches < 1:
-        raise ValueError(f"patches: expected an int >= 1 (logits per image), got {patches!r}")
-    return batch_size, patches
-
-
-def _check_lambda(value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-        raise ValueError(f"lambda: expected a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 # ---------------------------------------------------------------------------------------------

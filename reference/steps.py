@@ -284,7 +284,7 @@ def generator_step(
     gathered with gradient, so the travel loss compares every pair of the global batch.
 
     ``discriminator`` must be the *unwrapped* module (not DDP): only G (and E) receive gradients
-    here. ``adaptive_lambda`` (``reference.adaptive_lambda.GradientBalancedLambda``) replaces
+    here. ``adaptive_lambda`` (``travel_loss.lambdas.GradientBalancedLambda``) replaces
     ``options.lambda_travel`` by a gradient-balanced value. Returns detached losses, the lambda
     used and the translations ``"fake"`` (detached) for the discriminator step.
 

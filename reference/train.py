@@ -341,7 +341,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     scalers = {name: torch.amp.GradScaler("cuda", enabled=fp16) for name in scaled}
     adaptive = None
     if config.lambda_travel == "auto":
-        from reference.adaptive_lambda import GradientBalancedLambda, last_layer_weight
+        from travel_loss.lambdas import GradientBalancedLambda, last_layer_weight
 
         adaptive = GradientBalancedLambda(
             last_layer_weight(generator), momentum=config.lambda_auto_momentum, scale=config.lambda_auto_scale

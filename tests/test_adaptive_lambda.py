@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from reference.adaptive_lambda import GradientBalancedLambda, last_layer_weight
 from reference.models import ResnetGenerator
 from travel_loss import travel_loss
+from travel_loss.lambdas import GradientBalancedLambda, last_layer_weight
 
 
 def _losses(seed: int, adversarial_weight: float = 1.0):

@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import reference.adaptive_lambda
 import reference.presets
 from reference.presets import patches_per_image
 from travel_loss import lambdas
@@ -18,10 +17,9 @@ from travel_loss.lambdas import (
 
 
 def test_reference_modules_re_export_the_package_objects():
-    assert reference.adaptive_lambda.GradientBalancedLambda is lambdas.GradientBalancedLambda
-    assert reference.adaptive_lambda.last_layer_weight is lambdas.last_layer_weight
     assert reference.presets.paper_to_mean_lambda is paper_to_mean_lambda
     assert reference.presets.mean_to_paper_lambda is mean_to_paper_lambda
+    assert reference.presets.PAPER_BATCH_SIZE is lambdas.PAPER_BATCH_SIZE
 
 
 def test_default_patches_are_the_3_layer_patchgan_at_256_px():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference.adaptive_lambda import GradientBalancedLambda, last_layer_weight
 from reference.config import TrainConfig, check_config
 from reference.models import PatchDiscriminator, ResnetGenerator, SiameseEmbedder
 from reference.train import StepOptions, build_parser, generator_step
 from travel_loss import FrozenCLIPEncoder
+from travel_loss.lambdas import GradientBalancedLambda, last_layer_weight
 
 TINY_VISION = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                    num_attention_heads=2, projection_dim=8)  # fmt: skip

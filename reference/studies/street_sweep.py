@@ -7,7 +7,7 @@ method than the demo has:
 - ``gan``: lambda = 0;
 - ``travel``: the frozen palette-free layout encoder at lambda in ``TRAVEL_WEIGHTS``;
 - ``travel-auto``: ``--lambda-travel auto`` (the gradient-balanced lambda of
-  :mod:`reference.adaptive_lambda`) at the scales in ``AUTO_SCALES`` (its weight is the scale);
+  :mod:`travel_loss.lambdas`) at the scales in ``AUTO_SCALES`` (its weight is the scale);
 - ``identity-l1``: CycleGAN's identity term alone at the weights in ``IDENTITY_WEIGHTS``;
 - ``cycle``: CycleGAN's objective at cycle weights ``CYCLE_WEIGHTS`` (identity 0.5);
 - ``siamese`` (TraVeLGAN, lambda 10) and ``random-encoder`` (the ablation, lambda 10).
