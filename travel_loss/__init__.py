@@ -7,13 +7,18 @@
   G(x), against a generator that games the frozen encoder; transforms in :mod:`travel_loss.views`.
 - :class:`FrozenCLIPEncoder`: a frozen CLIP image encoder that takes generator images and
   crops, resizes and normalises them differentiably; :class:`EncoderEnsemble` for several.
-- :mod:`travel_loss.distributed`: the global-batch loss under DDP.
+- :func:`paper_to_mean_lambda` (and its inverse): the paper's summed-loss lambda in this package's
+  mean convention; :class:`GradientBalancedLambda`: lambda from the ratio of gradient norms.
+- :class:`TravelConsistency`: the evaluation metric, accumulated batch by batch.
+- :mod:`travel_loss.distributed`: the global-batch loss under DDP; :mod:`travel_loss.gradcache`:
+  the exact micro-batched generator step (gradient caching).
 - :mod:`travel_loss.testing`: ``check_embedder`` and hypothesis strategies for your own embedders.
 """
 
 from travel_loss.encoder import CheckpointNotFoundError, EncoderEnsemble, FrozenCLIPEncoder, FrozenEncoder
-from travel_loss.gradcache import backward_chunk, embed_in_chunks, travel_loss_and_embedding_grads  # noqa: F401
+from travel_loss.lambdas import GradientBalancedLambda, mean_to_paper_lambda, paper_to_mean_lambda
 from travel_loss.loss import TravelLoss, siamese_margin_loss, travel_loss, travel_loss_over_views
+from travel_loss.metrics import TravelConsistency
 from travel_loss.queue import TravelQueue
 from travel_loss.views import RandomViews, embed_views
 
@@ -22,10 +27,14 @@ __all__ = [
     "EncoderEnsemble",
     "FrozenCLIPEncoder",
     "FrozenEncoder",
+    "GradientBalancedLambda",
     "RandomViews",
+    "TravelConsistency",
     "TravelLoss",
     "TravelQueue",
     "embed_views",
+    "mean_to_paper_lambda",
+    "paper_to_mean_lambda",
     "siamese_margin_loss",
     "travel_loss",
     "travel_loss_over_views",
