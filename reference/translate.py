@@ -82,6 +82,7 @@ def _strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
 def load_generator(checkpoint: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ResnetGenerator:
     """The generator stored in ``checkpoint``, on ``device``, in eval mode.
 
+    ``checkpoint`` is a checkpoint file or a run folder (the trainer's ``--out``: its ``latest.pt``).
     The A -> B generator: its EMA weights (``"generator_ema"``) when the trainer kept them
     (``--g-ema``), else ``"generator"``.
 
@@ -90,8 +91,11 @@ def load_generator(checkpoint: str | os.PathLike[str], *, device: str | torch.de
     beside it) or holds neither the trainer's dict nor a generator state_dict.
     """
     path = Path(checkpoint)
+    if path.is_dir() and (path / "latest.pt").is_file():  # a run folder (the trainer's --out)
+        path = path / "latest.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        hint = " (a folder without latest.pt: not a finished run folder)" if path.is_dir() else ""
+        raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
     stored = load_checkpoint(path, advice="translate with one of them: --checkpoint FILE")
     if isinstance(stored, Mapping) and "generator" in stored:
         state_dict, kwargs = stored.get("generator_ema", stored["generator"]), stored.get("generator_kwargs")
@@ -300,8 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace files of the same name in --output")
     args = parser.parse_args(argv)
     try:
+        if args.checkpoint.is_dir() and (args.checkpoint / "latest.pt").is_file():  # a run folder: its latest.pt
+            args.checkpoint = args.checkpoint / "latest.pt"
         if not args.checkpoint.is_file():
-            raise FileNotFoundError(f"--checkpoint: checkpoint not found: {args.checkpoint}")
+            what = "a folder without latest.pt" if args.checkpoint.is_dir() else "checkpoint not found"
+            raise FileNotFoundError(f"--checkpoint: {what}: {args.checkpoint}")
         with warnings.catch_warnings():  # translate_folder warns about unreadable files, once
             warnings.simplefilter("ignore", UnreadableImageWarning)
             _usable_images(args.input, args.output, args.overwrite)  # fail on a bad folder before loading the model

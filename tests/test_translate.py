@@ -274,3 +274,15 @@ def test_runs_as_a_script_from_anywhere_and_as_a_module(
         runpy.run_module("reference.translate", run_name="__main__", alter_sys=True)
     assert exit_info.value.code == 0
     assert len(list((tmp_path / "module").glob("*.png"))) == 4
+
+
+def test_a_run_folder_stands_for_its_latest_checkpoint(checkpoint: Path, odd_folder: Path, tmp_path: Path) -> None:
+    run_folder = checkpoint.parent  # the fixture writes RUN/latest.pt, as the trainer does
+    from_folder, from_file = load_generator(run_folder), load_generator(checkpoint)
+    assert all(torch.equal(v, from_file.state_dict()[k]) for k, v in from_folder.state_dict().items())
+    argv = ["--checkpoint", str(run_folder), "--input", str(odd_folder), "--output", str(tmp_path / "cli")]
+    argv.append("--no-progress")
+    assert main(argv) == 0
+    (tmp_path / "not_a_run").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a finished run folder"):
+        load_generator(tmp_path / "not_a_run")
