@@ -65,6 +65,7 @@ __all__ = ["CORE", "FULL", "QUICK", "DigitDemoSettings", "Method", "run_digit_de
 REPORT_NAME = "demo_report.json"
 GRID_NAME = "demo_grid.png"
 FRONTIER_NAME = "demo_frontier.png"
+SECONDS_NAME = "study_seconds.txt"  # in each run folder: the wall seconds of the study run that trained it
 _DATA = Path(__file__).with_name("digit_data.py")
 EMBEDDERS = {name: f"{_DATA}:{name}_embedder" for name in ("stroke", "pixel", "random")}
 TRAVEL_LAMBDA = 3.0  # chosen once by the digits-full sweep over 1, 3, 10, 30 (README: the digit study)
@@ -192,7 +193,13 @@ def _run_study(out: Path, first_seed: int, settings: DigitDemoSettings, progress
     runs = {(method.key, seed): _trainer_run(method, settings, data, out, seed) for method, seed in jobs}
     order = sorted(jobs, key=lambda job: -job[0].cost)  # longest first: the two workers finish together
     say(f"training {len(jobs)} runs ({len(settings.methods)} methods x {len(seeds)} seeds), {settings.workers} at once")
+    finished_before = {run.name for run in runs.values() if (run.out / SECONDS_NAME).is_file()}
     seconds = run_trainers([runs[m.key, s] for m, s in order], workers=settings.workers, say=say)
+    for run in runs.values():  # a rerun skips finished runs: keep the wall time of the run that trained
+        if run.name in finished_before:
+            seconds[run.name] = float((run.out / SECONDS_NAME).read_text())
+        else:
+            (run.out / SECONDS_NAME).write_text(f"{seconds.get(run.name, 0.0):.1f}\n")
 
     judge = DigitJudge(reference.judge, reference.judge_labels)
     rows, translations = [], {}
