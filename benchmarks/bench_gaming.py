@@ -2,7 +2,7 @@
 
 A frozen embedder is a fixed target: an optimiser (a generator, or here the pixels themselves)
 can move the embeddings where the travel loss wants them with small patterns the embedder
-over-reacts to, while what the images show stays wrong. Measured in the toy-street study: a
+over-reacts to, while what the images show stays wrong. Measured in the (retired) toy-street study: a
 squared-Euclidean travel loss at weight 1000 went *below* the ideal translation's loss while every
 semantic flip stayed; two shared random views stopped it.
 
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from travel_loss import RandomViews, travel_loss, travel_loss_over_views
 from travel_loss.loss import Distance
 
-# The recipe measured in the toy-street study.
+# The recipe measured in the (retired) toy-street study.
 LIGHT_VIEWS = RandomViews(count=2, shift=2, blur=0.5, noise=0.1)
 # DiffAugment's colour and translation (an eighth of 16 px) and CLIP guidance's crops, four views.
 HEAVY_VIEWS = RandomViews(count=4, crop=0.25, shift=2, brightness=0.25, saturation=0.5, contrast=0.25, noise=0.05)

@@ -13,7 +13,7 @@
 #      GiB of one step per M without the cap (one child process each)
 #   2c. faster-step candidates, one row each: encoder weights stored in bf16, fused Adam, both
 #      with cached source embeddings, torch.compile max-autotune, CUDA graphs (reduce-overhead)
-#   3. reference/train.py on the toy streets: 20 steps with --amp fp16 (GradScaler), and 20 steps
+#   3. reference/train.py on a tiny image folder: 20 steps with --amp fp16 (GradScaler), and 20 steps
 #      with --amp bf16 --compile --channels-last under TORCH_LOGS=recompiles (no recompilation
 #      after the first step)
 #   4. benchmarks/bench_loss.py and benchmarks/bench_encoder.py on CUDA
@@ -132,12 +132,31 @@ CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num
                  image_size=32, patch_size=8, projection_dim=32).save_pretrained('$WORK/tiny_clip')"
 }
 
+# A CycleGAN-layout data root of 64 px PNGs (coloured rectangles, bright in A, dark in B) for the smoke runs.
+tiny_data() {
+    "$PY" -c "
+import numpy as np
+from pathlib import Path
+from PIL import Image
+rng = np.random.default_rng(0)
+for side, low in (('A', 128), ('B', 0)):
+    folder = Path('$WORK/data') / f'train{side}'
+    folder.mkdir(parents=True)
+    for index in range(64):
+        pixels = np.empty((64, 64, 3), np.uint8)
+        pixels[:] = rng.integers(low, low + 128, 3)
+        for _ in range(3):
+            top, left, height, width = rng.integers(0, 48, 4)
+            pixels[top : top + height + 4, left : left + width + 4] = rng.integers(low, low + 128, 3)
+        Image.fromarray(pixels).save(folder / f'{index:03d}.png')"
+}
+
 # train.py smoke: the run, then its last metrics line, which must be finite.
 smoke() {
     local out=$1
     shift
-    "$PY" reference/train.py --toy-streets --device "$DEVICE" --encoder-mode random-clip --encoder "$WORK/tiny_clip" \
-        --lambda-travel 0.1 --out "$out" "${SMOKE[@]}" "$@" || return $?
+    "$PY" reference/train.py --data "$WORK/data" --num-workers 0 --device "$DEVICE" --encoder-mode random-clip \
+        --encoder "$WORK/tiny_clip" --lambda-travel 0.1 --out "$out" "${SMOKE[@]}" "$@" || return $?
     "$PY" - "$out/metrics.jsonl" <<'EOF'
 import json, math, sys
 records = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
@@ -180,6 +199,7 @@ mkdir -p "$OUT"
 export WORK="$(mktemp -d)"  # trainer outputs (checkpoints, samples) stay out of $OUT
 step info 60 info
 tiny_clip
+tiny_data
 step train_fp16 "$CAP_SMOKE" smoke "$WORK/smoke_fp16" "${SMOKE_FP16[@]}"
 step bench_train "$CAP_TRAIN" "$PY" benchmarks/bench_train.py "${BENCH_TRAIN[@]}" --json "$OUT/bench_train.json"
 step bench_micro "$CAP_MICRO" "$PY" benchmarks/bench_train.py "${BENCH_MICRO[@]}"

@@ -1,1 +1,1 @@
-"""Reference trainer for CLIPTraVeLGAN: networks, data, toy-street benchmark, training, translation."""
+"""Reference trainer for CLIPTraVeLGAN: networks, data, training, translation, studies."""

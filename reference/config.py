@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 PAPER_ENCODER = "openai/clip-vit-large-patch14"
-ENCODER_MODES = ("clip", "random-clip", "siamese", "toy", "module")
+ENCODER_MODES = ("clip", "random-clip", "siamese", "module")
 TRAVEL_OBJECTIVES = ("paper", "notebook")
 AMP_MODES = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "xla")
@@ -38,26 +38,6 @@ _REFERENCE = Path(__file__).resolve().parent
 # defaults, so that any flag given beside the preset overrides it. The studies' settings; the
 # paper's own experiments are in ``reference.presets``.
 TRAINER_PRESETS: dict[str, dict[str, Any]] = {
-    "toy-demo": dict(
-        size=32,
-        num_workers=0,
-        gan_loss="bce",
-        r1_gamma=0.05,  # with the norm-free D below: realism at lambda 0 0.22 against LSGAN + IN's 0.10
-        lambda_travel=10.0,
-        encoder_mode="module",
-        encoder=f"{_REFERENCE / 'studies' / 'street_encoder.py'}:affinity_encoder",
-        g_width=16,
-        g_blocks=3,
-        d_width=16,
-        d_layers=3,
-        d_norm="none",
-        batch_size=16,
-        steps=1500,
-        lr=1e-3,
-        lr_d=1e-3,
-        beta1=0.0,
-        g_ema=0.99,
-    ),
     "digits-demo": dict(
         size=16,
         flip=False,
@@ -82,16 +62,13 @@ TRAINER_PRESETS: dict[str, dict[str, Any]] = {
 class TrainConfig:
     """Every option of a run; the command line maps one flag to each field (``--g-width`` -> g_width)."""
 
-    # data: a CycleGAN-layout root (trainA/, trainB/), two folders, or the toy streets
+    # data: a CycleGAN-layout root (trainA/, trainB/) or two folders
     data: str | None = None  # a CycleGAN-layout root with trainA/ and trainB/
     data_a: str | None = None  # a folder of source-domain images (with --data-b)
     data_b: str | None = None  # a folder of target-domain images
-    toy_streets: bool = False  # train on the generated toy streets (reference.data.ToyStreets)
-    toy_length: int = 10_000  # training scenes per toy domain (generated on the fly)
-    toy_seed: int = 0  # the toy training set; evaluate on other seeds
     size: int = 256  # images are resized to size x size
     flip: bool = True  # random horizontal flips of training images
-    num_workers: int | None = None  # None: 0 for the toy streets, min(4, cpus) for folders
+    num_workers: int | None = None  # None: min(4, cpus)
 
     # objective
     lambda_travel: float | str = 1.0  # a number, or "auto" (travel_loss.lambdas.GradientBalancedLambda)
@@ -117,7 +94,7 @@ class TrainConfig:
 
     # encoder E
     encoder: str = PAPER_ENCODER  # CLIP hub id or local folder; with --encoder-mode module: FILE.py:FACTORY
-    encoder_mode: str = "clip"  # clip | random-clip (the ablation) | siamese (TraVeLGAN) | toy | module (your own)
+    encoder_mode: str = "clip"  # clip | random-clip (the ablation) | siamese (TraVeLGAN) | module (your own)
     crop: str = "center"  # FrozenCLIPEncoder crop policy: center | resize | full
     features: str = "pooled"  # FrozenCLIPEncoder features: pooled | projected
     siamese_width: int = 32  # siamese mode: the embedder's first conv width
@@ -185,20 +162,17 @@ def check_config(config: TrainConfig) -> None:
         if getattr(config, name) not in allowed:
             fail(name, f"one of {', '.join(map(repr, allowed))}")
 
-    sources = [config.data is not None, config.data_a is not None or config.data_b is not None, config.toy_streets]
+    sources = [config.data is not None, config.data_a is not None or config.data_b is not None]
     if sum(sources) != 1:
         raise ValueError(
-            "data: give exactly one of data (a CycleGAN-layout root), data_a and data_b (two folders) or "
-            f"toy_streets=True; got data={config.data!r}, data_a={config.data_a!r}, data_b={config.data_b!r}, "
-            f"toy_streets={config.toy_streets!r}"
+            "data: give exactly one of data (a CycleGAN-layout root) or data_a and data_b (two folders); "
+            f"got data={config.data!r}, data_a={config.data_a!r}, data_b={config.data_b!r}"
         )
     if (config.data_a is None) != (config.data_b is None):
         raise ValueError(f"data_a, data_b: give both folders, got data_a={config.data_a!r}, data_b={config.data_b!r}")
     positive_int("size", 8)
     if config.size % 4:
         fail("size", "a multiple of 4 (the generator downsamples twice)")
-    positive_int("toy_length")
-    positive_int("toy_seed", 0)
     if config.num_workers is not None:
         positive_int("num_workers", 0)
     lam = config.lambda_travel

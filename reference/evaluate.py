@@ -1,4 +1,4 @@
-r"""Evaluation of unpaired translations: realism, semantic consistency, and the toy-street ground truth.
+r"""Evaluation of unpaired translations: realism and semantic consistency.
 
 Metrics, each a plain function on features or images:
 
@@ -19,24 +19,13 @@ Metrics, each a plain function on features or images:
 - :func:`inception_metrics`: FID and KID with Inception-v3 through ``torch-fidelity``, only with a
   local Inception weights file (torch-fidelity would otherwise download it, which cannot work
   offline).
-- :func:`evaluate_toy_streets`: semantic flip rate, lane accuracy and realism
-  of a generator on held-out toy-street A images, via :func:`reference.data.score_translations`.
 
 Command line, on folders of images (translations are paired with their sources by file stem)::
 
     python reference/evaluate.py --translations OUT/test_translated --target data/testB \
         --sources data/testA --encoder openai/clip-vit-base-patch32 --out metrics.json
 
-Toy streets on disk: write a held-out A set (and a B target set), translate it with
-``reference/translate.py``, and score it against the A set's label maps::
-
-    python reference/evaluate.py --write-toy-streets toy/testA --toy-domain A --toy-count 256
-    python reference/evaluate.py --write-toy-streets toy/testB --toy-domain B --toy-count 256
-    python reference/translate.py --checkpoint OUT/latest.pt --input toy/testA --output toy/fakeB
-    python reference/evaluate.py --translations toy/fakeB --target toy/testB --sources toy/testA \
-        --toy-streets --encoder PATH --size 64 --out toy_metrics.json
-
-An existing ``--out`` file or toy-street images are not replaced unless ``--overwrite`` is given;
+An existing ``--out`` file is not replaced unless ``--overwrite`` is given;
 every mistake in the arguments is reported in one line before anything is computed (exit status 2).
 """
 
@@ -61,8 +50,8 @@ from torch.utils.data import Dataset, Subset
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reference.data import ImageFolder, ToyStreets, score_translations
-from reference.outputs import check_output_file, check_writable_folder, error_line
+from reference.data import ImageFolder
+from reference.outputs import check_output_file, error_line
 from travel_loss import travel_loss
 from travel_loss.metrics import TravelConsistency
 
@@ -70,27 +59,18 @@ __all__ = [
     "INCEPTION_WEIGHTS_HELP",
     "embed_images",
     "evaluate_folders",
-    "evaluate_toy_streets",
     "format_table",
     "frechet_distance",
     "frechet_distance_from_statistics",
     "inception_metrics",
     "kernel_distance",
     "mmd_squared_unbiased",
-    "plot_lambda_sweep",
-    "toy_street_labels",
     "translate_images",
     "travel_consistency",
-    "write_toy_streets",
 ]
 
 Features = Tensor | np.ndarray
 Images = Tensor | Dataset
-
-# Held-out toy-street seeds: keep them away from the seeds a training run draws from.
-TOY_EVAL_SEED_A = 90_001
-TOY_EVAL_SEED_B = 90_002
-TOY_MANIFEST = "toy_streets.json"
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_HELP = (
@@ -289,7 +269,7 @@ def embed_images(
             :class:`travel_loss.encoder.FrozenCLIPEncoder`) to (n, D) embeddings, or to a tuple
             of them (an encoder ensemble). It is used as it is (its mode is not changed).
         images: an (N, 3, H, W) tensor, or a dataset whose items are images or tuples starting
-            with an image (:class:`reference.data.ImageFolder`, :class:`reference.data.ToyStreets`).
+            with an image (:class:`reference.data.ImageFolder`).
         device: where to run the batches; by default the device of the encoder's first
             parameter or buffer, else the CPU.
 
@@ -418,113 +398,6 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Toy streets
-# ---------------------------------------------------------------------------------------------
-
-
-def evaluate_toy_streets(
-    generator: nn.Module,
-    *,
-    count: int = 256,
-    size: int = 64,
-    seed_a: int = TOY_EVAL_SEED_A,
-    seed_b: int = TOY_EVAL_SEED_B,
-    encoder: nn.Module | None = None,
-    batch_size: int = 32,
-    device: torch.device | str | None = None,
-) -> dict[str, Any]:
-    """Score a generator on ``count`` held-out toy-street A images (default seeds differ from training's).
-
-    Returns :func:`reference.data.score_translations`'s dict (``semantic_flip_rate``,
-    ``lane_accuracy``, ``realism``, ``palette_distance`` and the per-class breakdowns) plus
-    ``input_distance``, the mean absolute pixel change |G(a) - a| with
-    channels in [0, 1] (near 0: the generator returns its input, the large-lambda end). With an
-    ``encoder``, also ``encoder_frechet_distance`` and ``encoder_kernel_distance`` between the
-    translations and ``count`` held-out real B images, and ``travel_consistency``.
-    """
-    sources = ToyStreets("A", size=size, length=count, seed=seed_a)
-    images_a = torch.stack([sources[i][0] for i in range(count)])
-    labels_a = torch.stack([sources[i][1] for i in range(count)])
-    translated = translate_images(generator, images_a, batch_size=batch_size, device=device)
-    if translated.shape != images_a.shape:
-        raise ValueError(f"generator: expected outputs of shape {tuple(images_a.shape)}, got {tuple(translated.shape)}")
-    scores: dict[str, Any] = dict(score_translations(translated.clamp(-1, 1), labels_a))
-    scores["input_distance"] = float((translated - images_a).abs().mean() / 2)
-    if encoder is not None:
-        targets = ToyStreets("B", size=size, length=count, seed=seed_b)
-        scores.update(_encoder_metrics(encoder, translated, targets, images_a, batch_size, device))
-    return scores
-
-
-def write_toy_streets(
-    folder: str | os.PathLike[str],
-    domain: str = "A",
-    count: int = 256,
-    size: int = 64,
-    seed: int | None = None,
-    *,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``count`` toy-street images of ``domain`` as ``00000.png``... plus a ``toy_streets.json`` manifest.
-
-    The manifest (domain, size, seed, count) lets :func:`toy_street_labels` regenerate each
-    image's label map from its file stem, so translations of the folder can be scored.
-    Default seeds: the held-out evaluation seeds of this module. Raises FileExistsError,
-    before writing anything, if any of these files exists and ``overwrite`` is False.
-    """
-    from PIL import Image
-
-    seed = (TOY_EVAL_SEED_A if domain == "A" else TOY_EVAL_SEED_B) if seed is None else seed
-    dataset = ToyStreets(domain, size=size, length=count, seed=seed)
-    folder = Path(folder)
-    check_writable_folder(folder, "--write-toy-streets")
-    names = [f"{index:05d}.png" for index in range(count)] + [TOY_MANIFEST]
-    existing = [name for name in names if (folder / name).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"--write-toy-streets: {folder} already holds {len(existing)} of the {len(names)} files to write "
-            f"(first: {existing[0]}); pass --overwrite (overwrite=True) to replace them"
-        )
-    folder.mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        image, _ = dataset[index]
-        pixels = ((image + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-        Image.fromarray(pixels).save(folder / f"{index:05d}.png")
-    manifest = {"domain": domain, "size": size, "seed": seed, "count": count}
-    (folder / TOY_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return folder
-
-
-def toy_street_labels(folder: str | os.PathLike[str], stems: Sequence[str]) -> Tensor:
-    """(len(stems), size, size) label maps of the images ``stems`` of a folder written by :func:`write_toy_streets`."""
-    manifest = _toy_manifest(folder)
-    dataset = ToyStreets("A", size=manifest["size"], length=manifest["count"], seed=manifest["seed"])
-    labels = []
-    for stem in stems:
-        if not stem.isdigit() or int(stem) >= manifest["count"]:
-            raise ValueError(
-                f"{folder}: image {stem!r} is not one of the {manifest['count']} toy-street images of the manifest"
-            )
-        labels.append(dataset[int(stem)][1])
-    return torch.stack(labels)
-
-
-def _toy_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    manifest_path = Path(folder) / TOY_MANIFEST
-    if not manifest_path.is_file():
-        raise FileNotFoundError(
-            f"{manifest_path} is missing: toy-street scoring needs the sources to be a folder written by "
-            "`python reference/evaluate.py --write-toy-streets DIR` (labels are regenerated from its manifest)"
-        )
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("domain") != "A":
-        raise ValueError(
-            f"{manifest_path}: expected toy-street domain A sources, got domain {manifest.get('domain')!r}"
-        )
-    return manifest
-
-
-# ---------------------------------------------------------------------------------------------
 # Inception FID / KID through torch-fidelity (optional)
 # ---------------------------------------------------------------------------------------------
 
@@ -595,7 +468,6 @@ def evaluate_folders(
     sources: str | os.PathLike[str] | None = None,
     encoder: nn.Module | None = None,
     size: int = 256,
-    toy_streets: bool = False,
     inception_weights: str | os.PathLike[str] | None = None,
     batch_size: int = 64,
     device: torch.device | str | None = None,
@@ -604,13 +476,8 @@ def evaluate_folders(
 
     Images are loaded at ``size x size`` with :class:`reference.data.ImageFolder`. Translations
     pair with sources by file stem (``reference/translate.py`` keeps base names); a translation
-    without a source is an error. ``toy_streets=True`` scores against the label maps of a
-    ``sources`` folder written by :func:`write_toy_streets`, at the size of its manifest.
+    without a source is an error.
     """
-    if toy_streets:
-        if sources is None:
-            raise ValueError("sources: toy-street scoring needs the toy-street A folder that was translated")
-        size = _toy_manifest(sources)["size"]  # the label maps have the manifest's size
     fakes = ImageFolder(translations, size=size)
     reals = ImageFolder(target, size=size)
     metrics: dict[str, float] = {}
@@ -626,17 +493,6 @@ def evaluate_folders(
         metrics.update(_encoder_metrics(encoder, fakes, reals, paired_sources, batch_size, device))
     else:
         notes.append("no encoder given: encoder Fréchet distance and travel consistency skipped")
-
-    if toy_streets:
-        stems = [path.stem for path in fakes.dataset.paths]  # type: ignore[union-attr]
-        stems = [stems[i] for i in fakes.indices]  # type: ignore[union-attr]
-        labels = toy_street_labels(sources, stems)  # type: ignore[arg-type]
-        translated = torch.stack([fakes[i] for i in range(len(fakes))])
-        scores = score_translations(translated, labels)
-        source_images = torch.stack([paired_sources[i] for i in range(len(paired_sources))])  # type: ignore[arg-type]
-        metrics.update({k: v for k, v in scores.items() if isinstance(v, float)})
-        metrics["input_distance"] = float((translated - source_images).abs().mean() / 2)
-        details["toy_streets"] = {k: v for k, v in scores.items() if isinstance(v, dict)}
 
     if inception_weights is not None:
         metrics.update(inception_metrics(translations, target, inception_weights))
@@ -709,60 +565,6 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, m
     return "\n".join(lines)
 
 
-def plot_lambda_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """PNG of semantic flip rate, lane accuracy and realism against lambda.
-
-    ``rows`` are dicts with ``lambda_travel`` and the metrics of :func:`evaluate_toy_streets`
-    (and optionally ``name``). Positive numeric lambdas are drawn on a log axis; lambda = 0 and
-    rows whose lambda is not a positive number (``"auto"``, baselines) are drawn as horizontal
-    reference lines, labelled by ``name``; a row with a positive ``lambda_final`` (where an
-    adaptive lambda ended) also gets a star there. Needs matplotlib (``pip install matplotlib``).
-    """
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("plot_lambda_sweep needs matplotlib: pip install matplotlib") from error
-    panels = [
-        ("semantic_flip_rate", "semantic flip rate (lower is better)"),
-        ("lane_accuracy", "lane accuracy (higher is better)"),
-        ("realism", "realism (higher is better)"),
-    ]
-    swept = sorted(
-        (row for row in rows if _positive_number(row.get("lambda_travel"))), key=lambda row: float(row["lambda_travel"])
-    )
-    references = [row for row in rows if not _positive_number(row.get("lambda_travel"))]
-    if not swept and not references:
-        raise ValueError("rows: expected at least one row")
-    figure = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
-    axes = figure.subplots(1, len(panels))
-    styles = ["--", ":", "-.", (0, (5, 1)), (0, (1, 3))]
-    for axis, (key, title) in zip(axes, panels):
-        if swept:
-            xs = [float(row["lambda_travel"]) for row in swept]
-            axis.plot(xs, [row.get(key, math.nan) for row in swept], "o-", color="C0", label="lambda > 0")
-            axis.set_xscale("log")
-        for k, row in enumerate(references):
-            label = str(row.get("name") or f"lambda = {row.get('lambda_travel')}")
-            colour = f"C{k + 1}"
-            axis.axhline(row.get(key, math.nan), linestyle=styles[k % len(styles)], color=colour, label=label)
-            if _positive_number(row.get("lambda_final")):  # an adaptive run: where its lambda ended
-                axis.plot([row["lambda_final"]], [row.get(key, math.nan)], "*", color=colour, markersize=11)
-                if not swept:
-                    axis.set_xscale("log")
-        axis.set_xlabel("lambda_travel")
-        axis.set_title(title, fontsize=10)
-        axis.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return path
-
-
-def _positive_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
@@ -780,7 +582,7 @@ def load_encoder(spec: str, *, crop: str = "center", features: str = "pooled", d
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reference/evaluate.py",
-        description="Evaluate translations: encoder Fréchet distance, travel consistency, toy-street scores, "
+        description="Evaluate translations: encoder Fréchet distance, travel consistency "
         "and Inception FID/KID with a local weights file.",
     )
     parser.add_argument("--translations", help="folder of translated images G(x)")
@@ -792,42 +594,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--inception-weights", help=f"local Inception weights file ({INCEPTION_WEIGHTS_FILE}) for FID/KID"
     )
-    parser.add_argument(
-        "--toy-streets", action="store_true", help="score against the label maps of a toy-street --sources folder"
-    )
     parser.add_argument("--size", type=int, default=256, help="images are resized to SIZE x SIZE (default 256)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="JSON file for the results")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file or toy-street images")
-    parser.add_argument("--write-toy-streets", metavar="DIR", help="write a toy-street image folder and exit")
-    parser.add_argument("--toy-domain", default="A", choices=["A", "B"])
-    parser.add_argument("--toy-count", type=int, default=256)
-    parser.add_argument("--toy-size", type=int, default=64)
-    parser.add_argument(
-        "--toy-seed", type=int, default=None, help="default: the held-out evaluation seed of the domain"
-    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.write_toy_streets:
-        try:
-            folder = write_toy_streets(
-                args.write_toy_streets,
-                args.toy_domain,
-                args.toy_count,
-                args.toy_size,
-                args.toy_seed,
-                overwrite=args.overwrite,
-            )
-        except (OSError, ValueError) as error:
-            print(error_line(parser.prog, error), file=sys.stderr)
-            return 2
-        print(f"wrote {args.toy_count} toy-street {args.toy_domain} images to {folder}")
-        return 0
     missing = [
         flag
         for flag, value in (("--translations", args.translations), ("--target", args.target), ("--out", args.out))
@@ -864,7 +641,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             sources=args.sources,
             encoder=encoder,
             size=args.size,
-            toy_streets=args.toy_streets,
             inception_weights=args.inception_weights,
             batch_size=args.batch_size,
             device=args.device,

@@ -63,8 +63,7 @@ objective, so the presets offer both:
   exact image of what their code optimised, for reproducing Table 1.
 
 Where the flip / translate / identity regimes fall for the ``"mean"`` objective has to be found
-by a sweep (or ``lambda_travel="auto"``); the toy-street sweep (``reference/studies/street_sweep.py``) shows it
-on CPU.
+by a sweep (or ``lambda_travel="auto"``).
 
 Facts the presets carry and assumptions they make
 =================================================

@@ -65,8 +65,6 @@ class FlippedImages(Dataset):
     def __getitem__(self, item: tuple[int, bool]) -> Tensor:
         index, flip = item
         image = self.images[index]
-        if isinstance(image, (tuple, list)):  # ToyStreets items are (image, labels)
-            image = image[0]
         return image.flip(-1) if flip else image
 
 

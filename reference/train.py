@@ -22,7 +22,6 @@ Usage::
 
     python reference/train.py --data datasets/gta2cityscapes --out runs/gta      # trainA/, trainB/
     python reference/train.py --data-a photos/ --data-b paintings/ --size 128 --out runs/p2m
-    python reference/train.py --toy-streets --encoder-mode toy --size 64 --steps 600 --out runs/toy
     torchrun --nproc_per_node 4 reference/train.py --data ... --batch-size 32   # 4 x 32 = 128 pairs set
     python reference/train.py --data ... --batch-size 128 --micro-batch 16   # batch 128 in 16's activation memory
     python reference/train.py --data ... --lambda-travel 0 --lambda-cycle 10      # the CycleGAN baseline
@@ -30,7 +29,7 @@ Usage::
     python reference/train.py --data ... --lambda-travel 0 --lambda-nce 10 --no-nce-idt   # FastCUT
     python reference/train.py --data ... --g-ema 0.999              # samples and translate.py use the EMA of G
     python reference/train.py --resume --out runs/gta                             # continue latest.pt
-    python reference/train.py --demo --out runs/demo              # the digit study (--demo streets: toy streets)
+    python reference/train.py --demo --out runs/demo              # the digit study (reference.studies)
 
 The file reads top to bottom: the encoder, the data, the training loop, the command line. Its
 parts live in their own modules of ``reference``: the two update steps (``steps``), the options
@@ -83,7 +82,6 @@ from reference.config import (
 from reference.data import (
     ImageFolder,
     TooManyUnreadableImagesError,
-    ToyStreets,
     resolve_unpaired_folders,
     unreadable_count,
 )
@@ -150,7 +148,6 @@ def build_encoder(config: TrainConfig) -> nn.Module:
     - ``random-clip``: the same architecture with random weights (the paper's ablation), from
       the checkpoint's config when ``config.encoder`` names one, else ViT-L/14's shape;
     - ``siamese``: :class:`SiameseEmbedder`, trainable (the TraVeLGAN baseline);
-    - ``toy``: ``reference.studies.street_encoder.build_toy_encoder``, a small frozen encoder that needs no weights;
     - ``module``: your own embedder, built by the factory that ``config.encoder`` names
       (``FILE.py:FACTORY`` or ``package.module:FACTORY``; ``reference.user_embedder``), frozen
       and checked with ``travel_loss.testing.check_embedder`` before the first step.
@@ -166,10 +163,6 @@ def build_encoder(config: TrainConfig) -> nn.Module:
             return build_user_embedder(config.encoder, config.size)
         except EmbedderSpecError as error:
             raise SetupError(str(error)) from error
-    if config.encoder_mode == "toy":
-        from reference.studies.street_encoder import build_toy_encoder
-
-        return _frozen(build_toy_encoder(config.size, seed=config.seed))
     from travel_loss.encoder import FrozenCLIPEncoder
 
     options = dict(crop=config.crop, features=config.features, check_range=False)  # no host sync per call
@@ -202,13 +195,8 @@ def _linear_decay(total_steps: int, decay_steps: int):
 # =============================================================================================
 
 
-def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
+def build_datasets(config: TrainConfig) -> tuple[ImageFolder, ImageFolder]:
     """The two training sets, A and B, of (3, size, size) images in [-1, 1]."""
-    if config.toy_streets:
-        return (
-            ToyStreets("A", size=config.size, length=config.toy_length, seed=config.toy_seed),
-            ToyStreets("B", size=config.size, length=config.toy_length, seed=config.toy_seed),
-        )
     folder_a, folder_b = resolve_unpaired_folders(config.data, config.data_a, config.data_b, split="train")
     flag_a, flag_b = ("--data", "--data") if config.data is not None else ("--data-a", "--data-b")
     datasets = []
@@ -223,7 +211,7 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
 def _batches(images: Dataset, config: TrainConfig, runtime: Runtime, domain: int, start: int) -> Iterator[Tensor]:
     workers = config.num_workers
     if workers is None:
-        workers = 0 if config.toy_streets else min(4, os.cpu_count() or 1)
+        workers = min(4, os.cpu_count() or 1)
     return stream_loader(
         images, config.batch_size, seed=config.seed, domain=domain, rank=runtime.rank, world_size=runtime.world_size,
         start=start, flip=config.flip, num_workers=workers, pin_memory=runtime.device.type == "cuda",
@@ -291,7 +279,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     say = print if runtime.is_main and progress else (lambda *a, **k: None)
     images_a, images_b = build_datasets(config)  # folder mistakes surface before any model is built
     check_datasets(
-        {f"domain {d} ({getattr(x, 'folder', 'toy streets')})": x for d, x in zip("AB", (images_a, images_b))},
+        {f"domain {d} ({x.folder})": x for d, x in zip("AB", (images_a, images_b))},
         config.batch_size, runtime.world_size,
     )  # fmt: skip
 

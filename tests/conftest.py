@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny CLIP checkpoints on disk, no network for any test, hypothesis profiles.
+"""Shared fixtures: tiny CLIP checkpoints and tiny image folders on disk, no network for any test,
+hypothesis profiles.
 
 The checkpoints are built from a small ``CLIPVisionConfig`` with random weights and written with
 ``save_pretrained`` (safetensors), so tests load them exactly as users load real ones, by path.
@@ -64,20 +65,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Pretrained toy weights are cached in a folder of the test session, not the user's cache,
-    from the first fixture on (module-scoped fixtures build encoders before any test runs)."""
-    folder = tmp_path_factory.mktemp("weights-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRAVEL_LOSS_CACHE", str(folder))
-        yield folder
-
-
 @pytest.fixture(autouse=True)
-def _offline_hub(monkeypatch: pytest.MonkeyPatch, _weights_cache: Path) -> None:
+def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test runs in Hugging Face offline mode: nothing can reach the network."""
-    monkeypatch.setenv("TRAVEL_LOSS_CACHE", str(_weights_cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     try:
@@ -139,3 +129,41 @@ def tiny_clip_dir_legacy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     (folder / "preprocessor_config.json").write_text(json.dumps(legacy, indent=2))
     return folder
+
+
+TINY_FOLDER_IMAGES = 32  # per domain
+TINY_FOLDER_SIZE = 32  # pixels a side
+
+
+def _write_rectangle_images(folder: Path, count: int, size: int, rng, bright: bool) -> None:
+    """``count`` PNGs of ``size`` px: a flat background and two to four flat rectangles, colours from
+    the bright (domain A) or the dark, muted (domain B) half of the RGB cube."""
+    import numpy as np
+    from PIL import Image
+
+    def colour() -> np.ndarray:
+        return rng.integers(128, 256, 3) if bright else rng.integers(0, 128, 3)
+
+    folder.mkdir(parents=True)
+    for index in range(count):
+        pixels = np.empty((size, size, 3), dtype=np.uint8)
+        pixels[:] = colour()
+        for _ in range(rng.integers(2, 5)):
+            top, left = rng.integers(0, size - 4, 2)
+            height, width = rng.integers(4, size // 2 + 1, 2)
+            pixels[top : top + height, left : left + width] = colour()
+        Image.fromarray(pixels).save(folder / f"{index:03d}.png")
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CycleGAN-layout data root: ``trainA/`` and ``trainB/`` of TINY_FOLDER_IMAGES PNGs each, at
+    TINY_FOLDER_SIZE px, seeded (the same files in every session): coloured rectangles on a flat
+    background, bright in A, dark in B. Shared by the whole session: never write into it."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("tiny_folders")
+    rng = np.random.default_rng(0)
+    for side, bright in (("A", True), ("B", False)):
+        _write_rectangle_images(root / f"train{side}", TINY_FOLDER_IMAGES, TINY_FOLDER_SIZE, rng, bright)
+    return root

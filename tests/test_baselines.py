@@ -21,12 +21,16 @@ from reference.translate import load_generator
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_config(out: Path, **overrides) -> TrainConfig:
-    """32 px toy streets, the toy encoder, an 8-wide generator with one block, a two-layer PatchGAN."""
+RANDOM_EMBEDDER = "reference.studies.digit_data:random_embedder"  # a frozen random conv net, no weights to load
+
+
+def tiny_config(out: Path, data: Path | str | None = "unused", **overrides) -> TrainConfig:
+    """32 px images of ``data`` (the ``tiny_folders`` fixture; a placeholder where only the config is
+    checked), a frozen random conv embedder, an 8-wide generator with one block, a two-layer PatchGAN."""
     options = dict(
-        toy_streets=True, toy_length=32, size=32, batch_size=4, steps=2, encoder="unused", encoder_mode="toy",
-        g_width=8, g_blocks=1, d_width=8, d_layers=2, out=str(out), log_every=1, sample_every=1000,
-        checkpoint_every=1000, num_workers=0,
+        data=None if data is None else str(data), size=32, batch_size=4, steps=2, encoder=RANDOM_EMBEDDER,
+        encoder_mode="module", g_width=8, g_blocks=1, d_width=8, d_layers=2, out=str(out), log_every=1,
+        sample_every=1000, checkpoint_every=1000, num_workers=0,
     )  # fmt: skip
     options.update(overrides)
     return TrainConfig(**options)
@@ -193,14 +197,16 @@ def test_update_ema_lerps_parameters_and_copies_buffers():
         assert torch.equal(new, current)
 
 
-def test_trainer_ema_equals_a_hand_computed_lerp_after_two_steps(tmp_path, monkeypatch):
+def test_trainer_ema_equals_a_hand_computed_lerp_after_two_steps(tmp_path, monkeypatch, tiny_folders):
     sampled = []
     original = train_module.write_samples
     monkeypatch.setattr(
         train_module, "write_samples", lambda g, *a: sampled.append(g.state_dict()) or original(g, *a)
     )  # fmt: skip
     decay = 0.9
-    config = tiny_config(tmp_path / "run", g_ema=decay, checkpoint_every=1, keep_checkpoints=2, sample_every=2)
+    config = tiny_config(
+        tmp_path / "run", data=tiny_folders, g_ema=decay, checkpoint_every=1, keep_checkpoints=2, sample_every=2
+    )
     train(config, progress=False)
     first, second = (load_checkpoint(p) for p in step_checkpoints(tmp_path / "run"))
     torch.manual_seed(config.seed)  # the trainer's initial G: seeded by config.seed, built first
@@ -224,7 +230,7 @@ def test_trainer_ema_equals_a_hand_computed_lerp_after_two_steps(tmp_path, monke
 # the trainer with the cycle: networks, checkpoint, resume
 
 
-def test_cycle_run_trains_four_networks_and_load_generator_returns_g_ab(tmp_path, monkeypatch):
+def test_cycle_run_trains_four_networks_and_load_generator_returns_g_ab(tmp_path, monkeypatch, tiny_folders):
     generator_calls, discriminator_calls = [], []
 
     def generator_spy(*args, **kwargs):
@@ -238,7 +244,7 @@ def test_cycle_run_trains_four_networks_and_load_generator_returns_g_ab(tmp_path
 
     monkeypatch.setattr(train_module, "generator_step", generator_spy)
     monkeypatch.setattr(train_module, "discriminator_step", discriminator_spy)
-    config = tiny_config(tmp_path / "run", lambda_cycle=10.0)
+    config = tiny_config(tmp_path / "run", data=tiny_folders, lambda_cycle=10.0)
     summary = train(config, progress=False)
     # each step: D_B on (b, G_AB(a)), then D_A, another network, on (a, G_BA(b))
     assert len(generator_calls) == 2 and len(discriminator_calls) == 4
@@ -282,9 +288,11 @@ def assert_states_equal(a, b, path: str = "") -> None:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-def test_resume_with_cycle_and_ema_equals_an_uninterrupted_run_bit_for_bit(tmp_path):
+def test_resume_with_cycle_and_ema_equals_an_uninterrupted_run_bit_for_bit(tmp_path, tiny_folders):
     # the augmentations of D_B's and D_A's inputs draw random numbers: both streams must continue exactly
-    config = tiny_config(tmp_path / "full", steps=4, lambda_cycle=10.0, g_ema=0.5, augment="color,translation,cutout")
+    config = tiny_config(
+        tmp_path / "full", data=tiny_folders, steps=4, lambda_cycle=10.0, g_ema=0.5, augment="color,translation,cutout"
+    )
     train(config, progress=False)
     train(dataclasses.replace(config, out=str(tmp_path / "halves"), steps=2), progress=False)
     assert train(dataclasses.replace(config, out=str(tmp_path / "halves"), resume=True), progress=False)["step"] == 4
@@ -296,8 +304,8 @@ def test_resume_with_cycle_and_ema_equals_an_uninterrupted_run_bit_for_bit(tmp_p
         assert_states_equal(full[key], halves[key], key)
 
 
-def test_resuming_a_plain_run_with_the_cycle_is_refused(tmp_path):
-    config = tiny_config(tmp_path / "run", steps=1)
+def test_resuming_a_plain_run_with_the_cycle_is_refused(tmp_path, tiny_folders):
+    config = tiny_config(tmp_path / "run", data=tiny_folders, steps=1)
     train(config, progress=False)
     with pytest.raises(ValueError, match="does not fit this run.*lambda_cycle"):
         train(dataclasses.replace(config, steps=2, resume=True, lambda_cycle=10.0), progress=False)
@@ -327,7 +335,7 @@ def test_bad_baseline_options_name_the_field(tmp_path, overrides, field):
 
 def test_command_line_flags_reach_the_config():
     parser = build_parser()
-    args = vars(parser.parse_args(["--toy-streets", "--lambda-cycle", "10", "--g-ema", "0.999"]))
+    args = vars(parser.parse_args(["--data", "data", "--lambda-cycle", "10", "--g-ema", "0.999"]))
     args.pop("demo"), args.pop("quick"), args.pop("preset")
     config = TrainConfig(**args)
     assert (config.lambda_cycle, config.lambda_cycle_identity, config.g_ema) == (10.0, 0.5, 0.999)
@@ -342,7 +350,7 @@ def test_command_line_flags_reach_the_config():
 # DDP: G_BA and D_A are wrapped like G and D
 
 
-def _ddp_worker(rank: int, init_file: str, tmp: str) -> None:
+def _ddp_worker(rank: int, init_file: str, tmp: str, data: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -364,7 +372,7 @@ def _ddp_worker(rank: int, init_file: str, tmp: str) -> None:
             return original_discriminator_step(discriminator, *args, **kwargs)
 
         train_module.generator_step, train_module.discriminator_step = generator_spy, discriminator_spy
-        config = tiny_config(Path(tmp) / "ddp", batch_size=2, lambda_cycle=10.0, g_ema=0.5)
+        config = tiny_config(Path(tmp) / "ddp", data=data, batch_size=2, lambda_cycle=10.0, g_ema=0.5)
         train(config, progress=False)
         states = {name: getattr(module, "module", module).state_dict() for name, module in seen.items()}
         torch.save(states, Path(tmp) / f"rank{rank}.pt")
@@ -372,13 +380,13 @@ def _ddp_worker(rank: int, init_file: str, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_keeps_both_directions_in_sync_across_ranks(tmp_path):
+def test_ddp_keeps_both_directions_in_sync_across_ranks(tmp_path, tiny_folders):
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not built in")
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path), str(tiny_folders)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     # the ranks train on different images: only averaged gradients keep their weights equal
     assert ranks[0].keys() == {"generator_ba", "discriminator_a", "discriminator_b"}

@@ -379,15 +379,11 @@ def test_quick_digit_demo_writes_report_grid_and_frontier(tmp_path):
         (["--demo"], ("digits", {"seed": 0, "quick": False})),
         (["--demo", "digits", "--quick", "--seed", "3"], ("digits", {"seed": 3, "quick": True})),
         (["--demo", "digits-full"], ("digits", {"seed": 0, "quick": False, "full": True})),
-        (["--demo", "streets", "--quick"], ("streets", {"seed": 0, "quick": True})),
     ],
 )
 def test_command_line_dispatches_the_studies(tmp_path, monkeypatch, argv, expected):
-    from reference.studies import streets
-
     calls = []
     monkeypatch.setattr(digit_demo, "run_digit_demo", lambda out, **kw: calls.append(("digits", out, kw)))
-    monkeypatch.setattr(streets, "run_demo", lambda out, **kw: calls.append(("streets", out, kw)))
     assert main([*argv, "--out", str(tmp_path)]) == 0
     assert calls == [(expected[0], str(tmp_path), expected[1])]
 

@@ -110,7 +110,7 @@ def test_bad_options_name_the_field(tmp_path, overrides, field):
 
 def test_command_line_flags_reach_the_config_and_the_step():
     parser = build_parser()
-    args = vars(parser.parse_args(["--toy-streets", "--r1-gamma", "0.05", "--d-norm", "none"]))
+    args = vars(parser.parse_args(["--data", "data", "--r1-gamma", "0.05", "--d-norm", "none"]))
     args.pop("demo"), args.pop("quick"), args.pop("preset")
     config = TrainConfig(**args)
     check_config(config)
@@ -119,8 +119,8 @@ def test_command_line_flags_reach_the_config_and_the_step():
     assert (TrainConfig().r1_gamma, TrainConfig().d_norm) == (0.0, "instance")  # CycleGAN's defaults
 
 
-def test_a_run_logs_r1_and_its_checkpoint_rebuilds_the_discriminator(tmp_path):
-    config = tiny_config(tmp_path / "run", r1_gamma=0.5, d_norm="none", amp="bf16")
+def test_a_run_logs_r1_and_its_checkpoint_rebuilds_the_discriminator(tmp_path, tiny_folders):
+    config = tiny_config(tmp_path / "run", data=tiny_folders, r1_gamma=0.5, d_norm="none", amp="bf16")
     train(config, progress=False)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "loss_d" in line]
@@ -132,12 +132,17 @@ def test_a_run_logs_r1_and_its_checkpoint_rebuilds_the_discriminator(tmp_path):
     assert not any(isinstance(m, nn.InstanceNorm2d) for m in rebuilt.modules())
 
 
-def test_resume_with_r1_equals_an_uninterrupted_run(tmp_path):
-    whole = tiny_config(tmp_path / "whole", steps=3, r1_gamma=1.0, d_norm="none")
+def test_resume_with_r1_equals_an_uninterrupted_run(tmp_path, tiny_folders):
+    whole = tiny_config(tmp_path / "whole", data=tiny_folders, steps=3, r1_gamma=1.0, d_norm="none")
     train(whole, progress=False)
-    halves = tiny_config(tmp_path / "halves", steps=2, r1_gamma=1.0, d_norm="none", checkpoint_every=1)
+    halves = tiny_config(
+        tmp_path / "halves", data=tiny_folders, steps=2, r1_gamma=1.0, d_norm="none", checkpoint_every=1
+    )
     train(halves, progress=False)
-    train(tiny_config(tmp_path / "halves", steps=3, r1_gamma=1.0, d_norm="none", resume=True), progress=False)
+    train(
+        tiny_config(tmp_path / "halves", data=tiny_folders, steps=3, r1_gamma=1.0, d_norm="none", resume=True),
+        progress=False,
+    )
     a, b = (load_checkpoint(tmp_path / name / "latest.pt") for name in ("whole", "halves"))
     for name in ("generator", "discriminator"):
         for key in a[name]:
@@ -148,7 +153,7 @@ def test_resume_with_r1_equals_an_uninterrupted_run(tmp_path):
 # DDP: the penalty differentiates through a DDP-wrapped D; its gradients must still be averaged
 
 
-def _ddp_worker(rank: int, init_file: str, tmp: str) -> None:
+def _ddp_worker(rank: int, init_file: str, tmp: str, data: str) -> None:
     import torch.distributed as dist
 
     from reference import train as train_module
@@ -164,20 +169,23 @@ def _ddp_worker(rank: int, init_file: str, tmp: str) -> None:
             return original(discriminator, *args, **kwargs)
 
         train_module.discriminator_step = spy
-        train(tiny_config(Path(tmp) / "ddp", batch_size=2, r1_gamma=1.0, d_norm="none", steps=2), progress=False)
+        train(
+            tiny_config(Path(tmp) / "ddp", data=data, batch_size=2, r1_gamma=1.0, d_norm="none", steps=2),
+            progress=False,
+        )
         assert isinstance(seen[0], torch.nn.parallel.DistributedDataParallel)
         torch.save(seen[0].module.state_dict(), Path(tmp) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_with_r1_keeps_the_discriminators_in_sync(tmp_path):
+def test_ddp_with_r1_keeps_the_discriminators_in_sync(tmp_path, tiny_folders):
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not built in")
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path), str(tiny_folders)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     initial = PatchDiscriminator(3, width=8, n_layers=2, norm="none").state_dict().keys()
     assert ranks[0].keys() == initial

@@ -29,8 +29,8 @@ import torch
 from reference.checkpoint import load_checkpoint
 
 STEPS = 24
-ARGUMENTS = [
-    "--toy-streets", "--toy-length", "16", "--size", "16", "--d-layers", "1", "--batch-size", "2",
+ARGUMENTS = [  # with --data DATA, the tiny_folders fixture
+    "--size", "16", "--d-layers", "1", "--batch-size", "2",
     "--g-width", "4", "--g-blocks", "0", "--d-width", "4", "--encoder-mode", "siamese", "--siamese-width", "4",
     "--siamese-dim", "4", "--augment", "color,translation,cutout", "--steps", str(STEPS), "--log-every", "1",
     "--sample-every", "100000", "--num-workers", "0", "--checkpoint-every", "1", "--keep-checkpoints", "2",
@@ -95,16 +95,16 @@ def context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _start(context, out: Path, fault: tuple[str, int] | None = None, *extra: str):
-    process = context.Process(target=_run, args=([*ARGUMENTS, "--out", str(out), *extra], fault))
+def _start(context, data: Path, out: Path, fault: tuple[str, int] | None = None, *extra: str):
+    process = context.Process(target=_run, args=([*ARGUMENTS, "--data", str(data), "--out", str(out), *extra], fault))
     process.start()
     return process
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(context, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def uninterrupted(context, tiny_folders: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("faults") / "uninterrupted"
-    process = _start(context, out)
+    process = _start(context, tiny_folders, out)
     process.join(300)
     assert process.exitcode == 0
     return load_checkpoint(out / "latest.pt")
@@ -140,23 +140,23 @@ def _assert_equal(a: object, b: object, where: str) -> None:
         assert a == b, (where, a, b)
 
 
-def _kill_and_resume(context, out: Path, moment: tuple[str, float | int], uninterrupted: dict) -> int:
+def _kill_and_resume(context, data: Path, out: Path, moment: tuple[str, float | int], uninterrupted: dict) -> int:
     kind, value = moment
     if kind == "timed":
-        process = _start(context, out)
+        process = _start(context, data, out)
         deadline = time.monotonic() + 120
         while not (out / "latest.pt").exists() and process.is_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(float(value))
         process.kill()
     else:
-        process = _start(context, out, (kind, int(value)))
+        process = _start(context, data, out, (kind, int(value)))
     process.join(300)
     if process.exitcode == 0:
         pytest.fail(f"{moment}: the run ended before the kill; shorten the delays")
     assert process.exitcode == -signal.SIGKILL, (moment, process.exitcode)
     step = load_checkpoint(out / "latest.pt")["step"]  # a loadable checkpoint, every time
-    resumed = _start(context, out, None, "--resume")
+    resumed = _start(context, data, out, None, "--resume")
     resumed.join(300)
     assert resumed.exitcode == 0, moment
     assert not list(out.glob(".*.tmp-*")), "a half-written temporary file was left behind"
@@ -166,14 +166,21 @@ def _kill_and_resume(context, out: Path, moment: tuple[str, float | int], uninte
     return step
 
 
-def test_kill_at_three_moments_then_resume_bit_exactly(context, uninterrupted, tmp_path: Path) -> None:
-    steps = [_kill_and_resume(context, tmp_path / f"m{i}", m, uninterrupted) for i, m in enumerate(_moments(3))]
+def test_kill_at_three_moments_then_resume_bit_exactly(context, uninterrupted, tiny_folders, tmp_path: Path) -> None:
+    steps = [
+        _kill_and_resume(context, tiny_folders, tmp_path / f"m{i}", m, uninterrupted) for i, m in enumerate(_moments(3))
+    ]
     assert all(1 <= s < STEPS for s in steps)
 
 
 @pytest.mark.slow
-def test_kill_at_twenty_moments_then_resume_bit_exactly(context, uninterrupted, tmp_path: Path, request) -> None:
+def test_kill_at_twenty_moments_then_resume_bit_exactly(
+    context, uninterrupted, tiny_folders, tmp_path: Path, request
+) -> None:
     if "slow" not in (request.config.option.markexpr or ""):
         pytest.skip("20 kills take about a minute: run with -m slow")
-    steps = [_kill_and_resume(context, tmp_path / f"m{i}", m, uninterrupted) for i, m in enumerate(_moments(20))]
+    steps = [
+        _kill_and_resume(context, tiny_folders, tmp_path / f"m{i}", m, uninterrupted)
+        for i, m in enumerate(_moments(20))
+    ]
     assert all(1 <= s < STEPS for s in steps)

@@ -138,11 +138,11 @@ def test_bf16_autocast_micro_batched_gradient_is_close():
 
 
 def test_micro_batch_options_are_checked_and_on_the_command_line(tmp_path):
-    base = dict(toy_streets=True, out=str(tmp_path), encoder_mode="siamese")
+    base = dict(data="data", out=str(tmp_path), encoder_mode="siamese")  # only checked, never read
     with pytest.raises(ValueError, match="^micro_batch: expected an int >= 0"):
         check_config(TrainConfig(**base, micro_batch=-1))
     check_config(TrainConfig(**base, micro_batch=2, lambda_travel="auto"))
-    assert vars(build_parser().parse_args(["--toy-streets", "--micro-batch", "8"]))["micro_batch"] == 8
+    assert vars(build_parser().parse_args(["--data", "data", "--micro-batch", "8"]))["micro_batch"] == 8
     generator, discriminator, encoder = networks(torch.float32)
     balance = GradientBalancedLambda(next(discriminator.parameters()))  # not one of G's parameters
     with pytest.raises(ValueError, match="adaptive_lambda: its parameter is not among the trained parameters"):
@@ -175,4 +175,4 @@ def test_micro_batched_gradient_with_a_travel_queue_equals_the_whole_batch():
 
 def test_micro_batch_with_the_identity_baseline_is_refused():
     with pytest.raises(ValueError, match="micro_batch: expected 0 with lambda_identity"):
-        check_config(TrainConfig(toy_streets=True, micro_batch=2, lambda_identity=1.0))
+        check_config(TrainConfig(data="data", micro_batch=2, lambda_identity=1.0))

@@ -337,7 +337,7 @@ def test_bad_nce_options_name_the_field(tmp_path, overrides, field):
 
 def test_command_line_flags_reach_the_config():
     parser = build_parser()
-    argv = ["--toy-streets", "--lambda-nce", "10", "--no-nce-idt", "--nce-patches", "64", "--nce-temperature", "0.1"]
+    argv = ["--data", "data", "--lambda-nce", "10", "--no-nce-idt", "--nce-patches", "64", "--nce-temperature", "0.1"]
     args = vars(parser.parse_args(argv))
     args.pop("demo"), args.pop("quick"), args.pop("preset")
     config = TrainConfig(**args)
@@ -360,8 +360,8 @@ def test_command_line_flags_reach_the_config():
 # the trainer: logs, checkpoint, bit-exact resume
 
 
-def test_run_logs_loss_nce_and_checkpoints_the_trained_heads(tmp_path):
-    config = tiny_config(tmp_path / "run", lambda_nce=1.0, lambda_travel=0.0)
+def test_run_logs_loss_nce_and_checkpoints_the_trained_heads(tmp_path, tiny_folders):
+    config = tiny_config(tmp_path / "run", data=tiny_folders, lambda_nce=1.0, lambda_travel=0.0)
     summary = train(config, progress=False)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2
@@ -375,15 +375,15 @@ def test_run_logs_loss_nce_and_checkpoints_the_trained_heads(tmp_path):
     assert all(not torch.equal(v, checkpoint["nce_heads"][k]) for k, v in fresh.items() if k.endswith("weight"))
 
 
-def test_nce_dim_sets_the_width_of_the_heads(tmp_path):
-    train(tiny_config(tmp_path / "run", lambda_nce=1.0, nce_dim=8, steps=1), progress=False)
+def test_nce_dim_sets_the_width_of_the_heads(tmp_path, tiny_folders):
+    train(tiny_config(tmp_path / "run", data=tiny_folders, lambda_nce=1.0, nce_dim=8, steps=1), progress=False)
     heads = load_checkpoint(tmp_path / "run" / "latest.pt")["nce_heads"]
     assert {tuple(v.shape) for k, v in heads.items() if k.endswith("2.weight")} == {(8, 8)}
 
 
-def test_resume_with_nce_equals_an_uninterrupted_run_bit_for_bit(tmp_path):
+def test_resume_with_nce_equals_an_uninterrupted_run_bit_for_bit(tmp_path, tiny_folders):
     # the patch locations are random draws (256 of layer 0's 38 x 38): the stream must continue exactly
-    config = tiny_config(tmp_path / "full", steps=4, lambda_nce=1.0)
+    config = tiny_config(tmp_path / "full", data=tiny_folders, steps=4, lambda_nce=1.0)
     train(config, progress=False)
     train(dataclasses.replace(config, out=str(tmp_path / "halves"), steps=2), progress=False)
     assert train(dataclasses.replace(config, out=str(tmp_path / "halves"), resume=True), progress=False)["step"] == 4
@@ -398,7 +398,7 @@ def test_resume_with_nce_equals_an_uninterrupted_run_bit_for_bit(tmp_path):
 # DDP: the heads are wrapped like G and D
 
 
-def _ddp_worker(rank: int, init_file: str, tmp: str) -> None:
+def _ddp_worker(rank: int, init_file: str, tmp: str, data: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -412,7 +412,7 @@ def _ddp_worker(rank: int, init_file: str, tmp: str) -> None:
             return original(generator, *args, **kwargs)
 
         train_module.generator_step = spy
-        train(tiny_config(Path(tmp) / "ddp", batch_size=2, size=16, lambda_nce=1.0), progress=False)
+        train(tiny_config(Path(tmp) / "ddp", data=data, batch_size=2, size=16, lambda_nce=1.0), progress=False)
         assert all(isinstance(view, nn.parallel.DistributedDataParallel) for view in seen.values())
         torch.save({name: view.module.state_dict() for name, view in seen.items()}, Path(tmp) / f"rank{rank}.pt")
     finally:
@@ -420,13 +420,13 @@ def _ddp_worker(rank: int, init_file: str, tmp: str) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_keeps_g_and_the_heads_in_sync_across_ranks(tmp_path):
+def test_ddp_keeps_g_and_the_heads_in_sync_across_ranks(tmp_path, tiny_folders):
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not built in")
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path), str(tiny_folders)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     # the ranks draw different images and different patch locations: only averaged gradients keep them equal
     for name in ("generator", "heads"):

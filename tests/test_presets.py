@@ -66,14 +66,14 @@ def test_preset_objective_is_the_papers_summed_objective_up_to_a_constant(conven
 @given(batch=st.integers(2, 12), side=st.integers(1, 6), lambda_paper=st.floats(1e-4, 10.0), seed=st.integers(0, 1000))
 def test_mean_convention_preserves_the_gradient_direction_for_any_batch_and_map(batch, side, lambda_paper, seed):
     lambda_mean = paper_to_mean_lambda(lambda_paper, batch_size=batch, patches=side * side)
-    config = {"toy_streets": True, "lambda_travel": lambda_mean}
+    config = {"data": "/data", "lambda_travel": lambda_mean}
     grad_paper, grad_ours, factor = _objectives(lambda_paper, config, batch=batch, side=side, seed=seed)
     torch.testing.assert_close(grad_paper, factor * grad_ours, rtol=1e-4, atol=1e-6 * grad_paper.abs().max().item())
 
 
 def test_a_wrong_mapping_would_be_caught():
     """The check above has teeth: the naive 'same number in both conventions' breaks it."""
-    config = {"toy_streets": True, "lambda_travel": 0.01}
+    config = {"data": "/data", "lambda_travel": 0.01}
     grad_paper, grad_ours, factor = _objectives(0.01, config, batch=8, side=3)
     assert not torch.allclose(grad_paper, factor * grad_ours, rtol=1e-3)
 

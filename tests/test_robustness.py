@@ -223,20 +223,6 @@ def test_evaluate_missing_folders_name_their_flag(
     _one_error_line(capsys.readouterr().err, "--sources")
 
 
-def test_write_toy_streets_refuses_to_overwrite_unless_told(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    (folder / "00001.png").write_bytes(b"holiday")
-    arguments = ["--write-toy-streets", str(folder), "--toy-count", "3", "--toy-size", "16"]
-    assert evaluate.main(arguments) == 2
-    _one_error_line(capsys.readouterr().err, "--write-toy-streets", str(folder), "00001.png", "--overwrite")
-    assert (
-        sorted(p.name for p in folder.iterdir()) == ["00001.png"] and (folder / "00001.png").read_bytes() == b"holiday"
-    )
-    assert evaluate.main([*arguments, "--overwrite"]) == 0
-    assert len(list(folder.glob("*.png"))) == 3
-
-
 # ---------------------------------------------------------------------------------------------
 # Output checks and the run-folder lock
 # ---------------------------------------------------------------------------------------------

@@ -49,10 +49,11 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_config(out: Path, encoder: Path | None = None, **overrides) -> TrainConfig:
-    """32 px toy streets, an 8-wide generator with one block, a two-layer PatchGAN."""
+def tiny_config(out: Path, encoder: Path | None = None, data: Path | str | None = "unused", **overrides) -> TrainConfig:
+    """32 px images of ``data`` (the ``tiny_folders`` fixture; a placeholder where only the config is
+    checked), an 8-wide generator with one block, a two-layer PatchGAN."""
     options = dict(
-        toy_streets=True, toy_length=32, size=32, batch_size=4, steps=2,
+        data=None if data is None else str(data), size=32, batch_size=4, steps=2,
         encoder=str(encoder) if encoder is not None else "unused",
         encoder_mode="clip" if encoder is not None else "siamese",
         siamese_width=4, siamese_dim=8, g_width=8, g_blocks=1, d_width=8, d_layers=2, out=str(out),
@@ -105,7 +106,7 @@ TRAINED_STATE_KEYS = (
 # training steps
 
 
-def test_steps_change_generator_and_discriminator_but_not_encoder(tmp_path, tiny_clip_dir, monkeypatch):
+def test_steps_change_generator_and_discriminator_but_not_encoder(tmp_path, tiny_clip_dir, tiny_folders, monkeypatch):
     built = []
 
     def spy(config):
@@ -114,7 +115,7 @@ def test_steps_change_generator_and_discriminator_but_not_encoder(tmp_path, tiny
         return encoder
 
     monkeypatch.setattr(train_module, "build_encoder", spy)
-    config = tiny_config(tmp_path / "run", tiny_clip_dir, lambda_travel=1.0)
+    config = tiny_config(tmp_path / "run", tiny_clip_dir, data=tiny_folders, lambda_travel=1.0)
     summary = train(config, progress=False)
     assert summary["step"] == 2 and summary["images_per_second"] > 0 and summary["interrupted"] is None
 
@@ -149,10 +150,15 @@ def test_steps_change_generator_and_discriminator_but_not_encoder(tmp_path, tiny
         train(config, progress=False)
 
 
-def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, tiny_clip_dir):
+def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, tiny_clip_dir, tiny_folders):
     # Augmentation and flips draw random numbers; both must continue exactly.
     config = tiny_config(
-        tmp_path / "full", tiny_clip_dir, steps=4, augment="color,translation,cutout", lambda_travel=2.0
+        tmp_path / "full",
+        tiny_clip_dir,
+        data=tiny_folders,
+        steps=4,
+        augment="color,translation,cutout",
+        lambda_travel=2.0,
     )
     train(config, progress=False)
     train(dataclasses.replace(config, out=str(tmp_path / "halves"), steps=2), progress=False)
@@ -173,9 +179,10 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, tiny_clip_dir)
         }
 
 
-def test_resume_from_a_kept_checkpoint_with_siamese_auto_lambda_and_decay(tmp_path):
+def test_resume_from_a_kept_checkpoint_with_siamese_auto_lambda_and_decay(tmp_path, tiny_folders):
     config = tiny_config(
         tmp_path / "full",
+        data=tiny_folders,
         steps=4,
         lambda_travel="auto",
         gan_loss="hinge",
@@ -201,10 +208,10 @@ def test_resume_from_a_kept_checkpoint_with_siamese_auto_lambda_and_decay(tmp_pa
 # checkpoints under kill and SIGTERM (real processes)
 
 
-def _launch(out: Path, *extra: str) -> subprocess.Popen:
+def _launch(data: Path, out: Path, *extra: str) -> subprocess.Popen:
     """Start ``python reference/train.py`` from the output's parent folder (the script must work from anywhere)."""
     command = [
-        sys.executable, str(REPO / "reference" / "train.py"), "--toy-streets", "--toy-length", "32", "--size", "16",
+        sys.executable, str(REPO / "reference" / "train.py"), "--data", str(data), "--size", "16",
         "--d-layers", "1", "--batch-size", "2", "--g-width", "4", "--g-blocks", "0", "--d-width", "4",
         "--encoder-mode", "siamese", "--siamese-width", "4", "--siamese-dim", "4", "--steps", "100000",
         "--log-every", "1", "--sample-every", "100000", "--num-workers", "0", "--out", str(out), *extra,
@@ -236,9 +243,9 @@ def _logged_steps(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-def test_checkpoint_survives_sigkill_during_training(tmp_path):
+def test_checkpoint_survives_sigkill_during_training(tmp_path, tiny_folders):
     out = tmp_path / "killed"
-    process = _launch(out, "--checkpoint-every", "1")
+    process = _launch(tiny_folders, out, "--checkpoint-every", "1")
     try:
         _wait_for(lambda: len(_logged_steps(out)) >= 4, process)
     finally:
@@ -251,9 +258,9 @@ def test_checkpoint_survives_sigkill_during_training(tmp_path):
     assert all(torch.isfinite(t).all() for t in checkpoint["generator"].values())
 
 
-def test_sigterm_saves_a_checkpoint_at_that_step_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_a_checkpoint_at_that_step_and_exits_cleanly(tmp_path, tiny_folders):
     out = tmp_path / "terminated"
-    process = _launch(out, "--checkpoint-every", "100000")
+    process = _launch(tiny_folders, out, "--checkpoint-every", "100000")
     try:
         _wait_for(lambda: len(_logged_steps(out)) >= 2, process)
         assert not (out / "latest.pt").exists()
@@ -296,30 +303,37 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
 # options and errors
 
 
-def test_fp16_on_cpu_is_a_clear_error(tmp_path, capsys):
+def test_fp16_on_cpu_is_a_clear_error(tmp_path, capsys, tiny_folders):
     with pytest.raises(ValueError, match="amp: .*float16 autocast needs CUDA"):
-        train(tiny_config(tmp_path / "x", amp="fp16", device="cpu"), progress=False)
+        train(tiny_config(tmp_path / "x", data=tiny_folders, amp="fp16", device="cpu"), progress=False)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):
-            train(tiny_config(tmp_path / "x", amp="fp16", device="auto"), progress=False)
+            train(tiny_config(tmp_path / "x", data=tiny_folders, amp="fp16", device="auto"), progress=False)
     with pytest.raises(SystemExit):
-        main(["--toy-streets", "--amp", "fp16", "--device", "cpu", "--out", str(tmp_path / "x")])
+        main(["--data", str(tiny_folders), "--amp", "fp16", "--device", "cpu", "--out", str(tmp_path / "x")])
     assert "float16 autocast needs CUDA" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_xla") is not None, reason="torch_xla is installed")
-def test_xla_without_torch_xla_is_one_clear_message(tmp_path, capsys):
+def test_xla_without_torch_xla_is_one_clear_message(tmp_path, capsys, tiny_folders):
     with pytest.raises(SetupError, match="--device xla needs torch_xla, which is not installed"):
-        train(tiny_config(tmp_path / "x", device="xla"), progress=False)
-    assert main(["--toy-streets", "--device", "xla", "--out", str(tmp_path / "x")]) == 2
+        train(tiny_config(tmp_path / "x", data=tiny_folders, device="xla"), progress=False)
+    assert main(["--data", str(tiny_folders), "--device", "xla", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("needs torch_xla") == 1 and "Traceback" not in err
 
 
-def test_bf16_autocast_and_compile_run_without_recompiling(tmp_path, tiny_clip_dir):
+def test_bf16_autocast_and_compile_run_without_recompiling(tmp_path, tiny_clip_dir, tiny_folders):
     config = tiny_config(
-        tmp_path / "c", tiny_clip_dir, steps=3, amp="bf16", compile=True, compile_backend="eager", channels_last=True
+        tmp_path / "c",
+        tiny_clip_dir,
+        data=tiny_folders,
+        steps=3,
+        amp="bf16",
+        compile=True,
+        compile_backend="eager",
+        channels_last=True,
     )
     summary = train(config, progress=False)
     graphs = summary["compiled_graphs"]
@@ -330,7 +344,7 @@ def test_bf16_autocast_and_compile_run_without_recompiling(tmp_path, tiny_clip_d
 @pytest.mark.parametrize(
     "overrides, field",
     [
-        (dict(toy_streets=False), "data"),
+        (dict(data=None), "data"),
         (dict(data_a="x"), "data"),
         (dict(size=30), "size"),
         (dict(size=16, d_layers=3), "size"),

@@ -24,9 +24,9 @@ WORLD_SIZE = 2
 PER_RANK_BATCH = 2
 
 
-def ddp_config(out: Path, encoder: Path, **overrides) -> TrainConfig:
+def ddp_config(out: Path, encoder: Path, data: Path, **overrides) -> TrainConfig:
     options = dict(
-        toy_streets=True, toy_length=32, size=32, batch_size=PER_RANK_BATCH, steps=3, encoder=str(encoder),
+        data=str(data), size=32, batch_size=PER_RANK_BATCH, steps=3, encoder=str(encoder),
         encoder_mode="clip", g_width=8, g_blocks=1, d_width=8, d_layers=2, lambda_travel=5.0, out=str(out),
         log_every=1, sample_every=1000, checkpoint_every=2, num_workers=0,
     )  # fmt: skip
@@ -49,7 +49,7 @@ def record_first_generator_gradients(train_module, store: list) -> None:
     steps_module._backward_and_step = recording
 
 
-def _worker(rank: int, init_file: str, tmp: str, encoder: str) -> None:
+def _worker(rank: int, init_file: str, tmp: str, encoder: str, data: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
@@ -60,7 +60,7 @@ def _worker(rank: int, init_file: str, tmp: str, encoder: str) -> None:
         original_save = train_module.save_checkpoint
         train_module.save_checkpoint = lambda *a, **k: saves.append(1) or original_save(*a, **k)
         tmp_path = Path(tmp)
-        config = ddp_config(tmp_path / "ddp", Path(encoder))
+        config = ddp_config(tmp_path / "ddp", Path(encoder), Path(data))
 
         original_step = steps_module._backward_and_step
         global_gradients: list = []
@@ -113,8 +113,9 @@ def _worker(rank: int, init_file: str, tmp: str, encoder: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_training_uses_the_global_batch_and_resumes_exactly(tmp_path, tiny_clip_dir):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), str(tiny_clip_dir)), nprocs=WORLD_SIZE, join=True)
+def test_ddp_training_uses_the_global_batch_and_resumes_exactly(tmp_path, tiny_clip_dir, tiny_folders):
+    arguments = (str(tmp_path / "init"), str(tmp_path), str(tiny_clip_dir), str(tiny_folders))
+    mp.spawn(_worker, args=arguments, nprocs=WORLD_SIZE, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
 
     # Rank 0 alone writes checkpoints, metrics and samples.
@@ -136,7 +137,9 @@ def test_ddp_training_uses_the_global_batch_and_resumes_exactly(tmp_path, tiny_c
     original = steps_module._backward_and_step
     try:
         record_first_generator_gradients(train_module, single_gradients)
-        single = ddp_config(tmp_path / "single", tiny_clip_dir, batch_size=WORLD_SIZE * PER_RANK_BATCH, steps=1)
+        single = ddp_config(
+            tmp_path / "single", tiny_clip_dir, tiny_folders, batch_size=WORLD_SIZE * PER_RANK_BATCH, steps=1
+        )
         train_module.train(single, progress=False)
     finally:
         steps_module._backward_and_step = original
@@ -170,13 +173,14 @@ def test_ddp_training_uses_the_global_batch_and_resumes_exactly(tmp_path, tiny_c
     assert not torch.equal(full["rng"][0]["torch"], full["rng"][1]["torch"])  # per-rank seeds
 
 
-def test_torchrun_runs_the_script_on_two_cpu_processes(tmp_path):
+def test_torchrun_runs_the_script_on_two_cpu_processes(tmp_path, tiny_folders):
     out = tmp_path / "run"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD_SIZE),
-        str(REPO / "reference" / "train.py"), "--toy-streets", "--toy-length", "16", "--size", "16", "--d-layers", "1",
-        "--batch-size", "2", "--g-width", "4", "--g-blocks", "0", "--d-width", "4", "--encoder-mode", "siamese",
-        "--siamese-width", "4", "--siamese-dim", "4", "--steps", "2", "--log-every", "1", "--out", str(out),
+        str(REPO / "reference" / "train.py"), "--data", str(tiny_folders), "--num-workers", "0", "--size", "16",
+        "--d-layers", "1", "--batch-size", "2", "--g-width", "4", "--g-blocks", "0", "--d-width", "4",
+        "--encoder-mode", "siamese", "--siamese-width", "4", "--siamese-dim", "4", "--steps", "2", "--log-every", "1",
+        "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -188,14 +192,14 @@ def test_torchrun_runs_the_script_on_two_cpu_processes(tmp_path):
     assert result.stdout.count("done: 2 steps") == 1  # one rank reports
 
 
-def test_torchrun_with_a_users_module_encoder(tmp_path):
+def test_torchrun_with_a_users_module_encoder(tmp_path, tiny_folders):
     """--encoder-mode module under DDP: every rank builds and checks the embedder; the run finishes."""
     out = tmp_path / "run"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD_SIZE),
-        str(REPO / "reference" / "train.py"), "--toy-streets", "--toy-length", "16", "--size", "16", "--d-layers", "1",
-        "--batch-size", "2", "--g-width", "4", "--g-blocks", "0", "--d-width", "4", "--encoder-mode", "module",
-        "--encoder", f"{REPO / 'reference' / 'studies' / 'street_encoder.py'}:self_similarity_embedder",
+        str(REPO / "reference" / "train.py"), "--data", str(tiny_folders), "--num-workers", "0", "--size", "16",
+        "--d-layers", "1", "--batch-size", "2", "--g-width", "4", "--g-blocks", "0", "--d-width", "4",
+        "--encoder-mode", "module", "--encoder", f"{REPO / 'reference' / 'studies' / 'digit_data.py'}:random_embedder",
         "--lambda-travel", "3",
         "--steps", "2", "--log-every", "1", "--out", str(out),
     ]  # fmt: skip

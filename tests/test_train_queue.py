@@ -14,8 +14,8 @@ from reference.train import TrainConfig, build_parser, check_config, train
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_batch_one_with_a_queue_resumes_exactly(tmp_path, tiny_clip_dir):
-    config = tiny_config(tmp_path / "full", tiny_clip_dir, steps=4, batch_size=1, travel_queue=2)
+def test_batch_one_with_a_queue_resumes_exactly(tmp_path, tiny_clip_dir, tiny_folders):
+    config = tiny_config(tmp_path / "full", tiny_clip_dir, data=tiny_folders, steps=4, batch_size=1, travel_queue=2)
     train(config, progress=False)
     train(dataclasses.replace(config, out=str(tmp_path / "halves"), steps=2), progress=False)
     halfway = load_checkpoint(tmp_path / "halves" / "latest.pt")
@@ -35,9 +35,9 @@ def test_batch_one_with_a_queue_resumes_exactly(tmp_path, tiny_clip_dir):
 def test_queue_flag_and_its_checks():
     assert build_parser().parse_args(["--travel-queue", "8"]).travel_queue == 8
     with pytest.raises(ValueError, match="batch_size: expected an int >= 2 .*or any with travel_queue > 0"):
-        check_config(TrainConfig(toy_streets=True, batch_size=1))
+        check_config(TrainConfig(data="data", batch_size=1))
     with pytest.raises(ValueError, match="travel_queue: expected an int >= 0"):
-        check_config(TrainConfig(toy_streets=True, travel_queue=-1))
+        check_config(TrainConfig(data="data", travel_queue=-1))
     with pytest.raises(ValueError, match="travel_queue: expected 0 with travel_objective 'notebook'"):
-        check_config(TrainConfig(toy_streets=True, travel_queue=4, travel_objective="notebook"))
-    check_config(TrainConfig(toy_streets=True, batch_size=1, travel_queue=4))
+        check_config(TrainConfig(data="data", travel_queue=4, travel_objective="notebook"))
+    check_config(TrainConfig(data="data", batch_size=1, travel_queue=4))

@@ -109,9 +109,9 @@ def test_data_folder_mistakes_are_one_line_naming_the_flag(tmp_path: Path, capsy
     assert not out.exists()  # nothing was started
 
 
-def test_out_that_is_a_file_or_read_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_out_that_is_a_file_or_read_only(tmp_path: Path, capsys: pytest.CaptureFixture, tiny_folders: Path) -> None:
     (tmp_path / "file").write_text("mine")
-    code, err = run_main(capsys, "--toy-streets", "--out", str(tmp_path / "file"))
+    code, err = run_main(capsys, "--data", str(tiny_folders), "--out", str(tmp_path / "file"))
     assert code == 2
     one_line(err, "--out", "found a file", str(tmp_path / "file"))
     assert (tmp_path / "file").read_text() == "mine"
@@ -121,22 +121,24 @@ def test_out_that_is_a_file_or_read_only(tmp_path: Path, capsys: pytest.CaptureF
     try:
         if os.access(read_only, os.W_OK) and Path("/sys/kernel").is_dir():  # root: use a folder refused to anyone
             read_only = Path("/sys/kernel")
-        code, err = run_main(capsys, "--toy-streets", "--out", str(read_only / "run"))
+        code, err = run_main(capsys, "--data", str(tiny_folders), "--out", str(read_only / "run"))
         assert code == 2
         one_line(err, "--out", "not writable")
     finally:
         (tmp_path / "read-only").chmod(0o755)
 
 
-def test_size_below_the_clip_input_is_refused_before_training(tmp_path: Path, tiny_clip_dir: Path) -> None:
-    config = tiny(tmp_path / "run", toy_streets=True, encoder_mode="clip", encoder=str(tiny_clip_dir), size=16)
+def test_size_below_the_clip_input_is_refused_before_training(
+    tmp_path: Path, tiny_clip_dir: Path, tiny_folders: Path
+) -> None:
+    config = tiny(tmp_path / "run", data=str(tiny_folders), encoder_mode="clip", encoder=str(tiny_clip_dir), size=16)
     with pytest.raises(RunInputError, match=r"--size: expected at least 32 .* got 16"):
         train(config, progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     train(
         tiny(
             tmp_path / "resized",
-            toy_streets=True,
+            data=str(tiny_folders),
             encoder_mode="clip",
             encoder=str(tiny_clip_dir),
             size=16,
@@ -160,24 +162,26 @@ def test_a_batch_larger_than_the_data_set_warns_before_training(tmp_path: Path) 
 # One run per --out; metrics never truncated
 
 
-def test_a_second_run_on_the_same_out_stops_at_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_second_run_on_the_same_out_stops_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture, tiny_folders: Path
+) -> None:
     out = tmp_path / "run"
     with RunFolderLock(out):  # another live run holds the folder
-        code, err = run_main(capsys, "--toy-streets", "--out", str(out))
+        code, err = run_main(capsys, "--data", str(tiny_folders), "--out", str(out))
         with pytest.raises(RunFolderBusyError):
-            train(tiny(out, toy_streets=True), progress=False)
+            train(tiny(out, data=str(tiny_folders)), progress=False)
     assert code == 2
     one_line(err, f"--out {out} is in use by another run (pid {os.getpid()})")
     assert not (out / "metrics.jsonl").exists()
-    train(tiny(out, toy_streets=True, steps=1), progress=False)  # free again once the holder is gone
+    train(tiny(out, data=str(tiny_folders), steps=1), progress=False)  # free again once the holder is gone
 
 
-def test_metrics_are_appended_never_truncated(tmp_path: Path) -> None:
+def test_metrics_are_appended_never_truncated(tmp_path: Path, tiny_folders: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 7, "from": "an earlier run without latest.pt"}\n')
-    train(tiny(out, toy_streets=True, steps=2), progress=False)
-    train(tiny(out, toy_streets=True, steps=3, resume=True), progress=False)
+    train(tiny(out, data=str(tiny_folders), steps=2), progress=False)
+    train(tiny(out, data=str(tiny_folders), steps=3, resume=True), progress=False)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[0] == {"step": 7, "from": "an earlier run without latest.pt"}
     assert [line["step"] for line in lines[1:]] == [1, 2, 3]
@@ -217,32 +221,38 @@ def test_too_many_decode_failures_stop_after_a_checkpoint(tmp_path: Path, capsys
 
 
 def test_a_damaged_latest_names_the_step_files_and_resume_from_takes_one(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture, tiny_folders: Path
 ) -> None:
     out = tmp_path / "run"
-    train(tiny(out, toy_streets=True, steps=2, checkpoint_every=1, keep_checkpoints=2), progress=False)
+    train(tiny(out, data=str(tiny_folders), steps=2, checkpoint_every=1, keep_checkpoints=2), progress=False)
     (out / "latest.pt").unlink()
     (out / "latest.pt").write_bytes(b"")
     with pytest.raises(DamagedCheckpointError):
-        train(tiny(out, toy_streets=True, steps=3, resume=True), progress=False)
-    code, err = run_main(capsys, "--toy-streets", "--out", str(out), "--resume", "--steps", "3")
+        train(tiny(out, data=str(tiny_folders), steps=3, resume=True), progress=False)
+    code, err = run_main(capsys, "--data", str(tiny_folders), "--out", str(out), "--resume", "--steps", "3")
     assert code == 2
     one_line(
         err, f"checkpoint {out / 'latest.pt'} is damaged", "step_000001.pt", "step_000002.pt", "--resume-from FILE"
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # resuming from a step file changes no setting of the run
-        summary = train(tiny(out, toy_streets=True, steps=3, resume_from=str(out / "step_000002.pt")), progress=False)
+        summary = train(
+            tiny(out, data=str(tiny_folders), steps=3, resume_from=str(out / "step_000002.pt")), progress=False
+        )
     assert summary["step"] == 3 and load_checkpoint(out / "latest.pt")["step"] == 3
 
 
-def test_resume_with_another_architecture_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_resume_with_another_architecture_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, tiny_folders: Path
+) -> None:
     out = tmp_path / "run"
-    train(tiny(out, toy_streets=True, steps=1), progress=False)
-    code, err = run_main(capsys, "--toy-streets", "--out", str(out), "--resume", "--g-width", "8")
+    train(tiny(out, data=str(tiny_folders), steps=1), progress=False)
+    code, err = run_main(capsys, "--data", str(tiny_folders), "--out", str(out), "--resume", "--g-width", "8")
     assert code == 2
     one_line(err, f"--resume: {out / 'latest.pt'} does not fit this run", "g_width")
-    code, err = run_main(capsys, "--toy-streets", "--out", str(out), "--resume-from", str(tmp_path / "nope.pt"))
+    code, err = run_main(
+        capsys, "--data", str(tiny_folders), "--out", str(out), "--resume-from", str(tmp_path / "nope.pt")
+    )
     assert code == 2
     one_line(err, "--resume-from", "nope.pt")
 

@@ -6,8 +6,7 @@ figures into ``--out``. Imports run from the studies to the trainer, never back:
 knows only :data:`STUDIES` and :func:`run_study`.
 
 - ``digits`` (the default of ``--demo``): real handwritten digits, two styles and a class-prior
-  mismatch (:mod:`reference.studies.digits`); ``digits-full`` adds the ablations and sweeps;
-- ``streets``: the toy-street study (:mod:`reference.studies.streets`).
+  mismatch (:mod:`reference.studies.digits`); ``digits-full`` adds the ablations and sweeps.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ __all__ = ["DEFAULT_STUDY", "STUDIES", "run_study"]
 STUDIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "digits": ("reference.studies.digits", "run_digit_demo", {}),
     "digits-full": ("reference.studies.digits", "run_digit_demo", {"full": True}),
-    "streets": ("reference.studies.streets", "run_demo", {}),
 }
 DEFAULT_STUDY = "digits"
 

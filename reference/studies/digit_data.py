@@ -18,9 +18,11 @@ scans are drawn with a fixed seed:
 Scores of translations ``G(x)`` of A-test images (:func:`score_digit_translations`):
 
 - **label accuracy** (1 is ideal): the judge's label of G(x) equals x's label;
-- **realism** (1 is ideal): the fraction of output pixels whose colour lies on B's ink-paper
-  colour segment (within ``REALISM_TOLERANCE``); about 1 for real B renders, about 0 for A
-  renders left unchanged. Like the streets' realism it measures the look, not the content.
+- **KID** (0 is ideal): :func:`kid` in :func:`pixel_features` (pixels and local contrast) against
+  B-style renders of balanced held-out scans (``realism_reference``): realism that sees speckle;
+- **L1 to the ideal** (0 is ideal): :func:`fidelity_l1`, the ideal being the scan rendered in B's style;
+- **colour fraction** (1 is ideal, secondary): :func:`realism`, pixels on B's ink-paper colour
+  segment; blind to where they are, so B-coloured speckle scores 1.
 
 The embedders of the study (:func:`stroke_embedder`, :func:`pixel_embedder`) are fitted
 without labels on A-train only; see their docstrings for why one works and the other does not.
