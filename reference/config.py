@@ -51,7 +51,7 @@ TRAINER_PRESETS: dict[str, dict[str, Any]] = {
         d_width=16,
         d_layers=2,
         batch_size=32,
-        steps=600,  # with the EMA the picture of 1000 steps (README: the digit study), in 3/5 of the time
+        steps=500,  # with the EMA the picture of 1000 steps in half the time: the study fits in 5 minutes
         lr=2e-4,
         g_ema=0.99,  # evaluation with the EMA of G's weights: less speckle for every method
     ),
