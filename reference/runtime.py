@@ -59,7 +59,7 @@ def _found(path: Path) -> str:
 
 
 def check_run_inputs(config: Any) -> None:
-    """The data folders, ``--out`` and ``--resume-from`` of a :class:`reference.config.TrainConfig`, before any work.
+    """The data folders, ``--encoder``, ``--out`` and ``--resume-from`` of a TrainConfig, before any work.
 
     Raises :class:`RunInputError` naming the flag: a missing data folder or root, a root
     without ``trainA/`` or ``trainB/``, an ``--out`` that is a file or not writable, a
@@ -96,10 +96,30 @@ def check_run_inputs(config: Any) -> None:
         check_writable_folder(config.out, "--out")
     except OSError as error:
         raise RunInputError(str(error)) from None
+    if getattr(config, "encoder_mode", None) in ("clip", "random-clip"):
+        check_encoder_name(config.encoder)
     resume_from = getattr(config, "resume_from", None)
     if resume_from is not None and not Path(resume_from).is_file():
         raise RunInputError(
             f"--resume-from: expected a checkpoint file, found {_found(Path(resume_from))} at {resume_from}"
+        )
+
+
+def check_encoder_name(encoder: str) -> None:
+    """RunInputError unless ``--encoder`` is an existing folder or looks like a hub id (``owner/name``).
+
+    Catches a mistyped folder at once, where the hub client would first spend its retries on the
+    network. A hub id that is neither cached nor reachable fails later, when the encoder loads.
+    """
+    path = Path(encoder)
+    if path.is_dir():
+        return
+    parts = encoder.split("/")
+    looks_like_hub_id = len(parts) == 2 and all(parts) and not encoder.startswith((".", "~"))
+    if not looks_like_hub_id:
+        raise RunInputError(
+            f"--encoder: {encoder!r} is neither a folder nor a hub id of the form owner/name "
+            f"(found {_found(path)}); pass a folder written by save_pretrained, or e.g. openai/clip-vit-large-patch14"
         )
 
 

@@ -167,7 +167,14 @@ def build_encoder(config: TrainConfig) -> nn.Module:
 
     options = dict(crop=config.crop, features=config.features, check_range=False)  # no host sync per call
     if config.encoder_mode == "clip":
-        return _frozen(FrozenCLIPEncoder(config.encoder, **options))
+        try:
+            return _frozen(FrozenCLIPEncoder(config.encoder, **options))
+        except (OSError, ValueError) as error:  # not cached and offline, not a CLIP checkpoint, damaged files
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise SetupError(
+                f"--encoder: cannot load a CLIP checkpoint from {config.encoder!r}: {first}; "
+                "pass a local folder written by save_pretrained (offline: HF_HUB_OFFLINE=1 uses the cache only)"
+            ) from error
     from transformers import CLIPVisionConfig
 
     try:

@@ -348,3 +348,30 @@ def test_a_resume_with_nothing_left_to_do_says_so(tmp_path: Path, capsys: pytest
     assert main([*argv, "--resume"]) == 0
     out = capsys.readouterr().out
     assert "already at step 2 of 2" in out and "images/s" not in out
+
+
+@pytest.mark.parametrize("encoder", ["tinyclp", "./no/such/folder", "a/b/c"])
+def test_a_mistyped_encoder_folder_is_one_line_and_exit_2_before_any_network(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_folders: Path, encoder: str
+) -> None:
+    import time
+
+    argv = [*TINY, "--data", str(tiny_folders), "--encoder-mode", "clip", "--encoder", encoder, "--out", str(tmp_path)]
+    started = time.perf_counter()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("reference/train.py: error: --encoder:") and repr(encoder) in err[0]
+    assert time.perf_counter() - started < 10  # no network retries
+    assert not (tmp_path / "latest.pt").exists()
+
+
+def test_an_unloadable_encoder_folder_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_folders: Path
+) -> None:
+    folder = tmp_path / "not_clip"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    argv = [*TINY, "--data", str(tiny_folders), "--encoder-mode", "clip", "--encoder", str(folder)]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--encoder: cannot load a CLIP checkpoint" in err[0]
