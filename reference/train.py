@@ -41,9 +41,11 @@ state (``checkpoint``), the networks (``models``) and the GAN losses (``losses``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import os
+import re
 import sys
 import time
 import warnings
@@ -259,6 +261,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     check_run_inputs(config)
     runtime = setup_runtime(config.device, config.amp)
     lock = RunFolderLock(config.out) if runtime.is_main else None  # a second run on --out stops here
+    new_folder = not Path(config.out).exists()
     try:
         if lock is not None:
             lock.acquire()
@@ -266,7 +269,13 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         return _train(config, runtime, progress=progress)
     finally:
         if lock is not None:
+            left_nothing = new_folder and [p.name for p in Path(config.out).iterdir()] == [lock.path.name]
+            if left_nothing:  # a run that stopped before any output leaves no trace in a new --out
+                lock.path.unlink()  # while still held: a run starting now makes a lock file of its own
             lock.release()
+            if left_nothing:
+                with contextlib.suppress(OSError):  # not empty: another run has started there
+                    Path(config.out).rmdir()
         if runtime.owns_process_group:
             dist.destroy_process_group()
 
@@ -279,7 +288,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     resuming = config.resume_from is not None or (config.resume and latest.exists())
     if latest.exists() and not (config.resume or config.resume_from is not None):
         raise ValueError(
-            f"out: {out} already holds a checkpoint ({LATEST}); pass resume=True (--resume) or choose another folder"
+            f"out: {out} already holds a checkpoint ({LATEST}); continue it with --resume or choose another --out"
         )
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -617,6 +626,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _as_flags(message: str) -> str:
+    """A message that starts with TrainConfig field names (``"size: expected ..."``, ``"data_a, data_b: ..."``)
+    with those names written as the command line's flags (``"--size: expected ..."``); field names inside
+    the message (``data_a='x'``) become flags too."""
+    fields = {item.name for item in dataclasses.fields(TrainConfig)}
+    head, colon, rest = message.partition(": ")
+    names = [name.strip() for name in head.split(",")]
+    if colon and names and all(name in fields for name in names):
+        head = ", ".join("--" + name.replace("_", "-") for name in names)
+        rest = re.sub(
+            r"\b(" + "|".join(sorted(names, key=len, reverse=True)) + r")=",
+            lambda match: "--" + match[1].replace("_", "-") + "=",
+            rest,
+        )
+        return f"{head}{colon}{rest}"
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     preset = parser.parse_known_args(argv)[0].preset
@@ -632,12 +659,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_config(config)
     except ValueError as error:
-        print(error_line(parser.prog, error), file=sys.stderr)
+        print(error_line(parser.prog, _as_flags(str(error))), file=sys.stderr)
         raise SystemExit(2) from None
     try:
         summary = train(config)
     except (SetupError, RunFolderBusyError, ValueError) as error:  # ValueError: RunInputError, DamagedCheckpointError
-        print(error_line(parser.prog, error), file=sys.stderr)
+        print(error_line(parser.prog, _as_flags(str(error))), file=sys.stderr)
         return 2
     except TooManyUnreadableImagesError as error:
         print(error_line(parser.prog, error), file=sys.stderr)

@@ -422,7 +422,7 @@ def test_a_failing_run_names_itself_with_its_log(tmp_path):
     from reference.studies.runner import TrainerRun, run_trainers
 
     bad = TrainerRun("bad", ["--data-a", str(tmp_path / "missing"), "--out", str(tmp_path / "bad")], tmp_path / "bad")
-    with pytest.raises(RuntimeError, match=r"(?s)'bad' exited with 2.*data_a"):
+    with pytest.raises(RuntimeError, match=r"(?s)'bad' exited with 2.*--data-a"):
         run_trainers([bad], workers=1, say=lambda *a: None)
 
 

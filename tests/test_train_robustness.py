@@ -375,3 +375,45 @@ def test_an_unloadable_encoder_folder_is_one_line_and_exit_2(
     assert main([*argv, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--encoder: cannot load a CLIP checkpoint" in err[0]
+
+
+MISTAKES = [  # (extra arguments, the start of the one line after "reference/train.py: error: ")
+    (["--size", "0"], "--size: expected"),
+    (["--batch-size", "0"], "--batch-size: expected"),
+    (["--steps", "0"], "--steps: expected"),
+    (["--lr", "-1"], "--lr: expected"),
+    (["--lambda-travel", "-1"], "--lambda-travel: expected"),
+    (["--lambda-identity", "nan"], "--lambda-identity: expected"),
+    (["--lambda-nce", "1", "--nce-patches", "0"], "--nce-patches: expected"),
+    (["--travel-views", "2", "--travel-view-transforms", "wobble=1"], "--travel-view-transforms: expected"),
+    (["--g-ema", "1.5"], "--g-ema: expected"),
+    (["--beta1", "2"], "--beta1: expected"),
+    (["--micro-batch", "2", "--lambda-cycle", "10"], "--micro-batch: expected"),
+    (["--data-b", "NONE"], "--data-a, --data-b: give both folders"),
+    (["--data-a", "MISSING"], "--data-a: expected a folder of images"),
+    (["--encoder-mode", "clip", "--encoder", "tinyclp"], "--encoder: 'tinyclp' is neither a folder"),
+    (["--encoder-mode", "module", "--encoder", "no_such_file.py:make"], "--encoder:"),
+    (["--resume-from", "MISSING"], "--resume-from: expected a checkpoint file"),
+    (["--out", "FILE"], "--out: expected a folder"),
+]
+
+
+@pytest.mark.parametrize(("extra", "start"), MISTAKES, ids=[" ".join(m[0]) for m in MISTAKES])
+def test_every_mistake_is_one_line_naming_the_flag_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_folders: Path, extra: list[str], start: str
+) -> None:
+    (tmp_path / "FILE").write_text("not a folder")
+    data = ["--data-a", str(tiny_folders / "trainA"), "--data-b", str(tiny_folders / "trainB")]
+    if "NONE" in extra:
+        data, extra = ["--data-a", str(tiny_folders / "trainA")], []
+    extra = [str(tmp_path / a) if a in ("MISSING", "FILE") else a for a in extra]
+    argv = [*TINY, *data, "--out", str(tmp_path / "run"), *extra]
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("reference/train.py: error: " + start), err[0]
+    assert not (tmp_path / "run" / "run.lock").exists() or "--out" in start  # nothing left in a new --out
