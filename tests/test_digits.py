@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("sklearn")  # the reference extra's scikit-learn: the digits ship inside it
+pytest.importorskip("sklearn")  # the trainer-deps extra's scikit-learn: the digits ship inside it
 
 from reference.checkpoint import load_checkpoint
 from reference.losses import generator_adversarial_loss

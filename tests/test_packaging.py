@@ -172,3 +172,11 @@ def test_no_module_of_the_project_imports_itself_back():
 
     cycles = [cycle for name in sorted(graph) if (cycle := cycle_from(name))]
     assert not cycles, f"import cycles: {[' -> '.join(c) for c in cycles]}"
+
+
+def test_the_extras_promise_only_what_they_ship():
+    """``reference/`` is not in the wheel, so no extra may be named as if it installed the trainer."""
+    extras = PROJECT["optional-dependencies"]
+    assert "reference" not in extras and "trainer-deps" in extras
+    assert PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"] == ["travel_loss", "travel_loss.*"]
+    assert "pip install -e '.[trainer-deps]'" in (ROOT / "README.md").read_text()
