@@ -453,6 +453,8 @@ def test_values_within_tolerance_and_unchecked_ranges_pass(tiny_clip_dir):
         (dict(image_size=36), "image_size: expected a multiple of the patch size 8, got 36"),
         (dict(mean=(0.5, 0.5)), "mean: expected 3 finite numbers"),
         (dict(std=(0.5, 0.0, 0.5)), "std: expected 3 positive, finite numbers"),
+        (dict(mean=(123.7, 116.3, 103.5)), r"mean: expected values on the \[0, 1\] scale.*divide by 255"),
+        (dict(std=(58.4, 57.1, 57.4)), r"std: expected values on the \[0, 1\] scale.*divide by 255"),
         (dict(trust_remote_code=True), "trust_remote_code: FrozenCLIPEncoder never runs code"),
     ],
 )

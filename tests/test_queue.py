@@ -62,6 +62,10 @@ def test_agrees_with_a_per_pair_loop_over_current_and_queued_rows(sizes, size, d
     for src, gen in random_batches(sizes, dim, seed):
         first = max(0, len(history_src) - size)
         queue_src, queue_gen = history_src[first:], history_gen[first:]
+        if src.shape[0] == 1 and size == 0:  # never a pair: refused rather than a silent 0 on every step
+            with pytest.raises(ValueError, match="a batch of 1 has no pair"):
+                queue(src, gen)
+            continue
         got = queue(src, gen)
         if src.shape[0] == 1 and queue_src.shape[0] == 0:
             assert got.item() == 0.0 and str(got.item()) == "0.0"
@@ -137,6 +141,7 @@ def test_dtype_moves_keep_the_queue_in_float32_and_low_precision_inputs_work():
         (lambda: TravelQueue(2)([1.0], torch.ones(1, 3)), TypeError, "emb_src: expected a torch.Tensor"),
         (lambda: TravelQueue(2)(torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3)), ValueError, "floating"),
         (lambda: TravelQueue(2)(torch.ones(2, 3), torch.full((2, 3), float("nan"))), ValueError, "emb_gen: .*finite"),
+        (lambda: TravelQueue(0)(torch.ones(1, 3), torch.ones(1, 3)), ValueError, "emb_src: a batch of 1 has no pair"),
     ],
 )
 def test_bad_input_is_refused(make, error, message):

@@ -1132,6 +1132,11 @@ def _per_channel(name: str, value: Any) -> tuple[float, float, float]:
     if not valid:
         condition = "positive, finite" if name == "std" else "finite"
         raise ValueError(f"{name}: expected 3 {condition} numbers (one per channel), got {value!r}")
+    if max(abs(v) for v in values) > (1.5 if name == "mean" else 2.0):
+        raise ValueError(
+            f"{name}: expected values on the [0, 1] scale that the images are mapped to (e.g. CLIP's mean "
+            f"0.481, 0.458, 0.408, std 0.269, 0.261, 0.276), got {value!r}; on a 0-255 scale? divide by 255"
+        )
     return values  # type: ignore[return-value]
 
 

@@ -142,6 +142,11 @@ class TravelQueue(nn.Module):
             emb_src, emb_gen = self._embed(emb_src, emb_gen, generator)
         src, gen = self._validated(emb_src, emb_gen)
         n = src.shape[0]
+        if n == 1 and self.size == 0:
+            raise ValueError(
+                "emb_src: a batch of 1 has no pair, and a TravelQueue of size 0 keeps no earlier rows to pair "
+                "it with: the loss would be 0 on every step; use size >= 1"
+            )
         dtype = _result_dtype(src.dtype)
         queued = len(self)
         if queued == 0 and n == 1:
