@@ -205,6 +205,19 @@ def no_grad_inside(images):
         return mean_pool(images)
 
 
+def whole_image_standardised(images):
+    """Divides by the std over the whole image: fine on colour images, 0 / 0 on a flat one."""
+    flat = images.flatten(1)
+    return (flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True)
+
+
+CONSTANT_EMBEDDING = torch.ones(1, 4)
+
+
+def constant_output(images):
+    return CONSTANT_EMBEDDING.expand(images.shape[0], 4)
+
+
 HIDDEN_LINEAR = nn.Linear(3, 4)  # trainable, out of sight of check_embedder
 
 
@@ -231,6 +244,8 @@ FAULTS = {
     "refuses one image": (refuses_one_image, r"on a batch of one image.*must accept a single"),
     "detach inside": (Detaching(), r"No gradient reaches the input images.*\.detach\(\)"),
     "no_grad inside": (no_grad_inside, r"No gradient reaches the input images.*torch\.no_grad"),
+    "whole-image std": (whole_image_standardised, r"NaN or infinite value\(s\).*two flat images.*add an eps"),
+    "constant output": (constant_output, r"does not depend on them: other images give the same embedding"),
     "zero gradient": (lambda x: mean_pool(torch.round(x * 4)), r"exactly zero for 4 of 4 images"),
     "NaN gradient": (nan_gradient, r"gradient with respect to the input images has .* NaN"),
     "trainable parameters": (
@@ -440,6 +455,15 @@ def test_image_batches_have_promised_shape_and_range(images):
     assert 2 <= images.shape[0] <= 3 and images.shape[1] == 2
     assert tuple(images.shape[2:]) in ((5, 5), (6, 9))
     assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 255
+
+
+def test_image_batches_reach_flat_images_that_break_a_whole_image_std():
+    images = find(
+        image_batches(max_n=1, sizes=[4]),
+        lambda x: bool((x == x.flatten()[0]).all()),
+        settings=settings(max_examples=500, database=None, derandomize=True),
+    )
+    assert not torch.isfinite(whole_image_standardised(images)).all()
 
 
 def test_image_batches_reach_both_ends_of_the_range():

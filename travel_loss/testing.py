@@ -75,7 +75,7 @@ def check_embedder(
 
     1. No parameter requires grad (only for an ``nn.Module`` or a bound method of one).
     2. The output is a 2-D (N, D) floating-point tensor with the input's N, D >= 1.
-    3. The output is finite.
+    3. The output is finite, on random images and on flat ones (one value in every pixel and channel).
     4. The input images are not modified in place.
     5. The output does not require grad when the input does not (no trainable weight hidden
        inside a plain function).
@@ -164,6 +164,9 @@ def check_embedder(
                 what="The embeddings of image 0 alone and in a batch of other images",
                 advice=_BATCH_ADVICE,
             )
+            # A flat image (one value in every pixel and channel) has zero std and zero contrast.
+            flat = torch.full_like(batch[:2], (low + high) / 2)
+            _checked_call(embedder, flat, context, "two flat images (one value in every pixel and channel)")
         _check_input_gradient(embedder, module, batch, context, seed)
 
 
@@ -380,6 +383,14 @@ def _check_input_gradient(
         "the travel loss can reach the generator through it."
     )
     if not isinstance(output, Tensor) or not output.requires_grad:
+        with torch.no_grad():
+            other = embedder(1 - leaf.detach() if leaf.shape[0] else leaf.detach())
+        if isinstance(output, Tensor) and isinstance(other, Tensor) and torch.equal(output.detach(), other):
+            raise AssertionError(
+                "No gradient reaches the input images because the output does not depend on them: "
+                "other images give the same embedding. The embedder returns a constant (a stored "
+                "tensor, a wrong attribute of a model output, or an input it ignores)."
+            )
         raise AssertionError(
             f"No gradient reaches the input images: the output does not depend on them through "
             f"autograd. {no_graph_advice}"
@@ -591,7 +602,7 @@ def _embedding_of_shape(
     return strategy()
 
 
-_PATTERNS = ("noise", "constant", "extremes", "smooth")
+_PATTERNS = ("noise", "constant", "flat", "extremes", "smooth")
 
 
 def image_batches(
@@ -604,7 +615,8 @@ def image_batches(
 ) -> SearchStrategy[Tensor]:
     """Hypothesis strategy for an (N, C, H, W) batch of images with values in ``input_range``.
 
-    Each image follows a pattern: uniform noise, a constant, pixels at the two ends of the range
+    Each image follows a pattern: uniform noise, a constant colour (constant per channel), a flat
+    image (one value in every pixel and channel), pixels at the two ends of the range
     only, or smooth noise (bilinear upsampling of a coarse grid). Pixel values come from a torch
     generator seeded by a drawn integer, so large images are cheap; the batch shrinks towards
     N = ``min_n``, the first size, uniform noise and seed 0. All values are finite and lie in
@@ -677,8 +689,10 @@ def _unit_image(pattern: str, shape: tuple[int, int, int], generator: torch.Gene
     channels, height, width = shape
     if pattern == "noise":
         return torch.rand(shape, generator=generator, dtype=torch.float64)
-    if pattern == "constant":
+    if pattern == "constant":  # one colour: constant per channel
         return torch.rand((channels, 1, 1), generator=generator, dtype=torch.float64).expand(shape)
+    if pattern == "flat":  # one value in every pixel and channel: zero std over the whole image
+        return torch.rand((1, 1, 1), generator=generator, dtype=torch.float64).expand(shape)
     if pattern == "extremes":
         return torch.randint(0, 2, shape, generator=generator).to(torch.float64)
     coarse_shape = (1, channels, max(1, height // 4), max(1, width // 4))
