@@ -523,8 +523,12 @@ class FrozenCLIPEncoder(FrozenEncoder):
         crop: how an H x W image becomes CLIP's ``image_size`` x ``image_size`` input:
 
             - ``"center"`` (the paper): the central square, no resizing; for 256 x 256 images and
-              a 224 model exactly ``x[..., 16:240, 16:240]``. Pixels outside it get no gradient;
-              images smaller than ``image_size`` are an error.
+              a 224 model exactly ``x[..., 16:240, 16:240]``, i.e. (224/256)^2 = 77 % of the
+              pixels (at 512 px only 19 %). Pixels outside it get no gradient; images smaller than
+              ``image_size`` are an error. Use it to reproduce the paper.
+            - Recommended otherwise: ``"full"`` when every pixel should be under the loss
+              (translation, where the border must not drift), ``"resize"`` to match what the
+              checkpoint saw in training (its processor's resize and crop).
             - ``"resize"``: what transformers' CLIP image processor does: the shortest edge to
               the processor's size (bicubic, antialiased; the long edge floored), then the
               central crop (offsets floored). Unlike the processor, values are not rounded to
