@@ -141,7 +141,9 @@ def check_embedder(
                 what="Two calls on the same images",
                 advice=(
                     "The embedder is not deterministic: dropout or another random layer is "
-                    "active. Call embedder.eval() (a frozen encoder should stay in eval mode)."
+                    "active. Call embedder.eval() (a frozen encoder should stay in eval mode); "
+                    "if it already is in eval mode, the randomness is in its forward itself "
+                    "(F.dropout(training=True), added noise, sampling): remove it."
                 ),
             )
             # Image 0 last among other images, then alone.
