@@ -71,7 +71,7 @@ class TrainConfig:
     num_workers: int | None = None  # None: min(4, cpus)
 
     # objective
-    lambda_travel: float | str = 1.0  # a number, or "auto" (travel_loss.lambdas.GradientBalancedLambda)
+    lambda_travel: float | str = "auto"  # a number, or "auto": travel_loss.GradientBalancedLambda (README: lambda)
     lambda_auto_scale: float = 1.0  # "auto": wanted ratio of travel to adversarial gradient norm
     lambda_auto_momentum: float = 0.9  # "auto": moving-average momentum of the gradient ratio
     travel_objective: str = "paper"  # "paper": equation 2; "notebook": the original code's variant

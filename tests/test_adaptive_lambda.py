@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
@@ -187,3 +188,27 @@ def test_ranks_of_a_process_group_agree_on_lambda(tmp_path):
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     assert results[0]["value"] == pytest.approx(2.0, rel=1e-6)
     assert results[0] == results[1]
+
+
+def test_a_travel_term_without_gradient_does_not_move_lambda():
+    """A TravelQueue's first step at batch 1 has no pair: its zero gradient says nothing about the balance."""
+    weight = torch.zeros(3, requires_grad=True)
+    balance = GradientBalancedLambda(weight, momentum=0.5)
+    assert balance.update_from_norms(torch.tensor(2.0), torch.tensor(0.0)) == 0.0 and balance.value is None
+    assert balance.update_from_norms(torch.tensor(2.0), torch.tensor(4.0)) == pytest.approx(0.5, rel=1e-6)
+    assert balance.update_from_norms(torch.tensor(2.0), torch.tensor(0.0)) == pytest.approx(0.5, rel=1e-6)
+    with pytest.raises(ValueError, match="non-finite"):
+        balance.update_from_norms(torch.tensor(2.0), torch.tensor(float("nan")))
+
+
+def test_auto_lambda_stays_finite_with_a_queue_at_batch_one(tmp_path, tiny_folders):
+    from reference.train import TrainConfig, train
+
+    config = TrainConfig(
+        data=str(tiny_folders), size=16, batch_size=1, travel_queue=4, steps=6, g_width=4, g_blocks=1, d_width=4,
+        d_layers=1, encoder_mode="module", encoder="reference.studies.digit_data:random_embedder",
+        lambda_travel="auto", out=str(tmp_path / "run"), log_every=1, sample_every=1000, num_workers=0,
+    )  # fmt: skip
+    train(config, progress=False)
+    lambdas = [json.loads(line)["lambda"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lambdas[0] == 0.0 and all(0 < value < 1e4 for value in lambdas[1:]), lambdas

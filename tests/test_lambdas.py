@@ -55,3 +55,19 @@ def test_bad_arguments_are_refused(kwargs, message):
         paper_to_mean_lambda(0.001, **kwargs)
     with pytest.raises(ValueError, match="lambda: expected a finite number >= 0"):
         paper_to_mean_lambda(float("inf"))
+
+
+def test_the_numbers_the_readme_quotes():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    quoted = {
+        128: ("1.4e-4", paper_to_mean_lambda(0.001, batch_size=128)),
+        8: ("7.8e-6", paper_to_mean_lambda(0.001, batch_size=8)),
+        64: ("7.0e-5", paper_to_mean_lambda(0.001, batch_size=1 + 63)),
+    }
+    for text, value in quoted.values():
+        assert f"{value:.1e}".replace("e-0", "e-") == text and text in readme
+    from reference.config import TrainConfig
+
+    assert TrainConfig().lambda_travel == "auto" and "--lambda-travel auto" in readme

@@ -250,12 +250,18 @@ class GradientBalancedLambda:
                 f"adv_norm, travel_norm: expected two 0-D tensors on a computed update, got "
                 f"{type(adv_norm).__name__} and {type(travel_norm).__name__}"
             )
-        ratio_tensor = self.scale * adv_norm / (travel_norm + self.eps)
+        # A travel term without gradient (no pair yet: a TravelQueue's first step at batch 1) says
+        # nothing about the balance: such a rank does not vote, and with no vote the value stays.
+        has_gradient = (travel_norm != 0).to(torch.float64)  # NaN votes, and then raises below
+        ratio_here = self.scale * adv_norm.double() / (travel_norm.double() + self.eps)
+        votes = torch.stack([ratio_here * has_gradient, has_gradient])
         if self.distributed and dist.is_available() and dist.is_initialized():
-            # every process must use the same lambda: average the raw ratios of all ranks
-            dist.all_reduce(ratio_tensor)
-            ratio_tensor = ratio_tensor / dist.get_world_size()
-        ratio = float(ratio_tensor)  # the one host sync
+            dist.all_reduce(votes)  # every process must use the same lambda: average the ranks' ratios
+        total, count = votes.tolist()  # the one host sync
+        if count == 0:
+            self._calls += 1
+            return 0.0 if self.value is None else self.value
+        ratio = total / count
         if not math.isfinite(ratio):
             raise ValueError(
                 f"adv_loss, travel_loss: non-finite gradient norms at parameter "
