@@ -59,7 +59,7 @@ def _found(path: Path) -> str:
 
 
 def check_run_inputs(config: Any) -> None:
-    """The data folders, ``--encoder``, ``--out`` and ``--resume-from`` of a TrainConfig, before any work.
+    """The data folders, ``--out`` and ``--resume-from`` of a :class:`reference.config.TrainConfig`, before any work.
 
     Raises :class:`RunInputError` naming the flag: a missing data folder or root, a root
     without ``trainA/`` or ``trainB/``, an ``--out`` that is a file or not writable, a
@@ -96,8 +96,6 @@ def check_run_inputs(config: Any) -> None:
         check_writable_folder(config.out, "--out")
     except OSError as error:
         raise RunInputError(str(error)) from None
-    if getattr(config, "encoder_mode", None) in ("clip", "random-clip"):
-        check_encoder_name(config.encoder)
     resume_from = getattr(config, "resume_from", None)
     if resume_from is not None and not Path(resume_from).is_file():
         raise RunInputError(
@@ -105,11 +103,12 @@ def check_run_inputs(config: Any) -> None:
         )
 
 
-def check_encoder_name(encoder: str) -> None:
-    """RunInputError unless ``--encoder`` is an existing folder or looks like a hub id (``owner/name``).
+def check_encoder_name(encoder: str, *, weights_needed: bool = True) -> None:
+    """RunInputError unless ``--encoder`` is an existing folder or a hub id (``owner/name``) that can be had.
 
     Catches a mistyped folder at once, where the hub client would first spend its retries on the
-    network. A hub id that is neither cached nor reachable fails later, when the encoder loads.
+    network (about 30 s). With ``weights_needed``, a hub id must be in the local cache, or the hub
+    must answer one TCP connection within 3 s (and ``HF_HUB_OFFLINE`` be unset).
     """
     path = Path(encoder)
     if path.is_dir():
@@ -121,6 +120,37 @@ def check_encoder_name(encoder: str) -> None:
             f"--encoder: {encoder!r} is neither a folder nor a hub id of the form owner/name "
             f"(found {_found(path)}); pass a folder written by save_pretrained, or e.g. openai/clip-vit-large-patch14"
         )
+    if not weights_needed or _cached_on_this_machine(encoder):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else "huggingface.co cannot be reached"
+        raise RunInputError(
+            f"--encoder: {encoder!r} is not in the local Hugging Face cache and {why}; download it once with "
+            f"network access (hf download {encoder}) or pass a local folder written by save_pretrained"
+        )
+
+
+def _cached_on_this_machine(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(found, str)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub (or to HF_ENDPOINT), instead of the hub client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def check_datasets(datasets: dict[str, Any], batch_size: int, world_size: int) -> None:

@@ -99,6 +99,7 @@ from reference.runtime import (
     StopSignal,
     check_datasets,
     check_encoder_input_size,
+    check_encoder_name,
     check_run_inputs,
     compile_modules,
     compiled_graph_count,
@@ -260,6 +261,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     check_config(config)
     check_run_inputs(config)
     runtime = setup_runtime(config.device, config.amp)
+    if config.encoder_mode in ("clip", "random-clip"):  # a mistyped folder or an unreachable hub, at once
+        check_encoder_name(config.encoder, weights_needed=config.encoder_mode == "clip")
     lock = RunFolderLock(config.out) if runtime.is_main else None  # a second run on --out stops here
     new_folder = not Path(config.out).exists()
     try:

@@ -417,3 +417,21 @@ def test_every_mistake_is_one_line_naming_the_flag_and_exit_2(
     assert len(err) == 1, err
     assert err[0].startswith("reference/train.py: error: " + start), err[0]
     assert not (tmp_path / "run" / "run.lock").exists() or "--out" in start  # nothing left in a new --out
+
+
+def test_an_uncached_hub_id_offline_is_one_line_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_folders: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from reference import runtime
+
+    argv = [*TINY, "--data", str(tiny_folders), "--encoder-mode", "clip", "--encoder", "someone/not-cached"]
+    started = time.perf_counter()
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2  # the test session sets HF_HUB_OFFLINE=1
+    assert "is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(runtime, "_hub_reachable", lambda timeout=3.0: False)  # never the real network in tests
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 2
+    assert "huggingface.co cannot be reached" in capsys.readouterr().err
+    assert time.perf_counter() - started < 10
