@@ -180,7 +180,7 @@ def test_torchrun_runs_the_script_on_two_cpu_processes(tmp_path, tiny_folders):
         str(REPO / "reference" / "train.py"), "--data", str(tiny_folders), "--num-workers", "0", "--size", "16",
         "--d-layers", "1", "--batch-size", "2", "--g-width", "4", "--g-blocks", "0", "--d-width", "4",
         "--encoder-mode", "siamese", "--siamese-width", "4", "--siamese-dim", "4", "--steps", "2", "--log-every", "1",
-        "--out", str(out),
+        "--lambda-travel", "1", "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
