@@ -49,8 +49,8 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ from reference.runtime import (
 from reference.steps import PatchNCE, ReverseDirection, StepOptions, discriminator_step, generator_step, update_ema
 from reference.stream import FlippedImages, stream_loader
 from reference.studies import DEFAULT_STUDY, STUDIES, run_study
-from travel_loss import TravelQueue
+from travel_loss import GradientBalancedLambda, TravelQueue
 
 __all__ = [
     "SetupError",
@@ -283,25 +283,77 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str, Any]:
-    device = runtime.device
-    out = Path(config.out)
-    latest = out / LATEST
-    resume_path = Path(config.resume_from) if config.resume_from is not None else latest
-    resuming = config.resume_from is not None or (config.resume and latest.exists())
-    if latest.exists() and not (config.resume or config.resume_from is not None):
-        raise ValueError(
-            f"out: {out} already holds a checkpoint ({LATEST}); continue it with --resume or choose another --out"
-        )
-    if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    say = print if runtime.is_main and progress else (lambda *a, **k: None)
-    images_a, images_b = build_datasets(config)  # folder mistakes surface before any model is built
-    check_datasets(
-        {f"domain {d} ({x.folder})": x for d, x in zip("AB", (images_a, images_b))},
-        config.batch_size, runtime.world_size,
-    )  # fmt: skip
+@dataclass
+class TrainingRun:
+    """What a run holds, built once by :func:`build_run`: the checkpointed state by name (modules,
+    optimizers, schedulers, grad scalers, the adaptive lambda), the views that train (DDP-wrapped
+    or compiled), the CycleGAN and PatchNCE pieces, the step options and where the run starts."""
 
+    config: TrainConfig
+    runtime: Runtime
+    modules: dict[str, nn.Module]  # generator, discriminator (+ siamese, generator_ba, ..., generator_ema)
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]
+    scalers: dict[str, torch.amp.GradScaler]
+    adaptive: GradientBalancedLambda | None
+    ema: nn.Module | None
+    g_train: nn.Module  # the views that train: DDP wrappers, torch.compile
+    d_train: nn.Module
+    e_train: nn.Module
+    d_for_g: nn.Module
+    da_train: nn.Module | None
+    reverse: ReverseDirection | None  # CycleGAN's B -> A half
+    patch_nce: PatchNCE | None
+    needs_b: bool  # the generator step takes the B batch too
+    options: StepOptions
+    start_step: int
+    data_position: int
+
+    def step(self, real_a: Tensor, real_b: Tensor) -> dict[str, Tensor]:
+        """One iteration: G's update (and the EMA), D's (and D_A's), the schedules; the logged terms."""
+        g_out = generator_step(
+            self.g_train, self.d_for_g, self.e_train, self.optimizers["generator"], real_a, self.options,
+            scaler=self.scalers["generator"], encoder_optimizer=self.optimizers.get("siamese"),
+            adaptive_lambda=self.adaptive, travel_queue=self.modules.get("travel_queue"), reverse=self.reverse,
+            real_b=real_b if self.needs_b else None, patch_nce=self.patch_nce,
+        )  # fmt: skip
+        if self.ema is not None:
+            update_ema(self.ema, self.modules["generator"], self.config.g_ema)
+        fake_a = g_out.pop("fake_a", None)
+        d_out = discriminator_step(
+            self.d_train, self.optimizers["discriminator"], real_b, g_out.pop("fake"), self.options,
+            scaler=self.scalers["discriminator"],
+        )  # fmt: skip
+        if fake_a is not None and self.da_train is not None:  # D_A on (a, G_BA(b)), after D_B (random draws in order)
+            d_a = discriminator_step(
+                self.da_train, self.optimizers["discriminator_a"], real_a, fake_a, self.options,
+                scaler=self.scalers["discriminator_a"],
+            )  # fmt: skip
+            d_out.update({f"{key}_a": value for key, value in d_a.items()})
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        if self.runtime.xla is not None:
+            self.runtime.xla.mark_step()
+        return {**g_out, **d_out}
+
+    def save(self, step: int) -> None:
+        """The atomic checkpoint of everything above at ``step`` (rank 0 writes)."""
+        state = training_state(
+            asdict(self.config), step, self.runtime, self.modules, self.optimizers, self.schedulers, self.scalers,
+            self.adaptive,
+        )  # fmt: skip
+        if state is not None:
+            xla = self.runtime.xla
+            writer = (lambda obj, path: xla.save(obj, path)) if xla is not None else torch.save
+            save_checkpoint(state, Path(self.config.out), step, keep=self.config.keep_checkpoints, save=writer)
+
+
+def build_run(
+    config: TrainConfig, runtime: Runtime, *, resume_path: Path | None, say: Callable[..., Any]
+) -> TrainingRun:
+    """Models, encoder, optimizers and schedules with the same initial weights on every rank; the
+    checkpoint's state when ``resume_path`` is given; then the views that train."""
+    device = runtime.device
     # ---- models, encoder, optimizers: the same initial weights on every rank
     seed_everything(config.seed)
     generator = ResnetGenerator(3, 3, width=config.g_width, n_blocks=config.generator_blocks).to(device)
@@ -348,7 +400,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     scalers = {name: torch.amp.GradScaler("cuda", enabled=fp16) for name in scaled}
     adaptive = None
     if config.lambda_travel == "auto":
-        from travel_loss.lambdas import GradientBalancedLambda, last_layer_weight
+        from travel_loss.lambdas import last_layer_weight
 
         adaptive = GradientBalancedLambda(
             last_layer_weight(generator), momentum=config.lambda_auto_momentum, scale=config.lambda_auto_scale
@@ -356,8 +408,8 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     seed_everything(rank_seed(config.seed, runtime.rank))
 
     # ---- resume: weights, optimizer moments, schedules, scalers, RNG states, data position
-    start_step = 0
-    if resuming:
+    start_step, data_position = 0, 0
+    if resume_path is not None:
         checkpoint = load_checkpoint(resume_path, advice="resume from one of them with --resume-from FILE")
         changed = sorted(
             k
@@ -382,10 +434,6 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
             )
         say(f"resumed {resume_path} at step {start_step}")
         del checkpoint
-    else:
-        data_position = 0
-        if config.resume:
-            say(f"no {latest} yet: starting a new run")
 
     # ---- the views that train: DDP wrappers (gradient averaging), torch.compile
     g_train, d_train, e_train, d_for_g = generator, discriminator, encoder, discriminator
@@ -415,6 +463,35 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
         reverse = ReverseDirection(ga_train, da_for_g, optimizers["generator_ba"])
     patch_nce = None if nce_train is None else PatchNCE(nce_train, optimizers["nce_heads"])  # never compiled
     needs_b = reverse is not None or (patch_nce is not None and config.nce_idt)
+    return TrainingRun(
+        config, runtime, modules, optimizers, schedulers, scalers, adaptive, ema, g_train, d_train, e_train, d_for_g,
+        da_train, reverse, patch_nce, needs_b, StepOptions.from_config(config, device.type), start_step, data_position,
+    )  # fmt: skip
+
+
+def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str, Any]:
+    device = runtime.device
+    out = Path(config.out)
+    latest = out / LATEST
+    resume_path = Path(config.resume_from) if config.resume_from is not None else latest
+    resuming = config.resume_from is not None or (config.resume and latest.exists())
+    if latest.exists() and not (config.resume or config.resume_from is not None):
+        raise ValueError(
+            f"out: {out} already holds a checkpoint ({LATEST}); continue it with --resume or choose another --out"
+        )
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    say = print if runtime.is_main and progress else (lambda *a, **k: None)
+    images_a, images_b = build_datasets(config)  # folder mistakes surface before any model is built
+    check_datasets(
+        {f"domain {d} ({x.folder})": x for d, x in zip("AB", (images_a, images_b))},
+        config.batch_size, runtime.world_size,
+    )  # fmt: skip
+
+    run = build_run(config, runtime, resume_path=resume_path if resuming else None, say=say)
+    start_step, data_position = run.start_step, run.data_position
+    if not resuming and config.resume:
+        say(f"no {latest} yet: starting a new run")
 
     # ---- data
     batches_a = _batches(images_a, config, runtime, domain=0, start=data_position)
@@ -424,7 +501,6 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     )
 
     # ---- the loop
-    options = StepOptions.from_config(config, device.type)
     log = MetricsLog(out, start_step) if runtime.is_main else None
     images_per_step = config.batch_size * runtime.world_size
     running: dict[str, Any] = {}
@@ -436,12 +512,6 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     started = interval_started = time.perf_counter()
     interval_start_step = start_step
 
-    def save(step: int) -> None:
-        state = training_state(asdict(config), step, runtime, modules, optimizers, schedulers, scalers, adaptive)
-        if state is not None:
-            writer = (lambda obj, path: runtime.xla.save(obj, path)) if runtime.xla is not None else torch.save
-            save_checkpoint(state, out, step, keep=config.keep_checkpoints, save=writer)
-
     interrupted = None
     unreadable, too_many_unreadable = 0, None
     image_files = sum(len(d) for d in (images_a, images_b) if isinstance(d, ImageFolder))
@@ -451,39 +521,14 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
             real_b = next(batches_b).to(device, non_blocking=True)
             if config.channels_last:
                 real_a, real_b = (t.contiguous(memory_format=torch.channels_last) for t in (real_a, real_b))
-            g_out = generator_step(
-                g_train, d_for_g, e_train, optimizers["generator"], real_a, options, scaler=scalers["generator"],
-                encoder_optimizer=optimizers.get("siamese"), adaptive_lambda=adaptive,
-                travel_queue=modules.get("travel_queue"), reverse=reverse, real_b=real_b if needs_b else None,
-                patch_nce=patch_nce,
-            )  # fmt: skip
-            if ema is not None:
-                update_ema(ema, generator, config.g_ema)
-            fake_a = g_out.pop("fake_a", None)
-            d_out = discriminator_step(
-                d_train,
-                optimizers["discriminator"],
-                real_b,
-                g_out.pop("fake"),
-                options,
-                scaler=scalers["discriminator"],
-            )
-            if fake_a is not None and da_train is not None:  # D_A on (a, G_BA(b)), after D_B (random draws in order)
-                d_a = discriminator_step(
-                    da_train, optimizers["discriminator_a"], real_a, fake_a, options, scaler=scalers["discriminator_a"]
-                )
-                d_out.update({f"{key}_a": value for key, value in d_a.items()})
-            for sched in schedulers.values():
-                sched.step()
-            if runtime.xla is not None:
-                runtime.xla.mark_step()
-            for key, value in {**g_out, **d_out}.items():  # running sums, no host sync
+            terms = run.step(real_a, real_b)
+            for key, value in terms.items():  # running sums, no host sync
                 running[key] = running.get(key, 0.0) + value
             if config.compile and step == start_step + 1:
                 compiled_graphs["after_first_step"] = compiled_graph_count()
 
             if step % config.log_every == 0 or step == config.steps:
-                record = log_record(step, running, step - interval_start_step, runtime, optimizers)
+                record = log_record(step, running, step - interval_start_step, runtime, run.optimizers)
                 record["images_per_second"] = (
                     images_per_step * (step - interval_start_step) / (time.perf_counter() - interval_started)
                 )
@@ -508,10 +553,10 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
                 )
             if runtime.is_main and (step % config.sample_every == 0 or step == config.steps):
                 samples = out / "samples" / f"step_{step:06d}.png"
-                sampler = generator if ema is None else ema
-                write_samples(sampler, sample_inputs, samples, options.autocast, config.channels_last)
+                sampler = run.modules["generator"] if run.ema is None else run.ema
+                write_samples(sampler, sample_inputs, samples, run.options.autocast, config.channels_last)
             if step % config.checkpoint_every == 0:
-                save(step)
+                run.save(step)
                 last_saved = step
             bar.update(1)
             if too_many_unreadable is not None:
@@ -523,7 +568,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str
     bar.close()
     seconds = time.perf_counter() - started
     if last_saved != step:
-        save(step)
+        run.save(step)
     if log is not None:
         log.close()
     if config.compile:
