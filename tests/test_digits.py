@@ -67,18 +67,10 @@ def test_seed_draws_b_and_leaves_a_the_judge_and_the_reference_alone(domains):
     assert other.class_order != domains.class_order and not torch.equal(other.b_labels, domains.b_labels)
     for name in ("a_train", "a_test", "a_test_ideal", "judge", "realism_reference"):
         assert torch.equal(getattr(other, name), getattr(domains, name)), name
-    counts = torch.bincount(domains_reference_labels(domains), minlength=10)
+    counts = torch.bincount(domains.realism_reference_labels, minlength=10)
     assert counts.min() == counts.max() >= 20  # every class equally often
-
-
-def domains_reference_labels(domains) -> torch.Tensor:
-    """The labels of the KID reference set, read back by the judge-free route: its scans' labels."""
-    from reference.studies.digit_data import _scans
-
-    _, labels = _scans()
-    judge_ids = domains.scan_ids["judge"].numpy()
-    per_class = min(int((labels[judge_ids] == d).sum()) for d in range(10))
-    return torch.arange(10).repeat_interleave(per_class)
+    judge = DigitJudge(domains.judge, domains.judge_labels)
+    assert judge.accuracy(domains.realism_reference, domains.realism_reference_labels) > 0.9  # labels fit images
 
 
 def test_subsets_are_disjoint_scans(domains):

@@ -113,6 +113,7 @@ class DigitDomains:
     judge_labels: Tensor
     class_order: tuple[int, ...]  # B's classes from most to least frequent
     realism_reference: Tensor  # judge scans in style B, every class equally often: KID's reference set
+    realism_reference_labels: Tensor
     scan_ids: dict[str, Tensor]  # subset name -> indices into load_digits() of its scans (disjoint)
 
 
@@ -158,6 +159,7 @@ def digit_domains(seed: int = 0, size: int = DIGIT_SIZE, skew: float = DEFAULT_S
         a_test_ideal=render_digits(scans[a_test], STYLE_B, size),
         b=b_images, b_labels=b_labels, judge=judge_images, judge_labels=judge_labels, class_order=class_order,
         realism_reference=render_digits(scans[balanced], STYLE_B, size, torch.Generator().manual_seed(SPLIT_SEED + 2)),
+        realism_reference_labels=targets[balanced],
         scan_ids={name: torch.from_numpy(ids) for name, ids in
                   (("a_train", a_train), ("a_test", a_test), ("b", b), ("judge", judge))},
     )  # fmt: skip
