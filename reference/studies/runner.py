@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -129,8 +130,6 @@ def _hand_out(
 
 def _next_finished(pool: list[subprocess.Popen[str]], busy: dict[int, tuple[TrainerRun, float]]) -> int:
     """The index of a busy worker whose answer can be read (or that died)."""
-    import selectors
-
     with selectors.DefaultSelector() as selector:
         for index in busy:
             selector.register(pool[index].stdout, selectors.EVENT_READ, index)  # type: ignore[arg-type]
