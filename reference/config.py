@@ -234,10 +234,6 @@ def check_config(config: TrainConfig) -> None:
     if config.batch_size < 2 and not config.travel_queue:
         fail("batch_size", "an int >= 2 (the travel loss compares pairs), or any with travel_queue > 0")
     positive_int("micro_batch", 0)
-    if config.micro_batch and config.lambda_identity:
-        fail("micro_batch", "0 with lambda_identity > 0 (the identity baseline runs on whole batches)")
-    if config.micro_batch and config.lambda_cycle:
-        fail("micro_batch", "0 with lambda_cycle > 0 (the cycle-consistent step runs on whole batches)")
     positive_int("travel_views", 0)
     if config.travel_views:
         from travel_loss import RandomViews
@@ -246,12 +242,8 @@ def check_config(config: TrainConfig) -> None:
             RandomViews.parse(config.travel_view_transforms)
         except (TypeError, ValueError) as error:
             fail("travel_view_transforms", f"a view spec such as 'shift=2,blur=0.5,noise=0.1' ({error})")
-        if config.micro_batch:
-            fail("micro_batch", "0 with travel_views > 0 (the chunked gradient cache embeds the images themselves)")
         if config.encoder_mode == "siamese":
             fail("travel_views", "0 with encoder_mode siamese (views are for a frozen encoder)")
-    if config.micro_batch and config.lambda_nce:
-        fail("micro_batch", "0 with lambda_nce > 0 (the PatchNCE term runs on whole batches)")
     if not isinstance(config.nce_idt, bool):
         fail("nce_idt", "True or False")
     positive_int("nce_patches")

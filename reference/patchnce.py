@@ -127,6 +127,7 @@ def patch_nce_per_image(
     *,
     num_patches: int = 256,
     temperature: float = 0.07,
+    locations: Sequence[Tensor] | None = None,
 ) -> Tensor:
     r"""The PatchNCE loss of each image, (N,): translations (queries) against their sources (keys).
 
@@ -136,7 +137,8 @@ def patch_nce_per_image(
     the queries carry the gradient into the translations (and so into G), into the encoder
     features' parameters and into the heads. Image n's loss is
     :math:`\frac{1}{L} \sum_l \frac{1}{P_l} \sum_i \ell^{(l)}_{n,i}` (:func:`patch_nce_loss`); the
-    mean over images is CUT's NCE term.
+    mean over images is CUT's NCE term. ``locations`` (one (P_l,) per layer): the patches to
+    compare, e.g. the same for every chunk of a batch; None draws them (:func:`sample_locations`).
     """
     if sources.shape != translations.shape:
         raise ValueError(
@@ -144,7 +146,8 @@ def patch_nce_per_image(
         )
     with torch.no_grad():
         source_features = features(sources)
-        locations = sample_locations(source_features, num_patches)
+        if locations is None:
+            locations = sample_locations(source_features, num_patches)
         keys = heads(source_features, locations)
     queries = heads(features(translations), locations)
     per_layer = [patch_nce_loss(q, k, temperature, reduction="none").mean(1) for q, k in zip(queries, keys)]

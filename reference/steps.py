@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,23 +33,28 @@ from reference.losses import (
     generator_adversarial_loss,
     notebook_travel_loss,
 )
-from reference.patchnce import patch_nce_per_image
+from reference.patchnce import patch_nce_per_image, sample_locations
 from travel_loss import RandomViews, TravelQueue, embed_views, siamese_margin_loss, travel_loss
 from travel_loss.distributed import all_gather_with_grad
 from travel_loss.gradcache import backward_chunk, embed_in_chunks, travel_loss_and_embedding_grads
+from travel_loss.lambdas import GradientBalancedLambda
+from travel_loss.views import ViewDraw
 
 if TYPE_CHECKING:
     from reference.config import TrainConfig
 
 __all__ = [
+    "GeneratorTerms",
     "PatchNCE",
     "ReverseDirection",
     "StepOptions",
     "cycle_terms",
     "discriminator_step",
     "generator_step",
+    "generator_terms",
     "micro_batched_generator_step",
     "nce_term",
+    "translate_and_judge",
     "travel_term",
     "update_ema",
 ]
@@ -162,6 +167,7 @@ def nce_term(
     fake: Tensor,
     options: StepOptions,
     real_b: Tensor | None = None,
+    locations: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     r"""CUT's NCE term (a scalar, at least float32) and what to log, for ``fake`` = G(``real_a``).
 
@@ -185,7 +191,7 @@ def nce_term(
         sources, translations = torch.cat([real_a, real_b]), torch.cat([fake, identity.to(fake.dtype)])
     per_image = patch_nce_per_image(
         plain.encoder_features, patch_nce.heads, sources, translations,
-        num_patches=options.nce_patches, temperature=options.nce_temperature,
+        num_patches=options.nce_patches, temperature=options.nce_temperature, locations=locations,
     )  # fmt: skip
     if not options.nce_idt:
         return per_image.mean(), {"loss_nce": per_image.mean().detach()}
@@ -256,6 +262,111 @@ def _parameters(optimizers: Sequence[torch.optim.Optimizer]) -> list[Tensor]:
     return [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
 
 
+@dataclass(frozen=True)
+class GeneratorTerms:
+    """The terms of L_G besides the travel term, for a batch or a chunk of one (all at least float32)."""
+
+    loss: Tensor  # their weighted sum, with graph
+    adversarial: Tensor  # L_adv(D(aug(G(x)))) alone, with graph (what an adaptive lambda balances against)
+    reported: dict[str, Tensor]  # detached, to log: CycleGAN's and PatchNCE's terms, and "fake_a"
+
+
+def translate_and_judge(
+    generator: nn.Module, discriminator: nn.Module, real_a: Tensor, options: StepOptions
+) -> tuple[Tensor, Tensor]:
+    """G(x) and D's logits on the (augmented) translations, under the step's autocast."""
+    with options.autocast():
+        fake = generator(real_a)
+        judged = fake.to(real_a.dtype)  # D sees one input dtype in both steps: one compiled graph
+        logits = discriminator(diff_augment(judged, options.augment) if options.augment else judged)
+    return fake, logits
+
+
+def generator_terms(
+    generator: nn.Module,
+    real_a: Tensor,
+    fake: Tensor,
+    fake_logits: Tensor,
+    options: StepOptions,
+    *,
+    reverse: ReverseDirection | None = None,
+    real_b: Tensor | None = None,
+    patch_nce: PatchNCE | None = None,
+    nce_locations: Sequence[Tensor] | None = None,
+) -> GeneratorTerms:
+    r"""Every term of L_G but the travel term, for ``fake`` = G(``real_a``) (n, 3, H, W) and D's ``fake_logits``.
+
+    .. math::  L_\mathrm{adv} + \lambda_\mathrm{id}\, \mathrm{mean}|G(x) - x| + \lambda_\mathrm{NCE}\, \mathrm{NCE}
+               + \bigl[L_\mathrm{adv}(D_A(\mathrm{aug}(G_{BA}(b)))) + \lambda_\mathrm{cyc} L_\mathrm{cyc}
+               + \lambda_\mathrm{cyc} \lambda_\mathrm{idt} L_\mathrm{idt}\bigr]
+
+    (the identity-L1 baseline with ``options.lambda_identity``; CUT's :func:`nce_term` with a
+    ``patch_nce``; CycleGAN's B -> A adversarial and :func:`cycle_terms` with a ``reverse`` and
+    ``real_b`` (n, 3, H, W)). Each term is a mean over the n images, so m/n times the terms of a
+    chunk of m images, summed over the chunks, is the batch's (PatchNCE with the same
+    ``nce_locations`` in every chunk, :func:`reference.patchnce.sample_locations`; None draws
+    them): the whole-batch and the micro-batched step both use this function.
+    """
+    adversarial = generator_adversarial_loss(fake_logits, options.gan_loss)
+    loss, reported = adversarial, {}
+    if options.lambda_identity:
+        loss = loss + options.lambda_identity * (fake.float() - real_a.float()).abs().mean()
+    if patch_nce is not None:
+        with options.autocast():
+            nce, reported = nce_term(generator, patch_nce, real_a, fake, options, real_b, locations=nce_locations)
+        loss = loss + options.lambda_nce * nce
+    if reverse is not None and real_b is not None:
+        fake_a, logits_a = translate_and_judge(reverse.generator, reverse.discriminator, real_b, options)
+        with options.autocast():
+            cycle, cycle_identity = cycle_terms(
+                generator, reverse.generator, real_a, real_b, fake, fake_a, identity=options.lambda_cycle_identity > 0
+            )
+        adversarial_ba = generator_adversarial_loss(logits_a, options.gan_loss)
+        loss = loss + adversarial_ba + options.lambda_cycle * (cycle + options.lambda_cycle_identity * cycle_identity)
+        reported |= {
+            "loss_adv_ba": adversarial_ba.detach(),
+            "loss_cycle": cycle.detach(),
+            "loss_cycle_identity": cycle_identity.detach(),
+            "fake_a": fake_a.detach(),
+        }
+    return GeneratorTerms(loss=loss, adversarial=adversarial, reported=reported)
+
+
+def _check_step_arguments(
+    real_a: Tensor,
+    options: StepOptions,
+    encoder_optimizer: torch.optim.Optimizer | None,
+    emb_src: Tensor | None,
+    reverse: ReverseDirection | None,
+    real_b: Tensor | None,
+    patch_nce: PatchNCE | None,
+) -> None:
+    """Raises ``ValueError`` naming the argument, before any work."""
+    nce_needs_b = patch_nce is not None and options.nce_idt
+    if (reverse is not None and real_b is None) or (real_b is not None and reverse is None and not nce_needs_b):
+        raise ValueError(
+            f"reverse, real_b: give both (G_BA, D_A, optimizer and target images) or neither, "
+            f"got reverse={type(reverse).__name__}, real_b={type(real_b).__name__}"
+        )
+    if nce_needs_b and real_b is None:
+        raise ValueError("real_b: nce_idt needs a batch of target images for its (y, G(y)) term, got None")
+    if real_b is not None and 0 < options.micro_batch < real_a.shape[0] and real_b.shape[0] != real_a.shape[0]:
+        raise ValueError(
+            f"real_b: the micro-batched step splits real_a and real_b into the same chunks; expected "
+            f"{real_a.shape[0]} images like real_a, got {real_b.shape[0]}"
+        )
+    if reverse is None and options.lambda_cycle:
+        raise ValueError(f"reverse: lambda_cycle = {options.lambda_cycle} needs G_BA and D_A, got None")
+    if patch_nce is None and options.lambda_nce:
+        raise ValueError(f"patch_nce: lambda_nce = {options.lambda_nce} needs the PatchNCE heads, got None")
+    if emb_src is not None and encoder_optimizer is not None:
+        raise ValueError(
+            "emb_src: precomputed source embeddings cannot be used with a trainable encoder (encoder_optimizer)"
+        )
+    if emb_src is not None and options.views is not None:
+        raise ValueError("emb_src: precomputed source embeddings cannot be used with views (E(x) changes per view)")
+
+
 def generator_step(
     generator: nn.Module,
     discriminator: nn.Module,
@@ -266,7 +377,7 @@ def generator_step(
     *,
     scaler: torch.amp.GradScaler | None = None,
     encoder_optimizer: torch.optim.Optimizer | None = None,
-    adaptive_lambda: Any | None = None,
+    adaptive_lambda: GradientBalancedLambda | None = None,
     emb_src: Tensor | None = None,
     travel_queue: TravelQueue | None = None,
     reverse: ReverseDirection | None = None,
@@ -276,21 +387,20 @@ def generator_step(
     r"""One generator update on a batch ``real_a`` (n, 3, H, W) of source images in [-1, 1].
 
     .. math::  L_G = L_\mathrm{adv}(D(\mathrm{aug}(G(x)))) + \lambda\, L_\mathrm{travel}(E(x), E(G(x)))
+               + \text{the baselines' terms of } :func:`generator_terms`
 
     ``E(x)`` is computed without gradient when the encoder is frozen. With an
     ``encoder_optimizer`` the encoder is TraVeLGAN's trainable Siamese network: both embeddings
     keep their gradient, the loss gains :math:`\lambda\, L_\mathrm{margin}(E(x))` (which keeps E
     from collapsing) and E is updated together with G. Under DDP the embeddings of all ranks are
-    gathered with gradient, so the travel loss compares every pair of the global batch.
+    gathered with gradient, so the travel loss compares every pair of the global batch. With
+    ``options.views`` E is averaged over random views shared by x and G(x)
+    (:func:`travel_loss.embed_views`).
 
     ``discriminator`` must be the *unwrapped* module (not DDP): only G (and E) receive gradients
-    here. ``adaptive_lambda`` (``travel_loss.lambdas.GradientBalancedLambda``) replaces
-    ``options.lambda_travel`` by a gradient-balanced value. Returns detached losses, the lambda
-    used and the translations ``"fake"`` (detached) for the discriminator step.
-
-    ``options.lambda_identity`` > 0 adds CycleGAN's identity term
-    :math:`\lambda_\mathrm{id}\, \mathrm{mean}|G(x) - x|` (a baseline regulariser; it also works
-    with ``lambda_travel = 0``).
+    here. ``adaptive_lambda`` replaces ``options.lambda_travel`` by a value that balances the
+    travel gradient against the adversarial one. Returns detached losses, the lambda used and
+    the translations ``"fake"`` (detached) for the discriminator step.
 
     ``emb_src``: precomputed (n, D) source embeddings E(x) (a frozen encoder's embeddings of a
     fixed data set can be computed once); the step then skips the source forward.
@@ -299,60 +409,33 @@ def generator_step(
     with queued rows of earlier steps too; batch 1 works).
 
     ``options.micro_batch`` = m with 0 < m < n: the same update computed in chunks of m images
-    (:func:`micro_batched_generator_step`), for the memory of m images' activations.
+    (:func:`micro_batched_generator_step`), for the memory of m images' activations; every
+    option works there.
 
-    ``reverse`` (G_BA, D_A, G_BA's optimizer) and ``real_b`` (n, 3, H, W) target images: the
-    CycleGAN baseline. Both generators take one update from one backward of
-
-    .. math::  L_G + L_\mathrm{adv}(D_A(\mathrm{aug}(G_{BA}(b)))) + \lambda_\mathrm{cyc} L_\mathrm{cyc}
-               + \lambda_\mathrm{cyc} \lambda_\mathrm{idt} L_\mathrm{idt}
-
-    (:func:`cycle_terms`; ``options.lambda_cycle``, ``options.lambda_cycle_identity``; the travel
-    and identity-L1 terms of L_G act on A -> B only). The result gains ``"loss_adv_ba"``,
-    ``"loss_cycle"``, ``"loss_cycle_identity"`` and ``"fake_a"`` = G_BA(b) (detached, for D_A's step).
-
-    ``patch_nce`` (the heads and their optimizer): CUT's baseline. The loss gains
-    :math:`\lambda_\mathrm{NCE}\, \mathrm{NCE}` (:func:`nce_term`; ``options.lambda_nce``; with
-    ``options.nce_idt`` on ``real_b`` too) and the heads take one update from the same backward.
-    The result gains ``"loss_nce"`` (and ``"loss_nce_x"``, ``"loss_nce_y"`` with nce_idt).
+    Baselines (:func:`generator_terms`): ``options.lambda_identity`` > 0 adds CycleGAN's
+    identity term :math:`\lambda_\mathrm{id}\, \mathrm{mean}|G(x) - x|` (it also works with
+    ``lambda_travel = 0``). ``reverse`` (G_BA, D_A, G_BA's optimizer) and ``real_b`` (n, 3, H, W)
+    target images: CycleGAN, both generators updated from one backward (``options.lambda_cycle``,
+    ``options.lambda_cycle_identity``; the travel and identity-L1 terms act on A -> B only); the
+    result gains ``"loss_adv_ba"``, ``"loss_cycle"``, ``"loss_cycle_identity"`` and ``"fake_a"``
+    = G_BA(b) (detached, for D_A's step). ``patch_nce`` (the heads and their optimizer): CUT's
+    :math:`\lambda_\mathrm{NCE}\, \mathrm{NCE}` (``options.lambda_nce``; with ``options.nce_idt``
+    on ``real_b`` too), the heads updated from the same backward; the result gains
+    ``"loss_nce"`` (and ``"loss_nce_x"``, ``"loss_nce_y"`` with nce_idt).
     """
-    nce_needs_b = patch_nce is not None and options.nce_idt
-    if (reverse is not None and real_b is None) or (real_b is not None and reverse is None and not nce_needs_b):
-        raise ValueError(
-            f"reverse, real_b: give both (G_BA, D_A, optimizer and target images) or neither, "
-            f"got reverse={type(reverse).__name__}, real_b={type(real_b).__name__}"
-        )
-    if nce_needs_b and real_b is None:
-        raise ValueError("real_b: nce_idt needs a batch of target images for its (y, G(y)) term, got None")
-    if reverse is None and options.lambda_cycle:
-        raise ValueError(f"reverse: lambda_cycle = {options.lambda_cycle} needs G_BA and D_A, got None")
-    if patch_nce is None and options.lambda_nce:
-        raise ValueError(f"patch_nce: lambda_nce = {options.lambda_nce} needs the PatchNCE heads, got None")
-    if reverse is not None and 0 < options.micro_batch < real_a.shape[0]:
-        raise ValueError("reverse: the cycle-consistent step runs on whole batches; set micro_batch = 0")
-    if patch_nce is not None and 0 < options.micro_batch < real_a.shape[0]:
-        raise ValueError("patch_nce: the PatchNCE term runs on whole batches; set micro_batch = 0")
-    if emb_src is not None and encoder_optimizer is not None:
-        raise ValueError(
-            "emb_src: precomputed source embeddings cannot be used with a trainable encoder (encoder_optimizer)"
-        )
+    _check_step_arguments(real_a, options, encoder_optimizer, emb_src, reverse, real_b, patch_nce)
     optimizers = [optimizer] if encoder_optimizer is None else [optimizer, encoder_optimizer]
-    if reverse is not None:
-        optimizers.append(reverse.optimizer)
-    if patch_nce is not None:
-        optimizers.append(patch_nce.optimizer)
+    optimizers += [extra.optimizer for extra in (reverse, patch_nce) if extra is not None]
     if 0 < options.micro_batch < real_a.shape[0]:
         return micro_batched_generator_step(
             generator, discriminator, encoder, optimizers, real_a, options, scaler=scaler,
             trainable_encoder=encoder_optimizer is not None, adaptive_lambda=adaptive_lambda, emb_src=emb_src,
-            travel_queue=travel_queue,
+            travel_queue=travel_queue, reverse=reverse, real_b=real_b, patch_nce=patch_nce,
         )  # fmt: skip
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
+    fake, fake_logits = translate_and_judge(generator, discriminator, real_a, options)
     with options.autocast():
-        fake = generator(real_a)
-        judged = fake.to(real_a.dtype)  # D sees one input dtype in both steps: one compiled graph
-        fake_logits = discriminator(diff_augment(judged, options.augment) if options.augment else judged)
         if encoder_optimizer is not None:  # one forward of the trainable embedder (one DDP call)
             emb_src, emb_gen = encoder(torch.cat([real_a, fake])).chunk(2)
         else:
@@ -367,45 +450,24 @@ def generator_step(
                         emb_src = encoder(real_a)
                 with torch.set_grad_enabled(travel_trains):
                     emb_gen = encoder(fake)
-    adversarial = generator_adversarial_loss(fake_logits, options.gan_loss)
+    terms = generator_terms(
+        generator, real_a, fake, fake_logits, options, reverse=reverse, real_b=real_b, patch_nce=patch_nce
+    )
     emb_src = all_gather_with_grad(_at_least_float32(emb_src))
     emb_gen = all_gather_with_grad(_at_least_float32(emb_gen))
     travel = travel_term(emb_src, emb_gen, options) if travel_queue is None else travel_queue(emb_src, emb_gen)
-    lam = options.lambda_travel if adaptive_lambda is None else adaptive_lambda.update(adversarial, travel)
-    loss = adversarial + lam * travel
+    lam = options.lambda_travel if adaptive_lambda is None else adaptive_lambda.update(terms.adversarial, travel)
+    loss = terms.loss + lam * travel
     if encoder_optimizer is not None:
         loss = loss + lam * siamese_margin_loss(emb_src, options.siamese_margin, check_finite=False)
-    if options.lambda_identity:
-        loss = loss + options.lambda_identity * (fake.float() - real_a.float()).abs().mean()
-    reported: dict[str, Any] = {}
-    if patch_nce is not None:
-        with options.autocast():
-            nce, reported = nce_term(generator, patch_nce, real_a, fake, options, real_b)
-        loss = loss + options.lambda_nce * nce
-    if reverse is not None and real_b is not None:
-        with options.autocast():
-            fake_a = reverse.generator(real_b)
-            judged_a = fake_a.to(real_b.dtype)
-            logits_a = reverse.discriminator(diff_augment(judged_a, options.augment) if options.augment else judged_a)
-            cycle, cycle_identity = cycle_terms(
-                generator, reverse.generator, real_a, real_b, fake, fake_a, identity=options.lambda_cycle_identity > 0
-            )
-        adversarial_ba = generator_adversarial_loss(logits_a, options.gan_loss)
-        loss = loss + adversarial_ba + options.lambda_cycle * (cycle + options.lambda_cycle_identity * cycle_identity)
-        reported |= {
-            "loss_adv_ba": adversarial_ba.detach(),
-            "loss_cycle": cycle.detach(),
-            "loss_cycle_identity": cycle_identity.detach(),
-            "fake_a": fake_a.detach(),
-        }
     _backward_and_step(loss, optimizers, _parameters(optimizers), scaler)
     return {
         "loss_g": loss.detach(),
-        "loss_adv": adversarial.detach(),
+        "loss_adv": terms.adversarial.detach(),
         "loss_travel": travel.detach(),
         "lambda": lam,
         "fake": fake.detach(),
-        **reported,
+        **terms.reported,
     }
 
 
@@ -419,41 +481,59 @@ def micro_batched_generator_step(
     *,
     scaler: torch.amp.GradScaler | None = None,
     trainable_encoder: bool = False,
-    adaptive_lambda: Any | None = None,
+    adaptive_lambda: GradientBalancedLambda | None = None,
     emb_src: Tensor | None = None,
     travel_queue: TravelQueue | None = None,
+    reverse: ReverseDirection | None = None,
+    real_b: Tensor | None = None,
+    patch_nce: PatchNCE | None = None,
 ) -> dict[str, Any]:
     r""":func:`generator_step` in chunks of ``options.micro_batch`` images, with the same gradient.
 
     The gradient-cache technique (:mod:`travel_loss.gradcache`; Gao et al., 2021):
 
-    1. E(x) and E(G(x)) of the whole batch, chunk by chunk, without graphs;
+    1. E(x) and E(G(x)) of the whole batch, chunk by chunk, without graphs (averaged over the
+       views drawn once for the whole batch, with ``options.views``);
     2. the travel loss of the global batch (all ranks' rows) and its gradient
        :math:`\gamma = \partial L_\mathrm{travel} / \partial E(G(x))` (and with respect to E(x) for
        the trainable embedder, whose margin loss joins the travel loss here);
     3. per chunk c of m of the n images: G, D and E again with graphs, and one backward of
-       :math:`\frac{m}{n} L_\mathrm{adv}(c) + \lambda \sum_{i \in c} \langle E(G(x_i)), \gamma_i \rangle`.
-       The adversarial loss is a mean over images, so the chunk terms sum to the batch mean.
+       :math:`\frac{m}{n} T(c) + \lambda \sum_{i \in c} \langle E(G(x_i)), \gamma_i \rangle`, where T(c) are
+       the chunk's :func:`generator_terms` (the adversarial term and any baseline's). They are
+       means over images, so the chunk terms sum to the batch's; CycleGAN's and CUT's terms take
+       the same chunk of ``real_b``, and PatchNCE the same patch locations in every chunk.
 
     Memory: one chunk's activations; cost: one more forward of G and E per image. Under DDP only
     the last chunk's backward reduces gradients across ranks (``no_sync`` before it).
 
     With an ``adaptive_lambda`` on a step where it computes, lambda is known only once every
-    chunk is done: each chunk then back-propagates its adversarial term into ``.grad`` and its
-    travel term into a separate buffer (one more backward through G per chunk), the gradient
-    norms at the balanced parameter come from the two sums, and ``.grad`` becomes
-    adversarial + lambda * travel (averaged across ranks by hand under DDP).
-    ``optimizers``: G's, then the trainable encoder's. The random draws of ``options.augment``
-    differ from those of the whole-batch step (same distribution), the rest is the same update.
+    chunk is done: each chunk then back-propagates T(c) into ``.grad`` and its travel term into
+    a separate buffer (one more backward through G per chunk), the gradient norms at the
+    balanced parameter come from the adversarial and travel sums, and ``.grad`` becomes
+    T + lambda * travel (averaged across ranks by hand under DDP).
+    ``optimizers``: G's, then the trainable encoder's, G_BA's, the PatchNCE heads'. The random
+    draws of ``options.augment`` differ from those of the whole-batch step (same distribution),
+    the rest is the same update.
     """
     chunk_size, n = options.micro_batch, real_a.shape[0]
     parameters = _parameters(optimizers)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
+    views = None if trainable_encoder else options.views
+    draws = [views.draw(real_a) for _ in range(views.count)] if views is not None else []
+
+    def embed(images: Tensor, rows: Tensor) -> Tensor:
+        """E of (m, 3, H, W) ``images``, rows ``rows`` of the batch: averaged over their views."""
+        if views is None:
+            return encoder(images)
+        per_view = encoder(torch.cat([views.apply(images, _draw_rows(draw, rows)) for draw in draws]))
+        return torch.stack(per_view.chunk(len(draws))).mean(dim=0)
+
+    batch_rows = torch.arange(n, device=real_a.device)
     with options.autocast():
         if emb_src is None:
-            emb_src = embed_in_chunks(encoder, real_a, chunk_size)
-        emb_gen = embed_in_chunks(lambda x: encoder(generator(x)), real_a, chunk_size)
+            emb_src = embed_in_chunks(lambda rows: embed(real_a[rows], rows), batch_rows, chunk_size)
+        emb_gen = embed_in_chunks(lambda rows: embed(generator(real_a[rows]), rows), batch_rows, chunk_size)
     emb_src, emb_gen = _at_least_float32(emb_src), _at_least_float32(emb_gen)
     separate = adaptive_lambda is not None and adaptive_lambda.computes_next
     lam = options.lambda_travel
@@ -469,50 +549,81 @@ def micro_batched_generator_step(
     objective_value, grad_gen, grad_src = travel_loss_and_embedding_grads(
         emb_src, emb_gen, loss_fn=objective, src_grad=trainable_encoder, global_batch=True
     )
+    nce_locations = None
+    if patch_nce is not None:  # one draw for the whole batch, as the whole-batch step makes
+        with torch.no_grad(), options.autocast():
+            nce_locations = sample_locations(_plain(generator).encoder_features(real_a[:1]), options.nce_patches)
     scaled = scaler.scale if scaler is not None and scaler.is_enabled() else (lambda t: t)
-    adversarial, fakes = torch.zeros((), device=real_a.device), []
+    totals: dict[str, Tensor] = {}
+    fakes, fakes_a = [], []
     travel_grads: list[Tensor | None] = [None] * len(parameters)
-    chunks = real_a.split(chunk_size)
+    adversarial_at: Tensor | None = None  # d(adversarial)/d(balanced parameter), when .grad holds more terms
     travel_trains = separate or lam != 0  # with a frozen E and lambda 0, no graph through E
-    trained_modules = (generator, encoder if trainable_encoder else None)
-    for index, x in enumerate(chunks):
-        rows = slice(index * chunk_size, index * chunk_size + x.shape[0])
+    trained_modules = (
+        generator,
+        encoder if trainable_encoder else None,
+        reverse.generator if reverse is not None else None,
+        patch_nce.heads if patch_nce is not None else None,
+    )
+    chunks = batch_rows.split(chunk_size)
+    for index, rows in enumerate(chunks):
+        x, weight = real_a[rows], rows.numel() / n
         with _no_sync_unless(index == len(chunks) - 1 and not separate, *trained_modules):
+            fake, fake_logits = translate_and_judge(generator, discriminator, x, options)
             with options.autocast():
-                fake = generator(x)
-                judged = fake.to(x.dtype)
-                fake_logits = discriminator(diff_augment(judged, options.augment) if options.augment else judged)
                 if trainable_encoder:
                     embedded, grad = encoder(torch.cat([x, fake])), torch.cat([grad_src[rows], grad_gen[rows]])
                 elif travel_trains:
-                    embedded, grad = encoder(fake), grad_gen[rows]
-            adversarial_chunk = generator_adversarial_loss(fake_logits, options.gan_loss) * (x.shape[0] / n)
+                    embedded, grad = embed(fake, rows), grad_gen[rows]
+            terms = generator_terms(
+                generator, x, fake, fake_logits, options, reverse=reverse,
+                real_b=real_b[rows] if real_b is not None else None, patch_nce=patch_nce, nce_locations=nce_locations,
+            )  # fmt: skip
+            chunk_loss = terms.loss * weight
             if separate:
-                torch.autograd.backward(scaled(adversarial_chunk), inputs=parameters, retain_graph=True)
+                torch.autograd.backward(scaled(chunk_loss), inputs=parameters, retain_graph=True)
+                if terms.loss is not terms.adversarial:  # .grad holds more than the adversarial term
+                    (at,) = torch.autograd.grad(
+                        scaled(terms.adversarial * weight), adaptive_lambda.parameter, retain_graph=True
+                    )
+                    adversarial_at = _add(adversarial_at, at)
                 chunk_grads = torch.autograd.grad(
                     embedded, parameters, scaled(grad).to(embedded.dtype), allow_unused=True
                 )
                 travel_grads = [_add(total, g) for total, g in zip(travel_grads, chunk_grads)]
             elif trainable_encoder or travel_trains:
-                backward_chunk(embedded, scaled(lam * grad), scaled(adversarial_chunk), inputs=parameters)
+                backward_chunk(embedded, scaled(lam * grad), scaled(chunk_loss), inputs=parameters)
             else:  # a fixed lambda of 0: the travel term was only logged
-                torch.autograd.backward(scaled(adversarial_chunk), inputs=parameters)
-        adversarial = adversarial + adversarial_chunk.detach()
+                torch.autograd.backward(scaled(chunk_loss), inputs=parameters)
+        for key, value in {"loss_terms": chunk_loss, "loss_adv": terms.adversarial * weight}.items():
+            totals[key] = totals.get(key, 0) + value.detach()
+        for key, value in terms.reported.items():
+            if key == "fake_a":
+                fakes_a.append(value)
+            else:
+                totals[key] = totals.get(key, 0) + value * weight
         fakes.append(fake.detach())
     if separate:
-        lam = _combine_balanced(adaptive_lambda, parameters, travel_grads, trained_modules)
+        lam = _combine_balanced(adaptive_lambda, parameters, travel_grads, trained_modules, adversarial_at)
     _optimizer_step(optimizers, scaler)
     travel = objective_value
     if trainable_encoder:  # report the travel term alone, as the whole-batch step does
         with torch.no_grad():
             travel = travel_term(all_gather_with_grad(emb_src), all_gather_with_grad(emb_gen), options)
+    loss_terms = totals.pop("loss_terms")
     return {
-        "loss_g": adversarial + lam * objective_value,
-        "loss_adv": adversarial,
+        "loss_g": loss_terms + lam * objective_value,
         "loss_travel": travel,
         "lambda": lam,
         "fake": torch.cat(fakes),
+        **totals,
+        **({"fake_a": torch.cat(fakes_a)} if fakes_a else {}),
     }
+
+
+def _draw_rows(draw: ViewDraw, rows: Tensor) -> ViewDraw:
+    """The part of a batch's view draw that belongs to ``rows`` of the batch."""
+    return ViewDraw(**{f.name: None if (v := getattr(draw, f.name)) is None else v[rows] for f in fields(draw)})
 
 
 def _add(total: Tensor | None, value: Tensor | None) -> Tensor | None:
@@ -522,17 +633,21 @@ def _add(total: Tensor | None, value: Tensor | None) -> Tensor | None:
 
 
 def _combine_balanced(
-    adaptive_lambda: Any,
+    adaptive_lambda: GradientBalancedLambda,
     parameters: list[Tensor],
     travel_grads: list[Tensor | None],
     modules: Sequence[nn.Module | None],
+    adversarial_at: Tensor | None = None,
 ) -> float:
-    """lambda from the norms at the balanced parameter of ``.grad`` (adversarial) and ``travel_grads``;
-    then ``.grad`` = adversarial + lambda * travel, averaged across ranks for DDP modules."""
+    """lambda from the norms at the balanced parameter of the adversarial gradient (``.grad``, or
+    ``adversarial_at`` when ``.grad`` holds other terms too) and of ``travel_grads``; then ``.grad``
+    += lambda * travel, averaged across ranks for DDP modules."""
     position = next((i for i, p in enumerate(parameters) if p is adaptive_lambda.parameter), None)
     if position is None:
         raise ValueError("adaptive_lambda: its parameter is not among the trained parameters of this step")
-    adversarial_at, travel_at = parameters[position].grad, travel_grads[position]
+    if adversarial_at is None:
+        adversarial_at = parameters[position].grad
+    travel_at = travel_grads[position]
     if adversarial_at is None or travel_at is None:
         raise ValueError("adaptive_lambda: the adversarial or travel loss does not depend on its parameter")
     norms = (torch.linalg.vector_norm(t.detach().double()) for t in (adversarial_at, travel_at))

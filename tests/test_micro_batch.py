@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
 from reference.config import TrainConfig, check_config
 from reference.models import PatchDiscriminator, ResnetGenerator, SiameseEmbedder
+from reference.patchnce import PatchHeads
+from reference.steps import PatchNCE, ReverseDirection
 from reference.train import StepOptions, build_parser, generator_step
-from travel_loss import FrozenCLIPEncoder
+from travel_loss import FrozenCLIPEncoder, RandomViews
 from travel_loss.lambdas import GradientBalancedLambda, last_layer_weight
 
 TINY_VISION = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -40,12 +44,15 @@ def step_gradients(
     steps=1,
     lambda_travel=3.0,
     grad_modes=None,
+    baseline=None,
     **options,
 ):
     """Gradients of the last of ``steps`` generator_steps (SGD with lr 0: the weights stay, the
     gradients remain). ``adaptive``: keyword arguments of a GradientBalancedLambda. ``grad_modes``:
-    a list that receives, per encoder forward, whether autograd was recording."""
+    a list that receives, per encoder forward, whether autograd was recording. ``baseline``:
+    "cycle" (G_BA, D_A), "nce" or "nce_idt" (PatchNCE heads); their parameters' gradients join."""
     generator, discriminator, encoder = networks(dtype, trainable)
+    extras, extra_parameters = baseline_pieces(baseline, generator, dtype)
     if grad_modes is not None:
         encoder.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
     real_a = torch.rand(n, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -53,11 +60,29 @@ def step_gradients(
     encoder_optimizer = torch.optim.SGD(encoder.parameters(), lr=0.0) if trainable else None
     balance = None if adaptive is None else GradientBalancedLambda(last_layer_weight(generator), **adaptive)
     step_options = StepOptions(lambda_travel=lambda_travel, micro_batch=micro_batch, amp_dtype=amp, **options)
-    for _ in range(steps):
+    if baseline == "cycle" or (baseline == "nce" and options.get("nce_idt", True)):
+        extras["real_b"] = torch.rand(n, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    for step in range(steps):
+        torch.manual_seed(10 + step)  # the same random draws (views, patch locations) in both step kinds
         out = generator_step(generator, discriminator, encoder, optimizer, real_a, step_options,
-                             encoder_optimizer=encoder_optimizer, adaptive_lambda=balance)  # fmt: skip
-    trained = [*generator.parameters(), *(encoder.parameters() if trainable else [])]
+                             encoder_optimizer=encoder_optimizer, adaptive_lambda=balance, **extras)  # fmt: skip
+    trained = [*generator.parameters(), *(encoder.parameters() if trainable else []), *extra_parameters]
     return [p.grad.clone() for p in trained], out
+
+
+def baseline_pieces(baseline, generator, dtype):
+    """generator_step's keyword arguments for a baseline, and the parameters they train."""
+    if baseline is None:
+        return {}, []
+    if baseline == "cycle":
+        torch.manual_seed(1)
+        g_ba = ResnetGenerator(3, 3, width=4, n_blocks=1).to(dtype)
+        d_a = PatchDiscriminator(3, width=4, n_layers=1).to(dtype)
+        return {"reverse": ReverseDirection(g_ba, d_a, torch.optim.SGD(g_ba.parameters(), lr=0.0))}, [
+            *g_ba.parameters()
+        ]
+    heads = PatchHeads(generator.feature_channels(), dim=8, seed=3).to(dtype)
+    return {"patch_nce": PatchNCE(heads, torch.optim.SGD(heads.parameters(), lr=0.0))}, [*heads.parameters()]
 
 
 def relative_error(actual, expected) -> float:
@@ -173,6 +198,49 @@ def test_micro_batched_gradient_with_a_travel_queue_equals_the_whole_batch():
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * scale)
 
 
-def test_micro_batch_with_the_identity_baseline_is_refused():
-    with pytest.raises(ValueError, match="micro_batch: expected 0 with lambda_identity"):
-        check_config(TrainConfig(data="data", micro_batch=2, lambda_identity=1.0))
+@pytest.mark.parametrize(
+    ("name", "settings"),
+    [
+        ("identity-L1", dict(lambda_identity=2.0)),
+        ("identity-L1 alone", dict(lambda_identity=2.0, lambda_travel=0.0)),
+        ("CycleGAN", dict(baseline="cycle", lambda_cycle=10.0)),
+        ("CycleGAN without identity", dict(baseline="cycle", lambda_cycle=10.0, lambda_cycle_identity=0.0)),
+        ("PatchNCE", dict(baseline="nce", lambda_nce=1.0, nce_idt=False, nce_patches=8)),
+        ("PatchNCE + idt", dict(baseline="nce", lambda_nce=1.0, nce_patches=8)),
+        ("views", dict(views=RandomViews(count=2, shift=2, flip=0.5, noise=0.05))),
+        ("views + queue-free adaptive", dict(views=RandomViews(count=2, flip=0.5), adaptive=dict(momentum=0.5))),
+        ("CycleGAN + adaptive", dict(baseline="cycle", lambda_cycle=10.0, adaptive=dict(momentum=0.5), steps=2)),
+        ("PatchNCE + adaptive", dict(baseline="nce", lambda_nce=1.0, nce_patches=8, adaptive=dict(momentum=0.5))),
+    ],
+)
+def test_every_option_micro_batched_gives_the_whole_batch_gradient(name, settings):
+    """The baselines' terms, the views and the adaptive lambda over them, chunk by chunk (7 = 3 + 3 + 1)."""
+    expected, whole = step_gradients(torch.float64, 0, 7, **settings)
+    actual, chunked = step_gradients(torch.float64, 3, 7, **settings)
+    assert relative_error(actual, expected) < 1e-10, name
+    assert whole.keys() == chunked.keys()
+    for key, value in whole.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(chunked[key], value, rtol=1e-6, atol=1e-9, msg=f"{name}: {key}")
+        else:
+            assert abs(chunked[key] - value) <= 1e-9 * abs(value), (name, key)
+
+
+def test_patch_locations_drawn_per_chunk_would_change_the_gradient():
+    """The test above can fail: PatchNCE with its own draw per chunk is another gradient."""
+    settings = dict(baseline="nce", lambda_nce=1.0, nce_idt=False, nce_patches=8)
+    expected, _ = step_gradients(torch.float64, 0, 7, **settings)
+    with mock.patch("reference.steps.sample_locations", lambda features, num_patches: None):
+        actual, _ = step_gradients(torch.float64, 3, 7, **settings)  # None: each chunk draws its own
+    assert relative_error(actual, expected) > 1e-6
+
+
+def test_micro_batched_baselines_split_real_b_like_real_a():
+    generator, discriminator, encoder = networks(torch.float64)
+    extras, _ = baseline_pieces("cycle", generator, torch.float64)
+    x = torch.zeros(4, 3, 16, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="^real_b: the micro-batched step splits real_a and real_b"):
+        generator_step(generator, discriminator, encoder, torch.optim.SGD(generator.parameters(), lr=0.0), x,
+                       StepOptions(lambda_cycle=10.0, micro_batch=2), real_b=x[:3], **extras)  # fmt: skip
+    for overrides in (dict(lambda_identity=1.0), dict(lambda_cycle=10.0), dict(lambda_nce=1.0), dict(travel_views=2)):
+        check_config(TrainConfig(data="data", micro_batch=2, **overrides))  # every option works micro-batched

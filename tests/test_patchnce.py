@@ -306,9 +306,6 @@ def test_step_refuses_missing_pieces():
         generator_step(generator, discriminator, pooled, optimizer, x, StepOptions(lambda_nce=1.0))
     with pytest.raises(ValueError, match="^real_b: nce_idt"):
         generator_step(generator, discriminator, pooled, optimizer, x, StepOptions(lambda_nce=1.0), patch_nce=patch_nce)
-    with pytest.raises(ValueError, match="^patch_nce: the PatchNCE term runs on whole batches"):
-        options = StepOptions(lambda_nce=1.0, nce_idt=False, micro_batch=1)
-        generator_step(generator, discriminator, pooled, optimizer, x, options, patch_nce=patch_nce)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +324,6 @@ def test_step_refuses_missing_pieces():
         (dict(lambda_nce=1.0, nce_patches=2.5), "nce_patches"),
         (dict(lambda_nce=1.0, nce_dim=0), "nce_dim"),
         (dict(lambda_nce=1.0, nce_idt="yes"), "nce_idt"),
-        (dict(lambda_nce=1.0, micro_batch=2), "micro_batch"),
     ],
 )
 def test_bad_nce_options_name_the_field(tmp_path, overrides, field):

@@ -109,7 +109,6 @@ def test_a_run_with_views_resumes_bit_for_bit(tmp_path, folders):
         (dict(travel_views=-1), "^travel_views: expected an int >= 0"),
         (dict(travel_view_transforms="shift=2,wobble=1"), "^travel_view_transforms: expected a view spec.*wobble"),
         (dict(travel_view_transforms="noise=-1"), "^travel_view_transforms: expected a view spec"),
-        (dict(micro_batch=2), "^micro_batch: expected 0 with travel_views > 0"),
         (dict(encoder_mode="siamese"), "^travel_views: expected 0 with encoder_mode siamese"),
     ],
 )
