@@ -21,6 +21,7 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -101,23 +102,38 @@ def _start(context, data: Path, out: Path, fault: tuple[str, int] | None = None,
     return process
 
 
+@dataclass(frozen=True)
+class Uninterrupted:
+    checkpoint: dict  # the final checkpoint of a run that nobody killed
+    seconds: float  # from its first checkpoint to its end: the window a timed kill must fall in
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(context, tiny_folders: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def uninterrupted(context, tiny_folders: Path, tmp_path_factory: pytest.TempPathFactory) -> Uninterrupted:
     out = tmp_path_factory.mktemp("faults") / "uninterrupted"
     process = _start(context, tiny_folders, out)
+    _wait_for_first_checkpoint(process, out)
+    first_checkpoint = time.monotonic()
     process.join(300)
     assert process.exitcode == 0
-    return load_checkpoint(out / "latest.pt")
+    return Uninterrupted(load_checkpoint(out / "latest.pt"), time.monotonic() - first_checkpoint)
+
+
+def _wait_for_first_checkpoint(process, out: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not (out / "latest.pt").exists() and process.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _moments(count: int, seed: int = 11) -> list[tuple[str, float | int]]:
-    """``count`` seeded moments, the kinds in turn: (timed, seconds after the first checkpoint) or (kind, n)."""
+    """``count`` seeded moments, the kinds in turn: (timed, fraction of the time from the first checkpoint
+    to the end of an uninterrupted run) or (kind, n)."""
     rng = random.Random(seed)
     moments: list[tuple[str, float | int]] = []
     for index in range(count):
         kind = KINDS[index % len(KINDS)] if count >= len(KINDS) else ("timed", "mid-write", "after-rename")[index]
         if kind == "timed":
-            moments.append((kind, rng.uniform(0.0, 0.6)))
+            moments.append((kind, rng.uniform(0.0, 0.8)))
         elif kind == "mid-write":
             moments.append((kind, rng.randint(2, STEPS - 1)))  # the n-th checkpoint write (one per step)
         else:
@@ -140,14 +156,14 @@ def _assert_equal(a: object, b: object, where: str) -> None:
         assert a == b, (where, a, b)
 
 
-def _kill_and_resume(context, data: Path, out: Path, moment: tuple[str, float | int], uninterrupted: dict) -> int:
+def _kill_and_resume(
+    context, data: Path, out: Path, moment: tuple[str, float | int], uninterrupted: Uninterrupted
+) -> int:
     kind, value = moment
     if kind == "timed":
         process = _start(context, data, out)
-        deadline = time.monotonic() + 120
-        while not (out / "latest.pt").exists() and process.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(float(value))
+        _wait_for_first_checkpoint(process, out)
+        time.sleep(float(value) * uninterrupted.seconds)
         process.kill()
     else:
         process = _start(context, data, out, (kind, int(value)))
@@ -162,7 +178,7 @@ def _kill_and_resume(context, data: Path, out: Path, moment: tuple[str, float | 
     assert not list(out.glob(".*.tmp-*")), "a half-written temporary file was left behind"
     final = load_checkpoint(out / "latest.pt")
     for key in COMPARED:
-        _assert_equal(final[key], uninterrupted[key], f"{moment}: {key}")
+        _assert_equal(final[key], uninterrupted.checkpoint[key], f"{moment}: {key}")
     return step
 
 
