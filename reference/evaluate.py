@@ -37,7 +37,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -546,8 +546,16 @@ def _encoder_metrics(
 # ---------------------------------------------------------------------------------------------
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, markdown: bool = False) -> str:
-    """Rows of dicts as an aligned text table (or a markdown table) of ``columns``; floats to 4 significant digits."""
+def format_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    *,
+    markdown: bool = False,
+    right: Collection[str] = (),
+) -> str:
+    """Rows of dicts as an aligned text table (or a markdown table) of ``columns``; floats to 4
+    significant digits, None as "-", strings as they are. Columns named in ``right`` are
+    right-aligned (numbers); the text table's lines carry no trailing spaces."""
 
     def cell(value: Any) -> str:
         if isinstance(value, float):
@@ -556,13 +564,15 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, m
 
     table = [list(columns)] + [[cell(row.get(column)) for column in columns] for row in rows]
     if markdown:
-        lines = ["| " + " | ".join(table[0]) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        rule = "|" + "|".join("---:" if column in right else "---" for column in columns) + "|"
+        lines = ["| " + " | ".join(table[0]) + " |", rule]
         lines += ["| " + " | ".join(line) + " |" for line in table[1:]]
         return "\n".join(lines)
     widths = [max(len(line[k]) for line in table) for k in range(len(columns))]
-    lines = ["  ".join(text.ljust(width) for text, width in zip(line, widths)) for line in table]
+    justify = [str.rjust if column in right else str.ljust for column in columns]
+    lines = ["  ".join(pad(text, width) for text, width, pad in zip(line, widths, justify)) for line in table]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 if __package__ in (None, ""):  # run as a script: make `reference` and `travel_loss` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -81,13 +81,8 @@ from reference.config import (
     TrainConfig,
     check_config,
 )
-from reference.data import (
-    ImageFolder,
-    TooManyUnreadableImagesError,
-    resolve_unpaired_folders,
-    unreadable_count,
-)
-from reference.logs import MetricsLog, log_record, progress_bar, save_image_grid, write_samples
+from reference.data import ImageFolder, TooManyUnreadableImagesError, resolve_unpaired_folders
+from reference.logs import LogInterval, save_image_grid, write_samples
 from reference.losses import GAN_LOSSES
 from reference.models import DISCRIMINATOR_NORMS, PatchDiscriminator, ResnetGenerator, SiameseEmbedder
 from reference.outputs import RunFolderBusyError, RunFolderLock, error_line
@@ -240,7 +235,22 @@ _RESUME_FREE_FIELDS = {
 }  # fmt: skip
 
 
-def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+class TrainSummary(TypedDict):
+    """What :func:`train` returns; the keys are described there."""
+
+    step: int
+    seconds: float
+    images_per_second: float
+    out: str
+    rank: int
+    checkpoint: str
+    interrupted: str | None
+    metrics: dict[str, float]
+    compiled_graphs: dict[str, int] | None
+    unreadable_images: int
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> TrainSummary:
     """Train G (and D) for ``config.steps`` iterations; returns a summary.
 
     Summary keys: ``step`` (reached), ``seconds`` (of this call's loop), ``images_per_second``
@@ -336,6 +346,12 @@ class TrainingRun:
             self.runtime.xla.mark_step()
         return {**g_out, **d_out}
 
+    def save_samples(self, step: int, inputs: Tensor) -> None:
+        """OUT/samples/step_S.png: the ``input | translation`` grid of ``inputs`` (G's EMA when kept)."""
+        sampler = self.modules["generator"] if self.ema is None else self.ema
+        path = Path(self.config.out) / "samples" / f"step_{step:06d}.png"
+        write_samples(sampler, inputs, path, self.options.autocast, self.config.channels_last)
+
     def save(self, step: int) -> None:
         """The atomic checkpoint of everything above at ``step`` (rank 0 writes)."""
         state = training_state(
@@ -349,7 +365,7 @@ class TrainingRun:
 
 
 def build_run(
-    config: TrainConfig, runtime: Runtime, *, resume_path: Path | None, say: Callable[..., Any]
+    config: TrainConfig, runtime: Runtime, *, resume_path: Path | None, say: Callable[[str], None]
 ) -> TrainingRun:
     """Models, encoder, optimizers and schedules with the same initial weights on every rank; the
     checkpoint's state when ``resume_path`` is given; then the views that train."""
@@ -469,130 +485,132 @@ def build_run(
     )  # fmt: skip
 
 
-def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> dict[str, Any]:
-    device = runtime.device
+def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> TrainSummary:
+    """:func:`train` inside the run folder's lock: checks, data, the run, the loop, the finish."""
+    # ---- checks, data, the run
+    resume_path = _resume_path(config)  # a new run on a folder that holds a checkpoint stops here
     out = Path(config.out)
-    latest = out / LATEST
-    resume_path = Path(config.resume_from) if config.resume_from is not None else latest
-    resuming = config.resume_from is not None or (config.resume and latest.exists())
-    if latest.exists() and not (config.resume or config.resume_from is not None):
-        raise ValueError(
-            f"out: {out} already holds a checkpoint ({LATEST}); continue it with --resume or choose another --out"
-        )
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    say = print if runtime.is_main and progress else (lambda *a, **k: None)
+    say: Callable[[str], None] = print if runtime.is_main and progress else (lambda *a, **k: None)
     images_a, images_b = build_datasets(config)  # folder mistakes surface before any model is built
     check_datasets(
         {f"domain {d} ({x.folder})": x for d, x in zip("AB", (images_a, images_b))},
         config.batch_size, runtime.world_size,
     )  # fmt: skip
-
-    run = build_run(config, runtime, resume_path=resume_path if resuming else None, say=say)
-    start_step, data_position = run.start_step, run.data_position
-    if not resuming and config.resume:
-        say(f"no {latest} yet: starting a new run")
-
-    # ---- data
-    batches_a = _batches(images_a, config, runtime, domain=0, start=data_position)
-    batches_b = _batches(images_b, config, runtime, domain=1, start=data_position)
+    run = build_run(config, runtime, resume_path=resume_path, say=say)
+    if resume_path is None and config.resume:
+        say(f"no {out / LATEST} yet: starting a new run")
+    batches = _batch_pairs(images_a, images_b, config, runtime, start=run.data_position)
     sample_inputs = torch.stack(
         [FlippedImages(images_a)[(i, False)] for i in range(min(config.sample_count, len(images_a)))]
     )
 
     # ---- the loop
-    log = MetricsLog(out, start_step) if runtime.is_main else None
-    images_per_step = config.batch_size * runtime.world_size
-    running: dict[str, Any] = {}
-    record: dict[str, float] = {}
+    metrics = LogInterval(
+        config, runtime, run.optimizers, (images_a, images_b), start_step=run.start_step, progress=progress
+    )
     compiled_graphs: dict[str, int] = {}
-    last_saved = start_step
-    step = start_step
-    bar = progress_bar(start_step, config.steps, enabled=progress and runtime.is_main)
-    started = interval_started = time.perf_counter()
-    interval_start_step = start_step
-
+    step = last_saved = run.start_step
     interrupted = None
-    unreadable, too_many_unreadable = 0, None
-    image_files = sum(len(d) for d in (images_a, images_b) if isinstance(d, ImageFolder))
+    started = time.perf_counter()
     with StopSignal(runtime) as stop:
-        for step in range(start_step + 1, config.steps + 1):
-            real_a = next(batches_a).to(device, non_blocking=True)
-            real_b = next(batches_b).to(device, non_blocking=True)
-            if config.channels_last:
-                real_a, real_b = (t.contiguous(memory_format=torch.channels_last) for t in (real_a, real_b))
-            terms = run.step(real_a, real_b)
-            for key, value in terms.items():  # running sums, no host sync
-                running[key] = running.get(key, 0.0) + value
-            if config.compile and step == start_step + 1:
+        for step in range(run.start_step + 1, config.steps + 1):
+            real_a, real_b = next(batches)
+            metrics.add(run.step(real_a, real_b))
+            if config.compile and step == run.start_step + 1:
                 compiled_graphs["after_first_step"] = compiled_graph_count()
-
             if step % config.log_every == 0 or step == config.steps:
-                record = log_record(step, running, step - interval_start_step, runtime, run.optimizers)
-                record["images_per_second"] = (
-                    images_per_step * (step - interval_start_step) / (time.perf_counter() - interval_started)
-                )
-                running, interval_started, interval_start_step = {}, time.perf_counter(), step
-                if image_files:
-                    unreadable = unreadable_count(
-                        images_a, images_b, group=runtime.control_group if runtime.distributed else None
-                    )
-                    record["unreadable_images"] = unreadable
-                    if unreadable > config.max_unreadable_fraction * image_files:
-                        too_many_unreadable = (
-                            f"stopped at step {step}: {unreadable} of {image_files} image files "
-                            f"failed to decode, more than "
-                            f"--max-unreadable-fraction {config.max_unreadable_fraction}; "
-                            f"a checkpoint was saved in {out}: "
-                            "fix or remove the files (named in the warnings above) and continue with --resume"
-                        )
-                if log is not None:
-                    log.write(record)
-                bar.set_postfix(
-                    {k: f"{record[k]:.3g}" for k in ("loss_g", "loss_d", "loss_travel", "images_per_second")}
-                )
+                metrics.close_interval(step)
             if runtime.is_main and (step % config.sample_every == 0 or step == config.steps):
-                samples = out / "samples" / f"step_{step:06d}.png"
-                sampler = run.modules["generator"] if run.ema is None else run.ema
-                write_samples(sampler, sample_inputs, samples, run.options.autocast, config.channels_last)
+                run.save_samples(step, sample_inputs)
             if step % config.checkpoint_every == 0:
                 run.save(step)
                 last_saved = step
-            bar.update(1)
-            if too_many_unreadable is not None:
+            metrics.bar.update(1)
+            if metrics.too_many_unreadable is not None:
                 break
             if step < config.steps and stop.should_stop():
                 interrupted = stop.received or "signal on another rank"
                 say(f"\n{interrupted}: saving a checkpoint at step {step} and exiting")
                 break
-    bar.close()
+    metrics.bar.close()
     seconds = time.perf_counter() - started
+
+    # ---- finish
+    _finish_run(run, metrics, compiled_graphs, step=step, last_saved=last_saved)
+    return _summary(run, metrics, compiled_graphs, step=step, seconds=seconds, interrupted=interrupted)
+
+
+def _resume_path(config: TrainConfig) -> Path | None:
+    """The checkpoint the run continues: ``resume_from``, else OUT/latest.pt with ``resume`` when it
+    exists; None for a new run. A new run on a folder that holds a checkpoint is a ValueError."""
+    latest = Path(config.out) / LATEST
+    if config.resume_from is not None:
+        return Path(config.resume_from)
+    if latest.exists() and not config.resume:
+        raise ValueError(
+            f"out: {Path(config.out)} already holds a checkpoint ({LATEST}); "
+            "continue it with --resume or choose another --out"
+        )
+    return latest if latest.exists() else None
+
+
+def _batch_pairs(
+    images_a: Dataset[Tensor], images_b: Dataset[Tensor], config: TrainConfig, runtime: Runtime, *, start: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless (A, B) batch pairs on the device (channels-last with ``config.channels_last``) from the
+    data position ``start``; both loaders are built here, before the first draw."""
+    batches_a = _batches(images_a, config, runtime, domain=0, start=start)
+    batches_b = _batches(images_b, config, runtime, domain=1, start=start)
+    return (_on_device(a, b, runtime.device, config.channels_last) for a, b in zip(batches_a, batches_b))
+
+
+def _on_device(batch_a: Tensor, batch_b: Tensor, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
+    real_a, real_b = batch_a.to(device, non_blocking=True), batch_b.to(device, non_blocking=True)
+    if channels_last:
+        real_a, real_b = (t.contiguous(memory_format=torch.channels_last) for t in (real_a, real_b))
+    return real_a, real_b
+
+
+def _finish_run(
+    run: TrainingRun, metrics: LogInterval, compiled_graphs: dict[str, int], *, step: int, last_saved: int
+) -> None:
+    """After the loop, on every rank: the checkpoint at ``step`` (unless the loop just wrote it),
+    the metrics file closed, the compiled-graph count at the end (a warning when it grew after the
+    first step), all ranks waiting until latest.pt is complete; then
+    :class:`TooManyUnreadableImagesError` when the loop stopped for unreadable images."""
     if last_saved != step:
         run.save(step)
-    if log is not None:
-        log.close()
-    if config.compile:
+    metrics.close()
+    if run.config.compile:
         compiled_graphs["end"] = compiled_graph_count()
         if compiled_graphs.get("end") != compiled_graphs.get("after_first_step"):
-            warnings.warn(f"torch.compile recompiled after the first step: {compiled_graphs}", stacklevel=2)
-    if runtime.distributed:
-        dist.barrier(group=runtime.control_group)  # latest.pt is complete before any rank reads it
-    if too_many_unreadable is not None:
-        raise TooManyUnreadableImagesError(too_many_unreadable)
-    if image_files:
-        unreadable = unreadable_count(images_a, images_b, group=runtime.control_group if runtime.distributed else None)
-    done = step - start_step
+            message = f"torch.compile recompiled after the first step: {compiled_graphs}"
+            warnings.warn(message, stacklevel=3)  # attributed to train(), _train's caller
+    if run.runtime.distributed:
+        dist.barrier(group=run.runtime.control_group)  # latest.pt is complete before any rank reads it
+    if metrics.too_many_unreadable is not None:
+        raise TooManyUnreadableImagesError(metrics.too_many_unreadable)
+
+
+def _summary(
+    run: TrainingRun, metrics: LogInterval, compiled_graphs: dict[str, int], *, step: int, seconds: float,
+    interrupted: str | None,
+) -> TrainSummary:  # fmt: skip
+    """:func:`train`'s summary of a run that reached ``step`` in ``seconds`` of loop."""
+    done = step - run.start_step
     return {
         "step": step,
         "seconds": seconds,
-        "images_per_second": images_per_step * done / seconds if done else 0.0,
-        "out": str(out),
-        "rank": runtime.rank,
-        "checkpoint": str(latest),
+        "images_per_second": metrics.images_per_step * done / seconds if done else 0.0,
+        "out": str(Path(run.config.out)),
+        "rank": run.runtime.rank,
+        "checkpoint": str(Path(run.config.out) / LATEST),
         "interrupted": interrupted,
-        "metrics": record,
+        "metrics": metrics.record,
         "compiled_graphs": compiled_graphs or None,
-        "unreadable_images": unreadable,
+        "unreadable_images": metrics.unreadable_images(),  # a collective: every rank counts
     }
 
 

@@ -365,6 +365,28 @@ def test_quick_digit_demo_writes_report_grid_and_frontier(tmp_path):
     assert [r["label_accuracy"] for r in again["runs"]] == [r["label_accuracy"] for r in report["runs"]]
 
 
+def test_the_study_table_keeps_every_column_under_its_header():
+    def spread(mean: float, low: float, high: float) -> dict[str, float]:
+        return {"mean": mean, "min": low, "max": high}
+
+    def row(method: str, weight: float, kid: dict[str, float]) -> dict[str, object]:
+        scores = {"label_accuracy": spread(0.8, 0.7, 0.9), "fidelity_l1": spread(0.07, 0.06, 0.08)}
+        return {"method": method, "weight": weight, "kid": kid, "realism": spread(0.9, 0.8, 1.0),
+                "seconds": spread(15.4, 14.0, 17.0), **scores}  # fmt: skip
+
+    summary = [row("gan", 0.0, spread(0.1, 0.09, 0.12)), row("travel", 30.0, spread(1.6112, 1.0834, 2.0882))]
+    known = {"ideal": {"label_accuracy": 0.94, "kid": 0.0045, "fidelity_l1": 0.0, "realism": 1.0}}
+    lines = digit_demo.format_table(summary, known).splitlines()
+    header, rule, *body = lines
+    assert header.split("  ")[0].strip() == "method" and header.endswith("s/run") and set(rule) <= {"-", " "}
+    starts = [header.index(name) for name in digit_demo.TABLE_COLUMNS[2:6]]
+    cells = [[line[a:b].strip() for a, b in zip(starts, [*starts[1:], None])] for line in body]
+    assert cells[1][1:] == ["1611.2 (1083.4-2088.2)", "0.070 (0.060-0.080)", "0.900 (0.800-1.000)     15"]
+    assert all(line[start - 2 : start] == "  " for line in body for start in starts)
+    assert body[0].startswith("gan") and body[0].endswith(" 15") and body[2] == body[2].rstrip()
+    assert body[2].split() == ["(ideal)", "0.940", "4.5", "0.000", "1.000"]
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [

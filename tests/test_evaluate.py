@@ -388,3 +388,15 @@ def test_format_table_text_and_markdown():
     assert lines[2].split() == ["a", "0.1235", "-"] and lines[3].split() == ["bb", "nan", "3"]
     markdown = format_table(rows, ["name", "x"], markdown=True).splitlines()
     assert markdown[0] == "| name | x |" and markdown[2] == "| a | 0.1235 |"
+
+
+def test_format_table_right_aligns_the_named_columns_without_trailing_spaces():
+    rows = [{"name": "a", "n": "7"}, {"name": "long name", "n": "123"}, {"name": "c", "n": ""}]
+    assert format_table(rows, ["name", "n"], right=["n"]).splitlines() == [
+        "name         n",
+        "---------  ---",
+        "a            7",
+        "long name  123",
+        "c",
+    ]
+    assert format_table(rows, ["name", "n"], right=["n"], markdown=True).splitlines()[1] == "|---|---:|"

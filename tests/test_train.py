@@ -412,6 +412,37 @@ def test_stream_batches_split_the_global_batch_and_resume_anywhere():
     assert take(StreamBatches(10, 4, seed=3, domain=1), 1) != take(StreamBatches(10, 4, seed=3, domain=0), 1)
 
 
+def test_log_interval_writes_the_mean_of_each_interval(tmp_path, tiny_folders):
+    from reference.data import ImageFolder
+    from reference.logs import LogInterval
+    from reference.runtime import Runtime
+
+    config = tiny_config(tmp_path, data=tiny_folders, steps=5, max_unreadable_fraction=0.5)
+    images = ImageFolder(tiny_folders / "trainA", size=32)
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.25)
+    metrics = LogInterval(
+        config, Runtime(torch.device("cpu")), {"generator": optimizer}, [images], start_step=1, progress=False
+    )
+    assert metrics.record == {} and metrics.images_per_step == 4 and metrics.image_files == len(images)
+    for value in (1.0, 3.0):  # steps 2 and 3: tensors, summed without a host sync
+        metrics.add({"loss_g": torch.tensor(value), "loss_d": torch.tensor(2 * value), "loss_travel": 0.5})
+    record = metrics.close_interval(3)
+    assert {k: record[k] for k in ("step", "loss_g", "loss_d", "loss_travel", "lr", "unreadable_images")} == {
+        "step": 3, "loss_g": 2.0, "loss_d": 4.0, "loss_travel": 0.5, "lr": 0.25, "unreadable_images": 0
+    }  # fmt: skip
+    assert record["images_per_second"] > 0 and metrics.record is record and metrics.too_many_unreadable is None
+    metrics.add({"loss_g": torch.tensor(5.0), "loss_d": torch.tensor(0.0), "loss_travel": 0.5})
+    assert metrics.close_interval(4)["loss_g"] == 5.0  # a new interval: one step, not three
+    metrics.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [3, 4] and lines[0] == record
+    images.unreadable[:] = True  # every file failed to decode: the next log step says stop
+    metrics.add({"loss_g": torch.tensor(1.0), "loss_d": torch.tensor(1.0), "loss_travel": 0.5})
+    metrics.close_interval(5)
+    assert metrics.too_many_unreadable is not None
+    assert metrics.too_many_unreadable.startswith(f"stopped at step 5: {len(images)} of {len(images)} image files")
+
+
 def test_image_grid_puts_input_and_translation_side_by_side(tmp_path):
     import numpy as np
     from PIL import Image

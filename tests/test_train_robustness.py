@@ -388,7 +388,7 @@ MISTAKES = [  # (extra arguments, the start of the one line after "reference/tra
     (["--travel-views", "2", "--travel-view-transforms", "wobble=1"], "--travel-view-transforms: expected"),
     (["--g-ema", "1.5"], "--g-ema: expected"),
     (["--beta1", "2"], "--beta1: expected"),
-    (["--micro-batch", "2", "--lambda-cycle", "10"], "--micro-batch: expected"),
+    (["--micro-batch", "-1"], "--micro-batch: expected"),
     (["--data-b", "NONE"], "--data-a, --data-b: give both folders"),
     (["--data-a", "MISSING"], "--data-a: expected a folder of images"),
     (["--encoder-mode", "clip", "--encoder", "tinyclp"], "--encoder: 'tinyclp' is neither a folder"),

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reference.config import TRAINER_PRESETS
+from reference.evaluate import format_table as evaluate_table
 from reference.evaluate import translate_images
 from reference.logs import save_image_grid
 from reference.studies.digit_data import (
@@ -270,30 +271,31 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
+TABLE_COLUMNS = ("method", "weight", "label accuracy", "KID x1e3", "L1 to ideal", "colour frac", "s/run")
+
+
 def format_table(summary: Sequence[Mapping[str, Any]], references: Mapping[str, Mapping[str, float]]) -> str:
-    """Mean (min-max over seeds) per method; KID x 1e3; the known cases below."""
+    """Mean (min-max over seeds) per method; KID x 1e3; s/run the mean wall seconds of a run; the
+    known cases below, in parentheses (``reference.evaluate.format_table`` lays it out)."""
 
     def spread(score: Mapping[str, float], scale: float = 1.0, digits: int = 3) -> str:
         return (
             f"{score['mean'] * scale:.{digits}f} ({score['min'] * scale:.{digits}f}-{score['max'] * scale:.{digits}f})"
         )
 
-    lines = [
-        f"{'method':<18}{'weight':>7}  {'label accuracy':<21}{'KID x1e3':<20}{'L1 to ideal':<21}"
-        f"{'colour frac':<21}{'s/run':>6}"
-    ]
+    def cells(label: str, weight: str, scores: Sequence[str], seconds: str) -> dict[str, str]:
+        return dict(zip(TABLE_COLUMNS, (label, weight, *scores, seconds)))
+
+    rows = []
     for row in summary:
-        lines.append(
-            f"{row['method']:<18}{row['weight']:>7g}  {spread(row['label_accuracy']):<21}"
-            f"{spread(row['kid'], 1e3, 1):<20}{spread(row['fidelity_l1']):<21}{spread(row['realism']):<21}"
-            f"{row['seconds']['mean']:>6.0f}"
-        )
-    for name, scores in references.items():
-        lines.append(
-            f"{'(' + name + ')':<25}  {scores['label_accuracy']:<21.3f}{scores['kid'] * 1e3:<20.1f}"
-            f"{scores['fidelity_l1']:<21.3f}{scores['realism']:<21.3f}"
-        )
-    return "\n".join(lines)
+        scores = [spread(row["label_accuracy"]), spread(row["kid"], 1e3, 1)]
+        scores += [spread(row["fidelity_l1"]), spread(row["realism"])]
+        rows.append(cells(row["method"], f"{row['weight']:g}", scores, f"{row['seconds']['mean']:.0f}"))
+    for name, known in references.items():
+        scores = [f"{known['label_accuracy']:.3f}", f"{known['kid'] * 1e3:.1f}"]
+        scores += [f"{known['fidelity_l1']:.3f}", f"{known['realism']:.3f}"]
+        rows.append(cells(f"({name})", "", scores, ""))
+    return evaluate_table(rows, TABLE_COLUMNS, right=("weight", "s/run"))
 
 
 def _grid_rows(labels: Tensor, count: int) -> list[int]:
