@@ -671,8 +671,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and args.memory_fraction_gib:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_fraction_gib * 2**30 / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" has none
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_fraction_gib * 2**30 / total), index)
     if args.memory_child is not None:
         print(json.dumps(measure_memory(args, args.memory_child, device)))
         return
