@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import get_args
 
 import numpy as np
 import pytest
 import skimage.data
 import torch
-from conftest import TINY_CLIP_MEAN, TINY_CLIP_STD
+import transformers
+from conftest import TINY_CLIP_CONFIG, TINY_CLIP_MEAN, TINY_CLIP_STD
 from torch import nn
 from transformers import (
+    AutoConfig,
+    AutoModel,
     Dinov2Config,
     Dinov2Model,
     SiglipVisionConfig,
@@ -31,8 +35,9 @@ from transformers.models.siglip.image_processing_pil_siglip import (
 )
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
-from travel_loss import FrozenCLIPEncoder, FrozenEncoder, TravelLoss, travel_loss
-from travel_loss.encoder import CheckpointNotFoundError
+import travel_loss as package
+from travel_loss import FrozenCLIPEncoder, FrozenEncoder, TravelLoss, hub, travel_loss
+from travel_loss.encoder import OPENAI_CLIP_MEAN, CheckpointNotFoundError, Features
 from travel_loss.testing import check_embedder
 
 PHOTOS = ("astronaut", "coffee", "chelsea")  # 512x512, 400x600, 300x451: both orientations
@@ -341,3 +346,70 @@ def test_travel_loss_module_with_an_encoder_takes_images(siglip_dir):
         loss_fn(x[:3], fake[:2])
     with pytest.raises(TypeError, match="encoder: expected None or an nn.Module"):
         TravelLoss(encoder="clip")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------
+# The family table: every row, every model type, through the one loading path
+
+MODEL_TYPES = [(family.name, model_type) for family in hub.FAMILIES.values() for model_type in family.model_types]
+REGISTERS = {"dinov2_with_registers": 4, "dinov3_vit": 2}  # register tokens the "mean" readout skips
+
+
+def _tiny_checkpoint(folder, model_type: str, class_name: str):
+    """A tiny checkpoint whose config.json has ``model_type``: for ``clip`` and ``siglip`` a full
+    image-text model (as the hub's checkpoints are), else saved by the class its row loads."""
+    torch.manual_seed(0)
+    vision = dict(image_size=32, intermediate_size=64, **TINY)
+    if model_type in ("clip", "siglip"):
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+        vision = TINY_CLIP_CONFIG if model_type == "clip" else vision
+        config = AutoConfig.for_model(model_type, text_config=text, vision_config=vision, projection_dim=16)
+        model = AutoModel.from_config(config)
+    else:
+        registers = REGISTERS.get(model_type, 0)
+        config = AutoConfig.for_model(model_type, mlp_ratio=2, num_register_tokens=registers, **vision)
+        model = getattr(transformers, class_name)(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _readout_by_hand(model, readout: str, pixel_values):
+    """The embedding a readout names, computed directly on the transformers model (CLIP and SigLIP
+    wrap their tower as .vision_model); the patch tokens are the last (32 / 8)^2 = 16 tokens."""
+    with torch.no_grad():
+        output = getattr(model, "vision_model", model)(pixel_values=pixel_values)
+        if readout == "pooler":
+            return output.pooler_output
+        if readout == "projection":
+            return model.visual_projection(output.pooler_output)
+        if readout == "first_token":
+            return output.last_hidden_state[:, 0]
+        assert readout == "patch_mean"
+        return output.last_hidden_state[:, -16:].mean(dim=1)
+
+
+@pytest.mark.parametrize("family_name, model_type", MODEL_TYPES)
+def test_every_model_type_of_every_family_loads_through_one_path(tmp_path, family_name, model_type):
+    family = hub.FAMILIES[family_name]
+    class_name = family.model_types[model_type]
+    folder = _tiny_checkpoint(tmp_path, model_type, class_name)
+    checkpoint = hub.find_checkpoint(str(folder), {})
+    assert checkpoint.family is family and checkpoint.model_class == class_name
+    backbone, processor, complete = checkpoint.load()
+    assert type(backbone).__name__ == class_name and processor == {} and complete
+    reference = getattr(transformers, class_name).from_pretrained(folder).eval()
+    x = images(2, 40, 40)
+    for features, readout in family.features.items():
+        encoder = FrozenEncoder(folder, features=features, mean=MEAN, std=STD)
+        assert (encoder.family, encoder.features, encoder.image_size) == (family_name, features, 32)
+        expected = _readout_by_hand(reference, readout, encoder.preprocess(x))
+        torch.testing.assert_close(encoder(x), expected)
+        assert encoder.embedding_dim == expected.shape[1]
+
+
+def test_the_clip_row_is_what_frozen_clip_encoder_takes():
+    assert get_args(Features) == tuple(hub.FAMILIES["clip"].features)
+    assert FrozenCLIPEncoder._only_family is hub.FAMILIES["clip"] and FrozenEncoder._only_family is None
+    # Defined once, in travel_loss.hub; travel_loss and travel_loss.encoder re-export them.
+    assert package.CheckpointNotFoundError is CheckpointNotFoundError is hub.CheckpointNotFoundError
+    assert OPENAI_CLIP_MEAN is hub.OPENAI_CLIP_MEAN

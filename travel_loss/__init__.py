@@ -6,7 +6,9 @@
   :func:`embed_views`): the loss over embeddings averaged across random views shared by x and
   G(x), against a generator that games the frozen encoder; transforms in :mod:`travel_loss.views`.
 - :class:`FrozenCLIPEncoder`: a frozen CLIP image encoder that takes generator images and
-  crops, resizes and normalises them differentiably; :class:`EncoderEnsemble` for several.
+  crops, resizes and normalises them differentiably; :class:`FrozenEncoder` for SigLIP, DINOv2,
+  DINOv3, ViT or any image backbone; :class:`EncoderEnsemble` for several. Missing weights raise
+  :class:`CheckpointNotFoundError`; checkpoints are loaded by :mod:`travel_loss.hub`.
 - :func:`paper_to_mean_lambda` (and its inverse): the paper's summed-loss lambda in this package's
   mean convention; :class:`GradientBalancedLambda`: lambda from the ratio of gradient norms.
 - :class:`TravelConsistency`: the evaluation metric, accumulated batch by batch.
@@ -15,7 +17,8 @@
 - :mod:`travel_loss.testing`: ``check_embedder`` and hypothesis strategies for your own embedders.
 """
 
-from travel_loss.encoder import CheckpointNotFoundError, EncoderEnsemble, FrozenCLIPEncoder, FrozenEncoder
+from travel_loss.encoder import EncoderEnsemble, FrozenCLIPEncoder, FrozenEncoder
+from travel_loss.hub import CheckpointNotFoundError
 from travel_loss.lambdas import GradientBalancedLambda, mean_to_paper_lambda, paper_to_mean_lambda
 from travel_loss.loss import TravelLoss, siamese_margin_loss, travel_loss, travel_loss_over_views
 from travel_loss.metrics import TravelConsistency

@@ -1,13 +1,14 @@
-r"""A frozen CLIP image encoder to put between a generator and :func:`travel_loss`, and an ensemble.
+r"""A frozen image encoder to put between a generator and :func:`travel_loss`, and an ensemble.
 
-The encoder maps a batch of images in the generator's value range to CLIP image embeddings,
+The encoder maps a batch of images in the generator's value range to image embeddings,
 
 .. math::  E(x) = f_\theta\Bigl(\frac{P(x) - lo}{(hi - lo)\,\sigma} - \frac{\mu}{\sigma}\Bigr),
 
 where :math:`P` is a crop and/or resize to the model's ``image_size`` (the *crop policy*),
-``(lo, hi)`` the ``input_range``, :math:`\mu, \sigma` CLIP's per-channel mean and std, and
+``(lo, hi)`` the ``input_range``, :math:`\mu, \sigma` the model's per-channel mean and std, and
 :math:`f_\theta` the frozen vision tower. Every step is a differentiable torch op, so gradients
-reach the images, and no parameter ever requires a gradient.
+reach the images, and no parameter ever requires a gradient. Loading the tower and reading its
+preprocessing settings (CLIP, SigLIP, DINOv2, DINOv3, ViT checkpoints) is :mod:`travel_loss.hub`'s.
 
 Why the weights are not part of a parent's ``state_dict``: a generator that holds the encoder
 would otherwise save (and require on load) the 1.2 GB of ViT-L/14 with every checkpoint. The
@@ -16,30 +17,45 @@ transformers model is kept *outside* the registered-module tree, as a plain attr
 - ``state_dict()``, ``load_state_dict()``, ``parameters()`` and ``apply()`` of a parent never see
   it (an optimizer built from ``generator.parameters()`` cannot touch it; ``init_weights`` cannot
   re-initialise it);
-- ``parent.train()`` cannot switch it out of eval mode (and :meth:`FrozenCLIPEncoder.train`
+- ``parent.train()`` cannot switch it out of eval mode (and :meth:`FrozenEncoder.train`
   keeps the wrapper itself in eval mode);
 - ``parent.to(device)``, ``.cuda()``, ``.half()``, ``.to(dtype)`` still move and cast it, because
-  :meth:`FrozenCLIPEncoder._apply` forwards them.
+  :meth:`FrozenEncoder._apply` forwards them.
 
-The wrapped model stays reachable as :attr:`FrozenCLIPEncoder.model`.
+The wrapped model stays reachable as :attr:`FrozenEncoder.model`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
-import json
 import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from travel_loss.hub import (
+    FAMILIES,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    Checkpoint,
+    CheckpointNotFoundError,
+    Family,
+    ModelSource,
+    ProcessorConfig,
+    ResizeSize,
+    family_of_instance,
+    find_checkpoint,
+    processor_geometry,
+    processor_mean_std,
+    processor_resample,
+    vision_parts,
+)
 
 if TYPE_CHECKING:
     from transformers import CLIPVisionConfig
@@ -54,31 +70,17 @@ __all__ = [
 ]
 
 Crop = Literal["center", "resize", "full"]
+CROPS: tuple[str, ...] = get_args(Crop)
+# CLIP's features (FAMILIES["clip"].features), for FrozenCLIPEncoder's signature.
 Features = Literal["pooled", "projected"]
-
-CROPS: tuple[str, ...] = ("center", "resize", "full")
-FEATURES: tuple[str, ...] = ("pooled", "projected")
-
-# The fallback normalisation for checkpoints without a preprocessor_config.json (OpenAI's CLIP).
-OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 # How far (as a fraction of hi - lo) images may stray outside input_range before it is an error.
 RANGE_TOLERANCE = 0.01
 
-# Keyword arguments of from_pretrained that also locate preprocessor_config.json.
-_HUB_LOOKUP_KEYS = ("cache_dir", "revision", "local_files_only", "token", "subfolder", "proxies")
+# The family of a model that is no transformers backbone: its output is the embedding.
+_PLAIN_MODULE = "module"
 
-# A resize target: an int is the shortest edge (aspect ratio kept), a pair is (height, width).
-ResizeSize = int | tuple[int, int]
-# A checkpoint's preprocessor_config.json, as read by json.load ({} where it has none).
-ProcessorConfig = dict[str, Any]
-# What names a checkpoint: a hub id or a folder.
-ModelSource = str | os.PathLike[str]
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-    """The weights of a CLIP checkpoint are neither in a local folder nor in the local HF cache."""
+_DEVICE_COPIES_LOCK = threading.Lock()
 
 
 class FrozenEncoder(nn.Module):
@@ -136,8 +138,12 @@ class FrozenEncoder(nn.Module):
         >>> encoder = FrozenEncoder(timm_model, mean=IMAGENET_MEAN, std=IMAGENET_STD, image_size=224)
     """
 
-    # Set by _setup: the backbone through object.__setattr__ (a plain attribute, not a registered
-    # submodule), the normalisation as non-persistent buffers.
+    # The one family this class wraps, every model read as one of it (FrozenCLIPEncoder: CLIP);
+    # None: the family comes from the checkpoint's config.json or the instance's config.
+    _only_family: ClassVar[Family | None] = None
+
+    # The backbone, a plain attribute (set through object.__setattr__, not a registered submodule),
+    # and the normalisation, non-persistent buffers.
     _backbone: nn.Module
     _scale: Tensor
     _shift: Tensor
@@ -160,148 +166,107 @@ class FrozenEncoder(nn.Module):
         verbose: bool = False,
         **from_pretrained_kwargs: Any,
     ) -> None:
-        family = _family_of(model, from_pretrained_kwargs, verbose)
-        if family == "clip":
-            if features not in (None, *FEATURES):
+        super().__init__()
+        lo, hi = _check_options(input_range, crop, image_size, mean, std)
+        name, family, checkpoint = self._locate(model, from_pretrained_kwargs, verbose)
+        if family is None:  # a plain module: its output is the embedding
+            features = _check_features(features, (None,), _PLAIN_MODULE)
+            missing = [n for n, v in (("mean", mean), ("std", std), ("image_size", image_size)) if v is None]
+            if missing:
                 raise ValueError(
-                    f"features: expected one of {', '.join(map(repr, FEATURES))} for a CLIP model, got {features!r}"
+                    f"{', '.join(missing)}: required for a plain nn.Module ({name}), which carries no "
+                    "preprocessing config; pass the mean, std and input size the model was trained with, e.g. "
+                    "mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), image_size=224 for ImageNet models"
                 )
-            nn.Module.__init__(self)
-            self._init_clip(
-                model, input_range=input_range, crop=crop, features=features or "pooled", image_size=image_size,
-                mean=mean, std=std, check_range=check_range, verbose=verbose,
-                from_pretrained_kwargs=from_pretrained_kwargs,
+            assert isinstance(model, nn.Module) and image_size is not None
+            self._store(
+                backbone=model, tower=model, projection=None, name=name, family=_PLAIN_MODULE, features=features,
+                readout="output", input_range=(lo, hi), crop=crop, size=image_size, resize_size=image_size,
+                resample=processor_resample({}, None), interpolate=False, mean=_per_channel("mean", mean),
+                std=_per_channel("std", std), check_range=check_range, embedding_dim=None, patch_start=1,
             )  # fmt: skip
             return
-        super().__init__()
-        allowed = FAMILY_FEATURES[family]
-        if features is None:
-            features = allowed[0]
-        if features not in allowed:
-            raise ValueError(
-                f"features: expected one of {', '.join(map(repr, allowed))} for a {family} model, got {features!r}"
-            )
-        lo, hi = _check_options(input_range, crop, "pooled", image_size, mean, std)
+
+        # The message names the family, unless the class wraps that one family only (FrozenCLIPEncoder).
+        features = _check_features(features, tuple(family.features), None if self._only_family else family.label)
+        assert features is not None
+        readout = family.features[features]
         processor: ProcessorConfig = {}
-        config: Any
+        if checkpoint is None:
+            assert isinstance(model, nn.Module)
+            backbone, has_projection = model, True
+            if not family.mean_std_optional and (mean is None or std is None):
+                missing_names = ", ".join(n for n, v in (("mean", mean), ("std", std)) if v is None)
+                raise ValueError(
+                    f"{missing_names}: required for a {family.name} model instance, which carries no "
+                    "preprocessor_config.json; pass the image_mean / image_std of its checkpoint's processor, "
+                    "or pass the checkpoint's hub id or folder instead of the instance"
+                )
+        else:
+            backbone, processor, has_projection = checkpoint.load()
+        tower, projection, config = vision_parts(backbone, family)
+        if readout != "projection" or not has_projection:
+            projection = None
+        if readout == "projection" and projection is None:
+            raise ValueError(
+                f"features: 'projected' needs a visual projection, and {name!r} has none (a "
+                "CLIPVisionModel checkpoint); use features='pooled' or a "
+                "CLIPVisionModelWithProjection"
+            )
+        if checkpoint is not None and not family.mean_std_optional and (mean is None or std is None) and not processor:
+            raise ValueError(
+                f"mean, std: {name!r} has no preprocessor_config.json to read them from; pass the mean and std "
+                "the model was trained with"
+            )
+        native_size = int(config.image_size)
+        size, resize_size = processor_geometry(processor, family, native_size, image_size)
+        patch_size = getattr(config, "patch_size", None)
+        if patch_size and size % patch_size:
+            raise ValueError(
+                f"image_size: expected a multiple of the patch size {patch_size}, got {size} (the pixels of a "
+                "partial patch would be ignored)"
+            )
+        processor_mean, processor_std = processor_mean_std(processor)
+        self._store(
+            backbone=backbone, tower=tower, projection=projection, name=name, family=family.name,
+            features=features, readout=readout, input_range=(lo, hi), crop=crop, size=size,
+            resize_size=resize_size, resample=processor_resample(processor, family),
+            interpolate=size != native_size and family.takes_interpolate_pos_encoding,
+            mean=_per_channel("mean", mean if mean is not None else processor_mean),
+            std=_per_channel("std", std if std is not None else processor_std), check_range=check_range,
+            embedding_dim=int(config.hidden_size) if projection is None else projection.out_features,
+            patch_start=1 + int(getattr(config, "num_register_tokens", 0) or 0) if family.cls_token else 0,
+        )  # fmt: skip
+
+    def _locate(
+        self, model: ModelSource | nn.Module, from_pretrained_kwargs: dict[str, Any], verbose: bool
+    ) -> tuple[str, Family | None, Checkpoint | None]:
+        """(the model's name, its family or None for a plain module, its checkpoint or None for an
+        instance); reads the checkpoint's config.json unless the class wraps one family only."""
+        only = self._only_family
         if isinstance(model, nn.Module):
             if from_pretrained_kwargs:
                 raise ValueError(
                     "from_pretrained_kwargs: only used when loading a checkpoint by id or path, got "
                     f"{sorted(from_pretrained_kwargs)} together with a model instance"
                 )
-            backbone, name = model, type(model).__name__
-            if family == "module":
-                missing = [n for n, v in (("mean", mean), ("std", std), ("image_size", image_size)) if v is None]
-                if missing:
-                    raise ValueError(
-                        f"{', '.join(missing)}: required for a plain nn.Module ({name}), which carries no "
-                        "preprocessing config; pass the mean, std and input size the model was trained with, e.g. "
-                        "mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), image_size=224 for ImageNet models"
-                    )
-                tower, config = model, None
-            else:
-                missing = [n for n, v in (("mean", mean), ("std", std)) if v is None]
-                if missing:
-                    raise ValueError(
-                        f"{', '.join(missing)}: required for a {family} model instance, which carries no "
-                        "preprocessor_config.json; pass the image_mean / image_std of its checkpoint's processor, "
-                        "or pass the checkpoint's hub id or folder instead of the instance"
-                    )
-                tower, config = _family_tower(backbone, family)
-        else:
+            return type(model).__name__, only or family_of_instance(model), None
+        if isinstance(model, (str, os.PathLike)):
             name = os.fspath(model)
-            backbone, processor = _load_family(name, family, dict(from_pretrained_kwargs), verbose)
-            tower, config = _family_tower(backbone, family)
-            if (mean is None or std is None) and not processor:
-                raise ValueError(
-                    f"mean, std: {name!r} has no preprocessor_config.json to read them from; pass the mean and std "
-                    "the model was trained with"
-                )
-        size: int
-        resize_size: ResizeSize
-        embedding_dim: int | None
-        if config is not None:
-            native_size = int(config.image_size)
-            size, resize_size = _geometry(processor, native_size, image_size, family in ("vit", "siglip"))
-            patch_size = getattr(config, "patch_size", None)
-            if patch_size and size % patch_size:
-                raise ValueError(
-                    f"image_size: expected a multiple of the patch size {patch_size}, got {size} (the pixels of a "
-                    "partial patch would be ignored)"
-                )
-            embedding_dim = int(config.hidden_size)
-            interpolate = size != native_size and family in ("siglip", "vit")
-        else:  # a plain module, whose image_size was checked above
-            assert image_size is not None
-            size, resize_size = image_size, image_size
-            embedding_dim, interpolate = None, False
-        self._setup(
-            backbone=backbone, tower=tower, projection=None, name=name, family=family, features=features,
-            input_range=(lo, hi), crop=crop, size=size, resize_size=resize_size, interpolate=interpolate,
-            mean=_per_channel("mean", mean if mean is not None else _processor_mean(processor)),
-            std=_per_channel("std", std if std is not None else _processor_std(processor)),
-            check_range=check_range, embedding_dim=embedding_dim, resample=_processor_resample(processor),
-            patch_start=1 + int(getattr(config, "num_register_tokens", 0) or 0) if config is not None else 1,
-        )  # fmt: skip
+            checkpoint = find_checkpoint(
+                name, from_pretrained_kwargs, family=only, caller=type(self).__name__, verbose=verbose
+            )
+            return name, checkpoint.family, checkpoint
+        accepted = f"a transformers {only.label} model" if only else "an nn.Module"
+        raise TypeError(f"model: expected a hub id, a folder path or {accepted}, got {type(model).__name__}")
 
-    def _init_clip(
-        self, model: ModelSource | nn.Module, *, input_range: tuple[float, float], crop: str, features: str,
-        image_size: int | None, mean: float | Sequence[float] | None, std: float | Sequence[float] | None,
-        check_range: bool, verbose: bool, from_pretrained_kwargs: dict[str, Any],
-    ) -> None:  # fmt: skip
-        """Load or wrap a CLIP model and set up the encoder (FrozenCLIPEncoder, and FrozenEncoder for CLIP)."""
-        lo, hi = _check_options(input_range, crop, features, image_size, mean, std)
-        processor: ProcessorConfig = {}
-        if isinstance(model, nn.Module):
-            if from_pretrained_kwargs:
-                raise ValueError(
-                    "from_pretrained_kwargs: only used when loading a checkpoint by id or path, "
-                    f"got {sorted(from_pretrained_kwargs)} together with a model instance"
-                )
-            clip, name, has_projection = model, type(model).__name__, True
-        elif isinstance(model, (str, os.PathLike)):
-            name = os.fspath(model)
-            clip, processor, has_projection = _load_checkpoint(name, dict(from_pretrained_kwargs), verbose)
-        else:
-            raise TypeError(
-                f"model: expected a hub id, a folder path or a transformers CLIP model, got {type(model).__name__}"
-            )
-        tower, projection, vision_config = _vision_parts(clip)
-        if not has_projection:
-            projection = None
-        if features != "projected":
-            projection = None
-        elif projection is None:
-            raise ValueError(
-                f"features: 'projected' needs a visual projection, and {name!r} has none (a "
-                "CLIPVisionModel checkpoint); use features='pooled' or a "
-                "CLIPVisionModelWithProjection"
-            )
-        native_size = int(vision_config.image_size)
-        size, resize_size = _geometry(processor, native_size, image_size)
-        patch_size = getattr(vision_config, "patch_size", None)
-        if patch_size and size % patch_size:
-            raise ValueError(
-                f"image_size: expected a multiple of the patch size {patch_size}, got {size} (the "
-                "pixels of a partial patch would be ignored)"
-            )
-        self._setup(
-            backbone=clip, tower=tower, projection=projection, name=name, family="clip", features=features,
-            input_range=(lo, hi), crop=crop, size=size, resize_size=resize_size, interpolate=size != native_size,
-            mean=_per_channel("mean", mean if mean is not None else _processor_mean(processor)),
-            std=_per_channel("std", std if std is not None else _processor_std(processor)),
-            check_range=check_range,
-            embedding_dim=int(vision_config.hidden_size) if projection is None else projection.out_features,
-        )  # fmt: skip
-
-    def _setup(
+    def _store(
         self, *, backbone: nn.Module, tower: nn.Module, projection: nn.Module | None, name: str, family: str,
-        features: str, input_range: tuple[float, float], crop: str, size: int, resize_size: ResizeSize,
-        interpolate: bool, mean: tuple[float, float, float], std: tuple[float, float, float], check_range: bool,
-        embedding_dim: int | None, resample: str = "bicubic", patch_start: int = 1,
+        features: str | None, readout: str, input_range: tuple[float, float], crop: str, size: int,
+        resize_size: ResizeSize, resample: str, interpolate: bool, mean: tuple[float, float, float],
+        std: tuple[float, float, float], check_range: bool, embedding_dim: int | None, patch_start: int,
     ) -> None:  # fmt: skip
-        """Freeze the backbone and store everything forward needs (shared by every family)."""
+        """Freeze the backbone and store everything forward needs."""
         backbone.eval()
         backbone.requires_grad_(False)
         # Plain attributes, not registered submodules: see the module docstring.
@@ -315,6 +280,7 @@ class FrozenEncoder(nn.Module):
         self._input_range = input_range
         self._crop = crop
         self._features = features
+        self._readout = readout
         self._image_size = size
         self._resize_size = resize_size
         self._resample = resample
@@ -366,7 +332,8 @@ class FrozenEncoder(nn.Module):
 
     @property
     def features(self) -> str:
-        return self._features
+        """The output used as the embedding (``None`` for a plain module)."""
+        return self._features  # type: ignore[return-value]  # None only for a plain module
 
     @property
     def mean(self) -> tuple[float, float, float]:
@@ -411,19 +378,18 @@ class FrozenEncoder(nn.Module):
         pixel_values = pixel_values.to(_weight_dtype(backbone))
         tower = backbone.get_submodule(self._tower_path)
         embeddings: Tensor
-        if self._family == "module":
+        if self._readout == "output":  # a plain module
             embeddings = tower(pixel_values).flatten(1)
             return embeddings
         extra = {"interpolate_pos_encoding": True} if self._interpolate_pos_encoding else {}
         output = tower(pixel_values=pixel_values, **extra)
-        if self._features == "mean":
-            start = self._patch_start if self._family in ("vit", "dinov2", "dinov3") else 0
-            embeddings = output.last_hidden_state[:, start:].mean(dim=1)
-        elif self._family == "vit":
+        if self._readout == "patch_mean":  # (N, T, D) tokens -> mean over the patch tokens
+            embeddings = output.last_hidden_state[:, self._patch_start :].mean(dim=1)
+        elif self._readout == "first_token":
             embeddings = output.last_hidden_state[:, 0]
-        elif self._projection_path is None:
+        elif self._projection_path is None:  # "pooler"
             embeddings = output.pooler_output
-        else:
+        else:  # "projection"
             embeddings = backbone.get_submodule(self._projection_path)(output.pooler_output)
         return embeddings
 
@@ -512,6 +478,9 @@ class FrozenEncoder(nn.Module):
 class FrozenCLIPEncoder(FrozenEncoder):
     r"""Frozen CLIP image encoder: (N, 3, H, W) images in ``input_range`` -> (N, D) embeddings.
 
+    A :class:`FrozenEncoder` that reads every model as CLIP (the CLIP row of
+    :data:`travel_loss.hub.FAMILIES`, without looking up the model type), with CLIP's defaults.
+
     Args:
         model: a hub id (loaded from the local Hugging Face cache, or downloaded unless offline),
             a local folder written by ``save_pretrained``, or an already built transformers CLIP
@@ -565,6 +534,8 @@ class FrozenCLIPEncoder(FrozenEncoder):
         >>> loss = adversarial + lam * travel_loss(emb_src, encoder(generator(x)))
     """
 
+    _only_family = FAMILIES["clip"]  # every model is read as a CLIP model
+
     def __init__(
         self,
         model: ModelSource | nn.Module = "openai/clip-vit-large-patch14",
@@ -579,10 +550,9 @@ class FrozenCLIPEncoder(FrozenEncoder):
         verbose: bool = False,
         **from_pretrained_kwargs: Any,
     ) -> None:
-        nn.Module.__init__(self)
-        self._init_clip(
-            model, input_range=input_range, crop=crop, features=features, image_size=image_size, mean=mean,
-            std=std, check_range=check_range, verbose=verbose, from_pretrained_kwargs=from_pretrained_kwargs,
+        super().__init__(
+            model, input_range=input_range, crop=crop, features=features, mean=mean, std=std, image_size=image_size,
+            check_range=check_range, verbose=verbose, **from_pretrained_kwargs,
         )  # fmt: skip
 
     @classmethod
@@ -614,11 +584,11 @@ class FrozenCLIPEncoder(FrozenEncoder):
         _check_options(
             options.get("input_range", (-1.0, 1.0)),
             options.get("crop", "center"),
-            options.get("features", "pooled"),
             options.get("image_size"),
             options.get("mean"),
             options.get("std"),
         )
+        _check_features(options.get("features", "pooled"), tuple(FAMILIES["clip"].features), None)
         if isinstance(vision_config, dict):
             vision_config = CLIPVisionConfig(**vision_config)
         vision_config = getattr(vision_config, "vision_config", vision_config)
@@ -713,396 +683,15 @@ def _resized_shape(height: int, width: int, resize_size: ResizeSize) -> tuple[in
     return resize_size, int(resize_size * width / height)
 
 
-def _geometry(
-    processor: ProcessorConfig, native_size: int, image_size: int | None, int_size_is_square: bool = False
-) -> tuple[int, ResizeSize]:
-    """(image_size, resize size) from an explicit size, the processor config, or the model.
-
-    A legacy int ``size`` is the shortest edge for CLIP's and DINOv2's (Bit) processors and a
-    square (s, s) for ViT's and SigLIP's (``int_size_is_square``), as transformers reads them."""
-    if image_size is not None:
-        return image_size, image_size
-    resize_size = _processor_size("size", processor.get("size"))
-    if int_size_is_square and isinstance(resize_size, int):
-        resize_size = (resize_size, resize_size)
-    crop_entry = None
-    if processor.get("do_center_crop", True):
-        crop_entry = _processor_size("crop_size", processor.get("crop_size"))
-    crop_size: int
-    if isinstance(crop_entry, tuple):
-        if crop_entry[0] != crop_entry[1]:
-            raise ValueError(f"preprocessor_config.json: expected a square crop_size, got {crop_entry}")
-        crop_size = crop_entry[0]
-    elif crop_entry is not None:
-        crop_size = crop_entry
-    elif isinstance(resize_size, tuple) and resize_size[0] == resize_size[1]:
-        crop_size = resize_size[0]
-    else:
-        crop_size = native_size
-    if resize_size is None:
-        resize_size = crop_size
-    too_small = resize_size < crop_size if isinstance(resize_size, int) else min(resize_size) < crop_size
-    if too_small:
-        raise ValueError(f"preprocessor_config.json: size {resize_size} is smaller than crop_size {crop_size}")
-    return crop_size, resize_size
-
-
-def _processor_size(key: str, value: Any) -> ResizeSize | None:
-    """A processor size entry: legacy int, {"shortest_edge": s} or {"height": h, "width": w}."""
-    if value is None:
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, dict):
-        if value.get("shortest_edge") is not None:
-            return int(value["shortest_edge"])
-        if value.get("height") is not None and value.get("width") is not None:
-            return int(value["height"]), int(value["width"])
-    raise ValueError(
-        f"preprocessor_config.json: {key}: expected an int, {{'shortest_edge': s}} or "
-        f"{{'height': h, 'width': w}}, got {value!r}"
-    )
-
-
-def _processor_mean(processor: ProcessorConfig) -> Sequence[float]:
-    if processor.get("do_normalize", True) is False:
-        return (0.0, 0.0, 0.0)
-    return processor.get("image_mean") or OPENAI_CLIP_MEAN
-
-
-def _processor_std(processor: ProcessorConfig) -> Sequence[float]:
-    if processor.get("do_normalize", True) is False:
-        return (1.0, 1.0, 1.0)
-    return processor.get("image_std") or OPENAI_CLIP_STD
-
-
-# --------------------------------------------------------------------------------------------
-# loading
-
-
-_OPTION_NAMES = frozenset({"input_range", "crop", "features", "image_size", "mean", "std", "check_range"})
-
-
-def _load_checkpoint(
-    name: str, kwargs: dict[str, Any], verbose: bool = False
-) -> tuple[nn.Module, ProcessorConfig, bool]:
-    """(CLIPVisionModelWithProjection, its preprocessor config or {}, whether the checkpoint
-    holds a visual projection) from a folder or a hub id."""
-    from transformers import CLIPVisionModelWithProjection
-    from transformers.utils import logging as hf_logging
-
-    if kwargs.pop("trust_remote_code", False):
-        raise ValueError(
-            "trust_remote_code: FrozenCLIPEncoder never runs code shipped with a checkpoint; "
-            "load the model yourself and pass the instance"
-        )
-    kwargs.pop("output_loading_info", None)
-    if getattr(CLIPVisionModelWithProjection, "_supports_sdpa", False):
-        kwargs.setdefault("attn_implementation", "sdpa")
-    folder = os.path.expanduser(name)
-    source = folder if os.path.isdir(folder) else name
-    # transformers' own load report lists every text-tower key of a full CLIP checkpoint as
-    # unexpected; missing keys, the ones that matter, are checked below instead.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    model: nn.Module
-    info: dict[str, list[str]]
-    try:
-        with _quiet(verbose):
-            # With output_loading_info=True it returns (model, info); the stub knows only the model.
-            model, info = CLIPVisionModelWithProjection.from_pretrained(  # type: ignore[misc]
-                source, output_loading_info=True, **kwargs
-            )
-    except OSError as error:
-        raise CheckpointNotFoundError(_not_found_message(name, source, kwargs, error)) from None
-    except Exception as error:
-        raise _damaged_weights_error(name, source, error) from error
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    missing = sorted(info["missing_keys"])
-    tower_missing = [key for key in missing if not key.startswith("visual_projection")]
-    if tower_missing:
-        raise ValueError(
-            f"model: {name!r} is not a CLIP vision checkpoint: it has no weights for "
-            f"{len(tower_missing)} vision-tower tensors, e.g. {tower_missing[:3]}"
-        )
-    # Only the projection missing: a CLIPVisionModel checkpoint, whose projection is random.
-    return model, _read_processor_config(source, kwargs), not missing
-
-
-def _read_processor_config(source: str, kwargs: dict[str, Any]) -> ProcessorConfig:
-    """The checkpoint's preprocessor_config.json as a dict, {} where it has none.
-
-    Resolved like the weights (folder, or HF cache honouring ``HF_HUB_OFFLINE`` and
-    ``local_files_only``, downloading only when online)."""
-    from transformers.utils.hub import cached_file
-
-    lookup = {key: kwargs[key] for key in _HUB_LOOKUP_KEYS if key in kwargs}
-    try:
-        path = cached_file(
-            source,
-            "preprocessor_config.json",
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **lookup,
-        )
-    except OSError:
-        return {}
-    if path is None:
-        return {}
-    try:
-        with open(path, encoding="utf-8") as file:
-            config: ProcessorConfig = json.load(file)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"model: {path} is damaged: not a JSON preprocessor config ({error})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"model: {path} is damaged: expected a JSON object, got {type(config).__name__}")
-    return config
-
-
-def _damaged_weights_error(name: str, source: str, error: Exception) -> Exception:
-    """A weights file that exists but does not load (truncated, overwritten): one line naming it.
-
-    Errors that are not about a file (a bug, a wrong argument) are returned unchanged."""
-    from_safetensors = type(error).__module__.split(".")[0] == "safetensors"
-    if not from_safetensors and not isinstance(error, (EOFError, RuntimeError)):
-        return error
-    files = sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin"))
-    where = ", ".join(str(f) for f in files) if files else f"the weights of {name!r}"
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    return ValueError(f"model: {where} is damaged and cannot be loaded ({type(error).__name__}: {reason})")
-
-
-def _not_found_message(name: str, source: str, kwargs: dict[str, Any], error: OSError, kind: str = "CLIP") -> str:
-    kind = f"{kind} " if kind else ""
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    if os.path.isdir(source):
-        return (
-            f"model: no {kind}checkpoint in the folder {source!r} (expected config.json and "
-            "model.safetensors, as written by save_pretrained); pass the folder of a saved "
-            f"checkpoint or a hub id. ({reason})"
-        )
-    from huggingface_hub import constants
-
-    if _looks_like_path(name):
-        return (
-            f"model: {kind}weights not found locally: there is no folder {name!r}. To fix: pass "
-            "an existing folder written by save_pretrained, or a hub id whose weights are in "
-            "the local Hugging Face cache (download them once with network access, or set "
-            "HF_HOME to the directory whose cache holds them)."
-        )
-    offline = bool(constants.HF_HUB_OFFLINE or kwargs.get("local_files_only"))
-    cache = os.fspath(kwargs.get("cache_dir") or constants.HF_HUB_CACHE)
-    why = (
-        "offline mode (HF_HUB_OFFLINE or local_files_only) allows no download"
-        if offline
-        else f"the download failed: {reason}"
-    )
-    return (
-        f"model: {kind}weights {name!r} were not found locally (not a folder, and not in the "
-        f"Hugging Face cache {cache!r}); {why}. To fix: download them once with network "
-        f"access (`hf download {name}`), or pass the path of a local folder holding the "
-        "checkpoint, or set HF_HOME to the directory whose cache holds them."
-    )
-
-
-def _looks_like_path(name: str) -> bool:
-    """A hub id is 'name' or 'namespace/name'; anything else can only be meant as a folder."""
-    return (
-        os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
-    )
-
-
-def _vision_parts(clip: nn.Module) -> tuple[nn.Module, nn.Linear | None, Any]:
-    """(vision tower returning ``pooler_output``, visual projection or None, vision config)."""
-    config = getattr(clip, "config", None)
-    config = getattr(config, "vision_config", config)
-    if config is None or getattr(config, "image_size", None) is None:
-        raise TypeError(f"model: expected a transformers CLIP model with a vision config, got {type(clip).__name__}")
-    # transformers 4: every CLIP class holds a CLIPVisionTransformer as .vision_model;
-    # transformers 5: CLIPVisionModel is the tower itself.
-    tower = getattr(clip, "vision_model", None)
-    if tower is None:
-        tower = clip
-    projection = getattr(clip, "visual_projection", None)
-    return tower, projection, config
-
-
-# --------------------------------------------------------------------------------------------
-# families
-
-
-# The features each family offers, the default first.
-FAMILY_FEATURES: dict[str, tuple[str, ...]] = {
-    "clip": FEATURES,
-    "siglip": ("pooled", "mean"),
-    "dinov2": ("cls", "mean"),
-    "dinov3": ("cls", "mean"),
-    "vit": ("cls", "mean"),
-    "module": (None,),  # type: ignore[dict-item]
-}
-# config.json model_type -> (family, transformers class that loads the vision backbone).
-_MODEL_TYPES: dict[str, tuple[str, str]] = {
-    "clip": ("clip", "CLIPVisionModelWithProjection"),
-    "clip_vision_model": ("clip", "CLIPVisionModelWithProjection"),
-    "siglip": ("siglip", "SiglipVisionModel"),
-    "siglip_vision_model": ("siglip", "SiglipVisionModel"),
-    "dinov2": ("dinov2", "Dinov2Model"),
-    "dinov2_with_registers": ("dinov2", "Dinov2WithRegistersModel"),
-    "dinov3_vit": ("dinov3", "DINOv3ViTModel"),
-    "vit": ("vit", "ViTModel"),
-}
-# PIL resampling codes of preprocessor_config.json -> torch interpolation modes.
-_RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
-
-_DEVICE_COPIES_LOCK = threading.Lock()
-
-
-def _model_type_family(model_type: str | None, where: str) -> str:
-    if model_type == "siglip2":
-        raise ValueError(
-            f"model: {where} is a NaFlex SigLIP 2 model (model_type 'siglip2'), which takes variable-length "
-            "patch sequences, not fixed-size images; use a fixed-resolution SigLIP 2 checkpoint (model_type "
-            "'siglip', e.g. google/siglip2-base-patch16-224)"
-        )
-    if model_type not in _MODEL_TYPES:
-        raise ValueError(
-            f"model: {where} has model_type {model_type!r}; supported: {', '.join(sorted(_MODEL_TYPES))}. For "
-            "another backbone, pass an nn.Module returning (N, D) features with explicit mean, std and image_size"
-        )
-    return _MODEL_TYPES[model_type][0]
-
-
-def _family_of(model: Any, kwargs: dict[str, Any], verbose: bool) -> str:
-    """The family of a checkpoint (from its config.json) or of a model instance."""
-    if isinstance(model, nn.Module):
-        config = getattr(model, "config", None)
-        model_type = getattr(config, "model_type", None)
-        if model_type is None and not hasattr(config, "vision_config"):
-            return "module"
-        return _model_type_family(model_type, type(model).__name__)
-    if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"model: expected a hub id, a folder path or an nn.Module, got {type(model).__name__}")
-    if kwargs.get("trust_remote_code"):
-        raise ValueError(
-            "trust_remote_code: FrozenEncoder never runs code shipped with a checkpoint; load the model "
-            "yourself and pass the instance"
-        )
-    from transformers import AutoConfig
-
-    name = os.fspath(model)
-    folder = os.path.expanduser(name)
-    source = folder if os.path.isdir(folder) else name
-    lookup = {key: kwargs[key] for key in _HUB_LOOKUP_KEYS if key in kwargs}
-    try:
-        with _quiet(verbose):
-            config = AutoConfig.from_pretrained(source, **lookup)
-    except OSError as error:
-        raise CheckpointNotFoundError(_not_found_message(name, source, kwargs, error, kind="")) from None
-    return _model_type_family(getattr(config, "model_type", None), repr(name))
-
-
-def _load_family(name: str, family: str, kwargs: dict[str, Any], verbose: bool) -> tuple[nn.Module, ProcessorConfig]:
-    """(vision backbone, preprocessor config or {}) of a non-CLIP checkpoint."""
-    import transformers
-    from transformers import AutoConfig
-
-    kwargs.pop("output_loading_info", None)
-    folder = os.path.expanduser(name)
-    source = folder if os.path.isdir(folder) else name
-    lookup = {key: kwargs[key] for key in _HUB_LOOKUP_KEYS if key in kwargs}
-    with _quiet(verbose):
-        model_type = AutoConfig.from_pretrained(source, **lookup).model_type
-    model_class = getattr(transformers, _MODEL_TYPES[model_type][1])
-    if getattr(model_class, "_supports_sdpa", False):
-        kwargs.setdefault("attn_implementation", "sdpa")
-    if family == "vit":
-        kwargs.setdefault("add_pooling_layer", False)  # the CLS token is the embedding, not the pooler
-    try:
-        with _quiet(verbose):
-            model, info = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
-    except OSError as error:
-        raise CheckpointNotFoundError(_not_found_message(name, source, kwargs, error, kind="")) from None
-    except Exception as error:
-        raise _damaged_weights_error(name, source, error) from error
-    missing = sorted(info["missing_keys"])
-    if missing:
-        raise ValueError(
-            f"model: {name!r} is not a complete {family} vision checkpoint: it has no weights for "
-            f"{len(missing)} tensors, e.g. {missing[:3]}"
-        )
-    return model, _read_processor_config(source, kwargs)
-
-
-def _family_tower(model: nn.Module, family: str) -> tuple[nn.Module, Any]:
-    """(the module called with pixel_values, its vision config) of a transformers backbone."""
-    config = getattr(model, "config", None)
-    config = getattr(config, "vision_config", None) or config
-    if config is None or getattr(config, "image_size", None) is None:
-        raise TypeError(
-            f"model: expected a transformers {family} model with a vision config, got {type(model).__name__}"
-        )
-    tower = getattr(model, "vision_model", None) if family == "siglip" else None
-    return (tower if tower is not None else model), config
-
-
-def _processor_resample(processor: ProcessorConfig) -> str:
-    return _RESAMPLE_MODES.get(processor.get("resample", 3), "bicubic")
-
-
-def _submodule_path(root: nn.Module, module: nn.Module) -> str:
-    """The name of ``module`` inside ``root`` ("" for root itself), for get_submodule on copies."""
-    for name, candidate in root.named_modules(remove_duplicate=False):
-        if candidate is module:
-            return str(name)  # named_modules is unannotated in torch
-    raise ValueError(f"model: {type(module).__name__} is not a submodule of {type(root).__name__}")
-
-
-def _weight_dtype(module: nn.Module) -> torch.dtype:
-    for tensor in module.parameters():
-        return tensor.dtype
-    return torch.get_default_dtype()
-
-
-def _weight_device(module: nn.Module) -> torch.device | None:
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        return tensor.device
-    return None
-
-
-@contextlib.contextmanager
-def _quiet(verbose: bool) -> Iterator[None]:
-    """Silence transformers' logging and progress bars (and huggingface_hub's) unless verbose;
-    the previous settings are restored on exit."""
-    if verbose:
-        yield
-        return
-    from huggingface_hub.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hub_bars = are_progress_bars_disabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    disable_progress_bars()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-        if not hub_bars:
-            enable_progress_bars()
-
-
 # --------------------------------------------------------------------------------------------
 # validation
 
+# The keyword options FrozenCLIPEncoder.from_config passes on.
+_OPTION_NAMES = frozenset({"input_range", "crop", "features", "image_size", "mean", "std", "check_range"})
 
-def _check_options(
-    input_range: Any, crop: Any, features: Any, image_size: Any, mean: Any, std: Any
-) -> tuple[float, float]:
+
+def _check_options(input_range: Any, crop: Any, image_size: Any, mean: Any, std: Any) -> tuple[float, float]:
+    """Validate the options every family shares; ``(lo, hi)`` as floats."""
     if (
         not isinstance(input_range, (tuple, list))
         or len(input_range) != 2
@@ -1114,8 +703,6 @@ def _check_options(
         )
     if crop not in CROPS:
         raise ValueError(f"crop: expected one of {', '.join(map(repr, CROPS))}, got {crop!r}")
-    if features not in FEATURES:
-        raise ValueError(f"features: expected one of {', '.join(map(repr, FEATURES))}, got {features!r}")
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size: expected a positive int or None, got {image_size!r}")
     if mean is not None:
@@ -1123,6 +710,17 @@ def _check_options(
     if std is not None:
         _per_channel("std", std)
     return float(input_range[0]), float(input_range[1])
+
+
+def _check_features(features: Any, allowed: tuple[str | None, ...], family: str | None) -> str | None:
+    """``features``, or the family's default (the first allowed) for None; ``family`` names the
+    family in the message (None where the encoder class wraps one family only)."""
+    if features is None:
+        return allowed[0]
+    if features not in allowed:
+        for_family = f" for a {family} model" if family else ""
+        raise ValueError(f"features: expected one of {', '.join(map(repr, allowed))}{for_family}, got {features!r}")
+    return str(features)
 
 
 def _per_channel(name: str, value: Any) -> tuple[float, float, float]:
@@ -1160,3 +758,27 @@ def _check_range(images: Tensor, input_range: tuple[float, float]) -> None:
         f"images: expected values in input_range=({lo:g}, {hi:g}), got min {smallest:.4g} and "
         f"max {largest:.4g}{hint}; 8-bit images need images.float() / 255"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# the unregistered backbone
+
+
+def _submodule_path(root: nn.Module, module: nn.Module) -> str:
+    """The name of ``module`` inside ``root`` ("" for root itself), for get_submodule on copies."""
+    for name, candidate in root.named_modules(remove_duplicate=False):
+        if candidate is module:
+            return str(name)  # named_modules is unannotated in torch
+    raise ValueError(f"model: {type(module).__name__} is not a submodule of {type(root).__name__}")
+
+
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    for tensor in module.parameters():
+        return tensor.dtype
+    return torch.get_default_dtype()
+
+
+def _weight_device(module: nn.Module) -> torch.device | None:
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return None
