@@ -8,7 +8,7 @@ field (``--g-width`` -> ``g_width``) and uses the comment after a field as the f
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ __all__ = [
     "TRAVEL_OBJECTIVES",
     "TrainConfig",
     "check_config",
+    "command_line_flags",
 ]
 
 PAPER_ENCODER = "openai/clip-vit-large-patch14"
@@ -273,3 +274,16 @@ def check_config(config: TrainConfig) -> None:
     fraction = config.max_unreadable_fraction
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
         fail("max_unreadable_fraction", "a number in [0, 1]")
+
+
+def command_line_flags(fields: Mapping[str, Any]) -> list[str]:
+    """``reference/train.py``'s flags for TrainConfig field values: ``--name VALUE`` (floats
+    written exactly), ``--name`` / ``--no-name`` for True / False; None is left out."""
+    flags: list[str] = []
+    for name, value in fields.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags

@@ -52,7 +52,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from reference.data import ImageFolder
 from reference.outputs import check_output_file, error_line
-from travel_loss import travel_loss
+from reference.translate import translate_images as translate_one_batch
 from travel_loss.metrics import TravelConsistency
 
 __all__ = [
@@ -305,20 +305,20 @@ def translate_images(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """G(x) for all images, in eval mode and under ``torch.no_grad()``, as (N, 3, H, W) float32 on the CPU.
+    """G(x) for all images, in eval mode and without gradients, as (N, 3, H, W) float32 on the CPU.
 
-    The generator's train/eval mode is restored afterwards.
+    Batch by batch through :func:`reference.translate.translate_images` (any H, W); the
+    generator's train/eval mode is restored afterwards.
     """
     _check_batch_size(batch_size)
     device = _module_device(generator) if device is None else torch.device(device)
     was_training = generator.training
     generator.eval()
     try:
-        with torch.no_grad():
-            outputs = [
-                generator(batch.to(device)).float().cpu()
-                for batch in _batches(images, batch_size, progress, "translating")
-            ]
+        outputs = [
+            translate_one_batch(generator, batch.to(device)).float().cpu()
+            for batch in _batches(images, batch_size, progress, "translating")
+        ]
     finally:
         generator.train(was_training)
     if not outputs:
@@ -353,6 +353,10 @@ def travel_consistency(
             f"sources, translations: expected one translation per source, got {first_src.shape[0]} "
             f"sources and {first_gen.shape[0]} translations"
         )
+    return _travel_consistency_of(emb_src, emb_gen)
+
+
+def _travel_consistency_of(emb_src: Tensor | tuple[Tensor, ...], emb_gen: Tensor | tuple[Tensor, ...]) -> float:
     metric = TravelConsistency(sync=False)
     metric.update(emb_src, emb_gen)
     return float(metric.compute())
@@ -537,7 +541,7 @@ def _encoder_metrics(
     }
     if sources is not None:
         emb_src = embed_images(encoder, sources, batch_size=batch_size, device=device)
-        metrics["travel_consistency"] = 1.0 - float(travel_loss(emb_src, emb_fake, distance="cosine", reduction="mean"))
+        metrics["travel_consistency"] = _travel_consistency_of(emb_src, emb_fake)
     return metrics
 
 

@@ -94,7 +94,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reference.config import PAPER_ENCODER
+from reference.config import PAPER_ENCODER, command_line_flags
 from reference.data import IMAGE_EXTENSIONS
 from reference.models import PatchDiscriminator
 from travel_loss.lambdas import (
@@ -407,14 +407,7 @@ def _encoder_problem(encoder: str, cache_dir: str | os.PathLike[str] | None) -> 
 
 def preset_command(config: Mapping[str, Any], *, script: str = "reference/train.py", launcher: str = "python") -> str:
     """The ``reference/train.py`` command line (one flag per TrainConfig field) for ``config``."""
-    words = [*shlex.split(launcher), script]
-    for key, value in config.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            words.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif value is not None:
-            words += [flag, f"{value:.6g}" if isinstance(value, float) else str(value)]
-    return shlex.join(words)
+    return shlex.join([*shlex.split(launcher), script, *command_line_flags(config)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reference.config import command_line_flags
+
 __all__ = ["TRAIN_SCRIPT", "TrainerRun", "finished_checkpoint", "run_trainers", "trainer_argv"]
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
@@ -38,16 +40,7 @@ def trainer_argv(preset: str, flags: Mapping[str, Any]) -> list[str]:
     """``--preset PRESET`` plus one flag per item of ``flags`` (TrainConfig field names;
     ``True``/``False`` become ``--name``/``--no-name``; ``None`` is left out), and ``--resume``:
     the arguments of ``reference/train.py``."""
-    argv = ["--preset", preset]
-    for name, value in flags.items():
-        flag = "--" + name.replace("_", "-")
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + flag[2:])
-        else:
-            argv += [flag, str(value)]
-    return [*argv, "--resume"]
+    return ["--preset", preset, *command_line_flags(flags), "--resume"]
 
 
 @dataclass(frozen=True)
