@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from reference.losses import AUGMENT_OPS, GAN_LOSSES
@@ -21,7 +20,6 @@ __all__ = [
     "DEVICES",
     "ENCODER_MODES",
     "PAPER_ENCODER",
-    "TRAINER_PRESETS",
     "TRAVEL_OBJECTIVES",
     "TrainConfig",
     "check_config",
@@ -33,30 +31,6 @@ ENCODER_MODES = ("clip", "random-clip", "siamese", "module")
 TRAVEL_OBJECTIVES = ("paper", "notebook")
 AMP_MODES = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "xla")
-_REFERENCE = Path(__file__).resolve().parent
-
-# Named recipes for ``reference/train.py --preset NAME``: TrainConfig values that become the
-# defaults, so that any flag given beside the preset overrides it. The studies' settings; the
-# paper's own experiments are in ``reference.presets``.
-TRAINER_PRESETS: dict[str, dict[str, Any]] = {
-    "digits-demo": dict(
-        size=16,
-        flip=False,
-        num_workers=0,
-        gan_loss="lsgan",
-        lambda_travel=10.0,
-        encoder_mode="module",
-        encoder=f"{_REFERENCE / 'studies' / 'digit_data.py'}:stroke_embedder",
-        g_width=16,
-        g_blocks=3,
-        d_width=16,
-        d_layers=2,
-        batch_size=32,
-        steps=500,  # with the EMA the picture of 1000 steps in half the time: the study fits in 5 minutes
-        lr=2e-4,
-        g_ema=0.99,  # evaluation with the EMA of G's weights: less speckle for every method
-    ),
-}
 
 
 @dataclass

@@ -1,11 +1,14 @@
-r"""The paper's experiments as named presets for :class:`reference.train.TrainConfig`.
+r"""Named recipes for :class:`reference.train.TrainConfig`: the paper's experiments and the digit study's settings.
 
-For GPU users with the real data sets: Monet -> photo (Kaggle's "I'm Something of a Painter
-Myself" data: folders ``monet_jpg/`` and ``photo_jpg/``) and GTA -> Cityscapes (a CycleGAN-layout
-root with ``trainA/`` = GTA frames and ``trainB/`` = Cityscapes frames). Every preset uses the
-paper's settings: 256 x 256 images, batch 128, CLIP ViT-L/14 (``openai/clip-vit-large-patch14``)
-on the central 224 x 224 crop with pooled features, Adam (lr 2e-4 for G, 4e-4 for D, betas
-(0.5, 0.999)), non-saturating BCE. List them with ``python reference/presets.py``; print the
+``python reference/train.py --preset NAME`` starts from one (flags given beside it win);
+``python reference/presets.py`` lists them. ``digits-demo`` is the digit study's networks,
+optimiser and budget (16 px, ``reference/studies/digits.py``), usable on any small data set.
+The others are the paper's experiments, for GPU users with the real data sets: Monet -> photo
+(Kaggle's "I'm Something of a Painter Myself" data: folders ``monet_jpg/`` and ``photo_jpg/``)
+and GTA -> Cityscapes (a CycleGAN-layout root with ``trainA/`` = GTA frames and ``trainB/`` =
+Cityscapes frames). Every paper preset uses the paper's settings: 256 x 256 images, batch 128,
+CLIP ViT-L/14 (``openai/clip-vit-large-patch14``) on the central 224 x 224 crop with pooled
+features, Adam (lr 2e-4 for G, 4e-4 for D, betas (0.5, 0.999)), non-saturating BCE. Print the
 training command of one, after checking that it can run here, with
 ``python reference/presets.py NAME --data ROOT``.
 
@@ -107,6 +110,7 @@ from travel_loss.lambdas import (
 
 __all__ = [
     "CONVENTIONS",
+    "DIGITS_DEMO_SETTINGS",
     "PAPER_BATCH_SIZE",
     "PAPER_ENCODER",
     "PAPER_SIZE",
@@ -120,6 +124,7 @@ __all__ = [
     "patches_per_image",
     "preset_command",
     "preset_config",
+    "preset_data",
 ]
 
 PAPER_SIZE = 256
@@ -153,17 +158,27 @@ def notebook_lambda(lambda_paper: float, *, batch_size: int = PAPER_BATCH_SIZE, 
 
 @dataclass(frozen=True)
 class Preset:
-    """One experiment: the data set, the paper's lambda (summed-loss convention) or a fixed
-    mean-convention weight, the update count, and the TrainConfig fields that differ from the
-    shared paper settings."""
+    """One recipe: the data set, the paper's lambda (summed-loss convention) or a fixed
+    mean-convention weight, the update count, and the TrainConfig fields that differ from its
+    base settings (the shared paper settings unless ``settings`` says otherwise)."""
 
     name: str
-    dataset: str  # "monet2photo" | "gta2cityscapes"
+    dataset: str | None  # "monet2photo" | "gta2cityscapes" (DATASET_FOLDERS); None: any --data
     description: str
     steps: int
-    lambda_paper: float | None = None  # the paper's value; None when `fields` sets lambda_travel itself
+    lambda_paper: float | None = None  # the paper's value; None when the fields set lambda_travel themselves
     fields: Mapping[str, Any] = field(default_factory=dict)
     paper_result: str = ""
+    settings: Mapping[str, Any] | None = None  # the base TrainConfig fields; None: PAPER_SETTINGS
+
+    @property
+    def base(self) -> Mapping[str, Any]:
+        return PAPER_SETTINGS if self.settings is None else self.settings
+
+    @property
+    def needs_gpu(self) -> bool:
+        """The paper's experiments train batches of 128 images of 256 px through ViT-L/14."""
+        return self.settings is None
 
 
 # TrainConfig fields shared by every preset (the paper's settings and the stated assumptions).
@@ -192,6 +207,25 @@ PAPER_SETTINGS: dict[str, Any] = {
 DATASET_FOLDERS: dict[str, tuple[str, str]] = {
     "monet2photo": ("monet_jpg", "photo_jpg"),  # the Kaggle competition's layout
     "gta2cityscapes": ("trainA", "trainB"),  # CycleGAN layout: GTA frames, Cityscapes frames
+}
+
+# The digit study's recipe (reference/studies/digits.py): a 16 px ResNet G of width 16 and 3 blocks,
+# a 2-layer PatchGAN, LSGAN, batch 32, the stroke embedder, and an EMA of G for evaluation.
+DIGITS_DEMO_SETTINGS: dict[str, Any] = {
+    "size": 16,
+    "flip": False,
+    "num_workers": 0,
+    "gan_loss": "lsgan",
+    "lambda_travel": 10.0,
+    "encoder_mode": "module",
+    "encoder": f"{Path(__file__).resolve().parent / 'studies' / 'digit_data.py'}:stroke_embedder",
+    "g_width": 16,
+    "g_blocks": 3,
+    "d_width": 16,
+    "d_layers": 2,
+    "batch_size": 32,
+    "lr": 2e-4,
+    "g_ema": 0.99,  # evaluation with the EMA of G's weights: less speckle for every method
 }
 
 _TRAVELGAN = {"encoder_mode": "siamese", "travel_distance": "travelgan", "lambda_travel": 10.0, "siamese_margin": 10.0}
@@ -250,6 +284,13 @@ PRESETS: dict[str, Preset] = {
             fields=_TRAVELGAN,
             paper_result="FID 7.7",
         ),
+        Preset(
+            name="digits-demo",
+            dataset=None,
+            description="the digit study's networks, optimiser and budget (16 px, CPU minutes); any small data set",
+            steps=500,  # with the EMA the picture of 1000 steps in half the time: the study fits in 5 minutes
+            settings=DIGITS_DEMO_SETTINGS,
+        ),
     ]
 }
 
@@ -273,24 +314,26 @@ def preset_config(
 
     Args:
         data: the data set's root; the preset picks its two folders under it
-            (:data:`DATASET_FOLDERS`). ``None`` leaves the data fields out.
+            (:data:`DATASET_FOLDERS`), or takes it as ``data`` (a CycleGAN-layout root) where it
+            names no data set. ``None`` leaves the data fields out.
         out: the run folder (default ``runs/NAME``).
         convention: ``"mean"`` (this project's objective, lambda converted by
             :func:`paper_to_mean_lambda`) or ``"notebook"`` (the authors' objective, lambda by
             :func:`notebook_lambda`); see the module docstring. Presets whose weight is not a
             paper lambda (the TraVeLGAN baseline) ignore it.
         world_size: processes under torchrun; ``batch_size`` becomes the per-process share of
-            the paper's global batch of 128 (it must divide it).
+            the preset's global batch (the paper's 128; it must divide it).
         **overrides: any TrainConfig fields, applied last (e.g. ``steps=1000``, ``amp="off"``).
     """
     preset = _get(name)
     if convention not in CONVENTIONS:
         raise ValueError(f"convention: expected one of {', '.join(map(repr, CONVENTIONS))}, got {convention!r}")
-    if not isinstance(world_size, int) or world_size < 1 or PAPER_BATCH_SIZE % world_size:
+    config: dict[str, Any] = {**preset.base, "steps": preset.steps, **preset.fields}
+    global_batch = int(config["batch_size"])
+    if not isinstance(world_size, int) or world_size < 1 or global_batch % world_size:
         raise ValueError(
-            f"world_size: expected an int >= 1 that divides the batch of {PAPER_BATCH_SIZE}, got {world_size!r}"
+            f"world_size: expected an int >= 1 that divides the batch of {global_batch}, got {world_size!r}"
         )
-    config: dict[str, Any] = {**PAPER_SETTINGS, "steps": preset.steps, **preset.fields}
     if preset.lambda_paper is not None:
         patches = patches_per_image(config["size"], config["d_layers"])
         if convention == "mean":
@@ -300,13 +343,22 @@ def preset_config(
         else:
             config["travel_objective"] = "notebook"
             config["lambda_travel"] = notebook_lambda(preset.lambda_paper, batch_size=PAPER_BATCH_SIZE, patches=patches)
-    config["batch_size"] = PAPER_BATCH_SIZE // world_size
+    config["batch_size"] = global_batch // world_size
     if data is not None:
-        folder_a, folder_b = DATASET_FOLDERS[preset.dataset]
-        config["data_a"], config["data_b"] = str(Path(data) / folder_a), str(Path(data) / folder_b)
+        config |= preset_data(name, data)
     config["out"] = str(out) if out is not None else f"runs/{name}"
     config.update(overrides)
     return config
+
+
+def preset_data(name: str, data: str | os.PathLike[str]) -> dict[str, str]:
+    """The data fields of preset ``name`` for the root ``data``: its data set's two folders under
+    it (``data_a``, ``data_b``), or ``data`` itself where the preset names no data set."""
+    dataset = _get(name).dataset
+    if dataset is None:
+        return {"data": str(data)}
+    folder_a, folder_b = DATASET_FOLDERS[dataset]
+    return {"data_a": str(Path(data) / folder_a), "data_b": str(Path(data) / folder_b)}
 
 
 class PresetNotRunnableError(RuntimeError):
@@ -328,13 +380,16 @@ def check_preset_runnable(
     - the data root and its two image folders exist and hold images;
     - for ``encoder_mode="clip"``: the CLIP checkpoint is a local folder with ``config.json``, or
       its ``config.json`` and weights are in the Hugging Face cache (nothing is downloaded);
-    - with ``require_gpu``: a CUDA GPU is visible (batch 128 of 256 px images through ViT-L/14
-      is GPU work).
+    - with ``require_gpu``, for the paper's experiments: a CUDA GPU is visible (batch 128 of
+      256 px images through ViT-L/14 is GPU work).
     """
     preset = _get(name)
     config = preset_config(name, data=data, **config_options)
     problems: list[str] = []
-    if data is None:
+    if preset.dataset is None:
+        if data is None or not (Path(data) / "trainA").is_dir() or not (Path(data) / "trainB").is_dir():
+            problems.append(f"data: expected a root holding trainA/ and trainB/ image folders, got {data}")
+    elif data is None:
         folder_a, folder_b = DATASET_FOLDERS[preset.dataset]
         problems.append(
             f"data: no data root given; pass the {preset.dataset} root holding {folder_a}/ and {folder_b}/ "
@@ -351,7 +406,7 @@ def check_preset_runnable(
         problem = _encoder_problem(config["encoder"], cache_dir)
         if problem:
             problems.append(f"encoder: {problem}")
-    if require_gpu:
+    if require_gpu and preset.needs_gpu:
         import torch
 
         if not torch.cuda.is_available():
@@ -364,7 +419,7 @@ def check_preset_runnable(
     return config
 
 
-def _data_hint(dataset: str) -> str:
+def _data_hint(dataset: str | None) -> str:
     if dataset == "monet2photo":
         return (
             "download the Kaggle competition data 'I'm Something of a Painter Myself' (gan-getting-started) "
@@ -434,7 +489,7 @@ def _listing(convention_rows: Sequence[Preset]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="reference/presets.py",
-        description="List the paper's experiments, or check one and print its training command.",
+        description="List the named recipes, or check one and print its training command.",
     )
     parser.add_argument("name", nargs="?", help="a preset name (omit to list them)")
     parser.add_argument("--data", help="the data set's root folder")
@@ -442,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--convention", choices=CONVENTIONS, default="mean")
     parser.add_argument("--world-size", type=int, default=1, help="processes under torchrun (divides the batch of 128)")
     parser.add_argument(
-        "--encoder", default=PAPER_ENCODER, help="CLIP checkpoint: hub id in the HF cache or local folder"
+        "--encoder", help=f"CLIP checkpoint: hub id in the HF cache or local folder (the paper's: {PAPER_ENCODER})"
     )
     parser.add_argument("--no-gpu-check", action="store_true", help="do not require a CUDA GPU")
     args = parser.parse_args(argv)
@@ -452,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = check_preset_runnable(
             args.name, data=args.data, out=args.out, convention=args.convention, world_size=args.world_size,
-            require_gpu=not args.no_gpu_check, encoder=args.encoder,
+            require_gpu=not args.no_gpu_check, **({"encoder": args.encoder} if args.encoder else {}),
         )  # fmt: skip
     except (PresetNotRunnableError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

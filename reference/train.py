@@ -76,7 +76,6 @@ from reference.config import (
     DEVICES,
     ENCODER_MODES,
     PAPER_ENCODER,
-    TRAINER_PRESETS,
     TRAVEL_OBJECTIVES,
     TrainConfig,
     check_config,
@@ -87,6 +86,7 @@ from reference.losses import GAN_LOSSES
 from reference.models import DISCRIMINATOR_NORMS, PatchDiscriminator, ResnetGenerator, SiameseEmbedder
 from reference.outputs import RunFolderBusyError, RunFolderLock, error_line
 from reference.patchnce import PatchHeads
+from reference.presets import PRESETS, preset_config, preset_data
 from reference.runtime import (
     RunInputError,
     Runtime,
@@ -686,8 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="with --demo: a shorter study")
     parser.add_argument(
-        "--preset", choices=sorted(TRAINER_PRESETS), default=None,
-        help="start from a named recipe (reference.config.TRAINER_PRESETS); other flags override its values",
+        "--preset", choices=list(PRESETS), default=None,
+        help="start from a named recipe (reference/presets.py: the paper's experiments, digits-demo); "
+        "other flags override its values",
     )  # fmt: skip
     return parser
 
@@ -714,9 +715,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     preset = parser.parse_known_args(argv)[0].preset
     if preset is not None:  # the preset's values become the defaults; flags given on the command line win
-        parser.set_defaults(**TRAINER_PRESETS[preset])
+        parser.set_defaults(**preset_config(preset))
     args = vars(parser.parse_args(argv))
-    args.pop("preset")
+    if args.pop("preset") is not None and args["data"] is not None and args["data_a"] is args["data_b"] is None:
+        args |= {"data": None, **preset_data(preset, args["data"])}  # the preset's data set layout under ROOT
     demo, quick = args.pop("demo"), args.pop("quick")
     config = TrainConfig(**args)
     if demo:

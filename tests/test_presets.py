@@ -221,4 +221,34 @@ def test_command_line_lists_checks_and_prints_the_training_command(tmp_path, tin
 def test_preset_fields_are_train_config_fields():
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for preset in PRESETS.values():
-        assert set(presets.PAPER_SETTINGS) | set(preset.fields) <= fields
+        assert set(preset.base) | set(preset.fields) <= fields
+
+
+def test_train_py_runs_every_preset_by_name_with_its_data_layout(tmp_path, monkeypatch):
+    """One registry: reference/train.py --preset takes the paper's experiments and digits-demo;
+    --data ROOT becomes the preset's data set folders under ROOT."""
+    from reference import train as train_module
+
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda config, **kw: seen.append(config) or {"rank": 1})
+    root = tmp_path / "kaggle"
+    assert train_module.main(["--preset", "monet2photo-cliptravelgan", "--data", str(root), "--steps", "7"]) == 0
+    assert train_module.main(["--preset", "digits-demo", "--data", str(root)]) == 0
+    monet, digits = seen
+    expected = preset_config("monet2photo-cliptravelgan", data=root, steps=7)
+    for name, value in expected.items():
+        assert getattr(monet, name) == value, name
+    assert (monet.data, monet.data_a, monet.data_b) == (None, str(root / "monet_jpg"), str(root / "photo_jpg"))
+    assert (digits.data, digits.data_a, digits.size, digits.batch_size) == (str(root), None, 16, 32)
+    assert preset_config("digits-demo", world_size=2)["batch_size"] == 16  # the preset's own global batch
+    with pytest.raises(ValueError, match="^world_size: expected an int >= 1 that divides the batch of 32"):
+        preset_config("digits-demo", world_size=3)
+
+
+def test_presets_command_line_checks_a_recipe_without_a_data_set(tmp_path, capsys):
+    root = _fake_dataset(tmp_path / "root", ["trainA", "trainB"])
+    assert presets.main(["digits-demo", "--data", str(root)]) == 0  # no GPU and no CLIP weights needed
+    command = capsys.readouterr().out.strip()
+    assert "--data " + str(root) in command and "stroke_embedder" in command and "--size 16" in command
+    assert presets.main(["digits-demo", "--data", str(tmp_path / "none")]) == 2
+    assert "expected a root holding trainA/ and trainB/" in capsys.readouterr().err

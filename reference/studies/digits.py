@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reference.config import TRAINER_PRESETS
 from reference.evaluate import format_table as evaluate_table
 from reference.evaluate import translate_images
 from reference.logs import save_image_grid
+from reference.presets import preset_config
 from reference.studies.digit_data import (
     DigitDomains,
     DigitJudge,
@@ -119,7 +119,7 @@ class DigitDemoSettings:
     """What the study runs: the methods, the trainer recipe (a preset plus overrides), seeds, the grid."""
 
     methods: tuple[Method, ...] = CORE
-    preset: str = "digits-demo"  # reference.config.TRAINER_PRESETS: networks, optimiser, budget
+    preset: str = "digits-demo"  # reference/presets.py: networks, optimiser, budget
     overrides: Mapping[str, Any] = field(default_factory=dict)  # TrainConfig fields that differ from the preset
     seeds: int = 3  # seed, seed + 1, ...: networks' initialisation, data order, B's class order
     grid_rows: int = 10
@@ -127,7 +127,7 @@ class DigitDemoSettings:
 
     @property
     def steps(self) -> int:
-        return int({**TRAINER_PRESETS[self.preset], **self.overrides}["steps"])
+        return int({**preset_config(self.preset), **self.overrides}["steps"])
 
 
 QUICK = DigitDemoSettings(
@@ -176,7 +176,7 @@ def _run_study(out: Path, first_seed: int, settings: DigitDemoSettings, progress
     say = print if progress else (lambda *args, **kwargs: None)
     started = time.perf_counter()
     seeds = [first_seed + k for k in range(settings.seeds)]
-    size = int({**TRAINER_PRESETS[settings.preset], **settings.overrides}["size"])
+    size = int({**preset_config(settings.preset), **settings.overrides}["size"])
     domains = {seed: digit_domains(seed=seed, size=size) for seed in seeds}
     data = out / "data"
     if not (data / "trainA").is_dir():
