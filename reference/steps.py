@@ -86,29 +86,17 @@ class StepOptions:
 
     @classmethod
     def from_config(cls, config: TrainConfig, device_type: str) -> StepOptions:
-        return cls(
-            lambda_travel=0.0 if config.lambda_travel == "auto" else float(config.lambda_travel),
-            travel_objective=config.travel_objective,
-            travel_distance=config.travel_distance,
-            travel_reduction=config.travel_reduction,
-            gan_loss=config.gan_loss,
-            augment=config.augment,
-            siamese_margin=config.siamese_margin,
-            lambda_identity=config.lambda_identity,
-            device_type=device_type,
-            amp_dtype={"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp],
-            micro_batch=config.micro_batch,
-            lambda_cycle=config.lambda_cycle,
-            lambda_cycle_identity=config.lambda_cycle_identity,
-            r1_gamma=config.r1_gamma,
-            lambda_nce=config.lambda_nce,
-            nce_idt=config.nce_idt,
-            nce_patches=config.nce_patches,
-            nce_temperature=config.nce_temperature,
-            views=RandomViews.parse(f"count={config.travel_views},{config.travel_view_transforms}")
+        """The options of ``config``'s run: its fields of the same names, and lambda, autocast and views."""
+        derived = {
+            "lambda_travel": 0.0 if config.lambda_travel == "auto" else float(config.lambda_travel),
+            "device_type": device_type,
+            "amp_dtype": {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp],
+            "views": RandomViews.parse(f"count={config.travel_views},{config.travel_view_transforms}")
             if config.travel_views
             else None,
-        )
+        }
+        same = {f.name: getattr(config, f.name) for f in fields(cls) if f.name not in derived}
+        return cls(**same, **derived)
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(
