@@ -476,13 +476,13 @@ def _listing(convention_rows: Sequence[Preset]) -> str:
     ]
     for preset in convention_rows:
         if preset.lambda_paper is None:
-            weights = f"{'-':>12} {preset.fields.get('lambda_travel', '-'):>11} {'-':>15}"
+            weights = f"{'-':>12} {float({**preset.base, **preset.fields}['lambda_travel']):>11} {'-':>15}"
         else:
             weights = (
                 f"{preset.lambda_paper:>12g} {paper_to_mean_lambda(preset.lambda_paper):>11.4g} "
                 f"{notebook_lambda(preset.lambda_paper):>15.4g}"
             )
-        lines.append(f"{preset.name:<34} {preset.steps:>6} {weights}  {preset.paper_result}")
+        lines.append(f"{preset.name:<34} {preset.steps:>6} {weights}  {preset.paper_result or preset.description}")
     return "\n".join(lines)
 
 

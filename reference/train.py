@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import gc
 import os
 import re
 import sys
@@ -290,6 +291,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainSummary:
                 with contextlib.suppress(OSError):  # not empty: another run has started there
                     Path(config.out).rmdir()
         if runtime.owns_process_group:
+            # The DDP wrappers hold the process group in reference cycles; left to the interpreter's
+            # shutdown, its teardown races gloo's threads (an abort at exit on CPU).
+            gc.collect()
             dist.destroy_process_group()
 
 
