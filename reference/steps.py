@@ -38,6 +38,7 @@ from travel_loss import RandomViews, TravelQueue, embed_views, siamese_margin_lo
 from travel_loss.distributed import all_gather_with_grad
 from travel_loss.gradcache import backward_chunk, embed_in_chunks, travel_loss_and_embedding_grads
 from travel_loss.lambdas import GradientBalancedLambda
+from travel_loss.loss import Distance, Reduction
 from travel_loss.views import ViewDraw
 
 if TYPE_CHECKING:
@@ -66,8 +67,8 @@ class StepOptions:
 
     lambda_travel: float = 1.0  # ignored when an adaptive lambda is passed
     travel_objective: str = "paper"
-    travel_distance: str = "cosine"
-    travel_reduction: str = "mean"
+    travel_distance: Distance = "cosine"
+    travel_reduction: Reduction = "mean"
     gan_loss: str = "bce"
     augment: str = ""
     siamese_margin: float = 10.0
@@ -87,7 +88,7 @@ class StepOptions:
     @classmethod
     def from_config(cls, config: TrainConfig, device_type: str) -> StepOptions:
         """The options of ``config``'s run: its fields of the same names, and lambda, autocast and views."""
-        derived = {
+        derived: dict[str, Any] = {
             "lambda_travel": 0.0 if config.lambda_travel == "auto" else float(config.lambda_travel),
             "device_type": device_type,
             "amp_dtype": {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp],
@@ -95,7 +96,7 @@ class StepOptions:
             if config.travel_views
             else None,
         }
-        same = {f.name: getattr(config, f.name) for f in fields(cls) if f.name not in derived}
+        same: dict[str, Any] = {f.name: getattr(config, f.name) for f in fields(cls) if f.name not in derived}
         return cls(**same, **derived)
 
     def autocast(self) -> torch.autocast:
@@ -141,11 +142,12 @@ class PatchNCE:
     optimizer: torch.optim.Optimizer
 
 
-def _plain(module: nn.Module) -> nn.Module:
-    """The module inside DDP and torch.compile wrappers."""
-    while isinstance(module, DistributedDataParallel) or hasattr(module, "_orig_mod"):
-        module = module.module if isinstance(module, DistributedDataParallel) else module._orig_mod
-    return module
+def _plain(module: nn.Module) -> Any:
+    """The module inside DDP and torch.compile wrappers (typed Any: its own methods are called)."""
+    inner: Any = module
+    while isinstance(inner, DistributedDataParallel) or hasattr(inner, "_orig_mod"):
+        inner = inner.module if isinstance(inner, DistributedDataParallel) else inner._orig_mod
+    return inner
 
 
 def nce_term(
@@ -227,8 +229,8 @@ def update_ema(average: nn.Module, model: nn.Module, decay: float) -> None:
     """
     for kept, current in zip(average.parameters(), model.parameters(), strict=True):
         kept.lerp_(current.detach(), 1.0 - decay)
-    for kept, current in zip(average.buffers(), model.buffers(), strict=True):
-        kept.copy_(current)
+    for kept_buffer, buffer in zip(average.buffers(), model.buffers(), strict=True):
+        kept_buffer.copy_(buffer)
 
 
 def _backward_and_step(
@@ -296,7 +298,7 @@ def generator_terms(
     them): the whole-batch and the micro-batched step both use this function.
     """
     adversarial = generator_adversarial_loss(fake_logits, options.gan_loss)
-    loss, reported = adversarial, {}
+    loss, reported = adversarial, dict[str, Tensor]()
     if options.lambda_identity:
         loss = loss + options.lambda_identity * (fake.float() - real_a.float()).abs().mean()
     if patch_nce is not None:
@@ -559,7 +561,7 @@ def micro_batched_generator_step(
         with _no_sync_unless(index == len(chunks) - 1 and not separate, *trained_modules):
             fake, fake_logits = translate_and_judge(generator, discriminator, x, options)
             with options.autocast():
-                if trainable_encoder:
+                if grad_src is not None:  # the trainable encoder
                     embedded, grad = encoder(torch.cat([x, fake])), torch.cat([grad_src[rows], grad_gen[rows]])
                 elif travel_trains:
                     embedded, grad = embed(fake, rows), grad_gen[rows]
@@ -568,7 +570,7 @@ def micro_batched_generator_step(
                 real_b=real_b[rows] if real_b is not None else None, patch_nce=patch_nce, nce_locations=nce_locations,
             )  # fmt: skip
             chunk_loss = terms.loss * weight
-            if separate:
+            if adaptive_lambda is not None and separate:
                 torch.autograd.backward(scaled(chunk_loss), inputs=parameters, retain_graph=True)
                 if terms.loss is not terms.adversarial:  # .grad holds more than the adversarial term
                     (at,) = torch.autograd.grad(
@@ -591,7 +593,7 @@ def micro_batched_generator_step(
             else:
                 totals[key] = totals.get(key, 0) + value * weight
         fakes.append(fake.detach())
-    if separate:
+    if adaptive_lambda is not None and separate:
         lam = _combine_balanced(adaptive_lambda, parameters, travel_grads, trained_modules, adversarial_at)
     _optimizer_step(optimizers, scaler)
     travel = objective_value
