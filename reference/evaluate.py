@@ -599,8 +599,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Evaluate translations: encoder Fréchet distance, travel consistency "
         "and Inception FID/KID with a local weights file.",
     )
-    parser.add_argument("--translations", help="folder of translated images G(x)")
-    parser.add_argument("--target", help="folder of real images of the target domain")
+    parser.add_argument("--translations", required=True, help="folder of translated images G(x)")
+    parser.add_argument("--target", required=True, help="folder of real images of the target domain")
     parser.add_argument("--sources", help="folder of the source images x (paired with translations by file stem)")
     parser.add_argument("--encoder", help="CLIP vision checkpoint: local path or a model id in the HF cache")
     parser.add_argument("--encoder-crop", default="center", choices=["center", "resize", "full"])
@@ -611,7 +611,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=256, help="images are resized to SIZE x SIZE (default 256)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help="JSON file for the results")
+    parser.add_argument("--out", required=True, help="JSON file for the results")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return parser
 
@@ -619,13 +619,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    missing = [
-        flag
-        for flag, value in (("--translations", args.translations), ("--target", args.target), ("--out", args.out))
-        if not value
-    ]
-    if missing:
-        parser.error(f"missing {', '.join(missing)}")
     try:
         for flag, folder in (
             ("--translations", args.translations),
