@@ -196,7 +196,9 @@ def looks_intact(path: str | os.PathLike[str]) -> bool:
 
 def capture_rng_state(cuda_device: torch.device | None = None) -> dict[str, Any]:
     """The python, numpy, torch CPU (and CUDA device) generator states, as tensors and plain types."""
-    numpy_name, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state(legacy=True)
+    numpy_state = np.random.get_state(legacy=True)
+    assert isinstance(numpy_state, tuple)  # numpy's global generator is an MT19937: a legacy tuple, not a dict
+    numpy_name, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = numpy_state
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": [
@@ -242,7 +244,7 @@ def training_state(
     rng = capture_rng_state(runtime.device if runtime.device.type == "cuda" else None)
     if runtime.xla is not None:
         rng["xla"] = int(runtime.xla.get_rng_state())
-    rng_states = [rng]
+    rng_states: list[dict[str, Any] | None] = [rng]
     if runtime.distributed:
         rng_states = [None] * runtime.world_size
         dist.all_gather_object(rng_states, rng, group=runtime.control_group)

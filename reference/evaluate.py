@@ -39,7 +39,7 @@ import sys
 import warnings
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -54,6 +54,10 @@ from reference.data import ImageFolder
 from reference.outputs import check_output_file, error_line
 from reference.translate import translate_images as translate_one_batch
 from travel_loss.metrics import TravelConsistency
+
+if TYPE_CHECKING:
+    from travel_loss.encoder import Crop as EncoderCrop
+    from travel_loss.encoder import Features as EncoderFeatures
 
 __all__ = [
     "INCEPTION_WEIGHTS_HELP",
@@ -389,10 +393,10 @@ def _maybe_tqdm(iterable, progress: bool, description: str):
 
 
 def _module_device(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -488,13 +492,13 @@ def evaluate_folders(
     details: dict[str, Any] = {"count_translations": len(fakes), "count_target": len(reals)}
     notes: list[str] = []
     paired_sources = None
+    translated: Images = fakes  # in the order of paired_sources when sources are given
     if sources is not None:
         sources_folder = ImageFolder(sources, size=size)
-        paired_sources, fakes_in_order = _pair_by_stem(sources_folder, fakes)
-        fakes = fakes_in_order
+        paired_sources, translated = _pair_by_stem(sources_folder, fakes)
 
     if encoder is not None:
-        metrics.update(_encoder_metrics(encoder, fakes, reals, paired_sources, batch_size, device))
+        metrics.update(_encoder_metrics(encoder, translated, reals, paired_sources, batch_size, device))
     else:
         notes.append("no encoder given: encoder Fréchet distance and travel consistency skipped")
 
@@ -531,7 +535,7 @@ def _encoder_metrics(
 ) -> dict[str, float]:
     emb_fake = embed_images(encoder, translated, batch_size=batch_size, device=device)
     emb_real = embed_images(encoder, targets, batch_size=batch_size, device=device)
-    if isinstance(emb_fake, tuple):
+    if isinstance(emb_fake, tuple) or isinstance(emb_real, tuple):  # the same encoder: both or neither
         raise TypeError("encoder: expected one encoder with (N, D) outputs for the Fréchet distance, got an ensemble")
     kid_mean, kid_std = kernel_distance(emb_fake, emb_real)
     metrics = {
@@ -584,7 +588,9 @@ def format_table(
 # ---------------------------------------------------------------------------------------------
 
 
-def load_encoder(spec: str, *, crop: str = "center", features: str = "pooled", device: str = "cpu") -> nn.Module:
+def load_encoder(
+    spec: str, *, crop: EncoderCrop = "center", features: EncoderFeatures = "pooled", device: str = "cpu"
+) -> nn.Module:
     """A :class:`travel_loss.encoder.FrozenCLIPEncoder` from a local folder or a model id already in
     the Hugging Face cache; never downloads (``local_files_only=True``). A checkpoint that is not
     available locally raises ``travel_loss.encoder.CheckpointNotFoundError`` saying how to get it."""

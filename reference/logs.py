@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from torch.utils.data import Dataset
 from reference.config import TrainConfig
 from reference.data import ImageFolder, unreadable_count
 from reference.runtime import Runtime
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter  # optional: imported at run time when tensorboard is there
 
 __all__ = [
     "LogInterval",
@@ -81,6 +84,7 @@ class MetricsLog:
     def __init__(self, out: Path, resume_step: int) -> None:
         self.path = out / "metrics.jsonl"
         self.path.touch()
+        self.tensorboard: SummaryWriter | None
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -33,6 +33,7 @@ SiameseEmbedder is TraVeLGAN's trainable embedder, the baseline encoder of the t
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -202,7 +203,7 @@ class ResnetGenerator(nn.Module):
         self._check_input(x)
         layers = self._check_layers(layers)
         features = []
-        for index, module in enumerate(self.net[: layers[-1] + 1]):
+        for index, module in enumerate(itertools.islice(self.net, layers[-1] + 1)):
             x = module(x)
             if index in layers:
                 following = self.net[index + 1] if index < layers[-1] else None
@@ -259,6 +260,7 @@ class PatchDiscriminator(nn.Module):
     def output_size(self, size: int) -> int:
         """Side of the logit map for an input side of ``size`` pixels (<= 0: too small)."""
         for conv in self._convs():
+            assert isinstance(conv.padding, tuple)  # built with integer padding, never "same" or "valid"
             size = (size + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
         return size
 

@@ -448,10 +448,9 @@ def _encoder_problem(encoder: str, cache_dir: str | os.PathLike[str] | None) -> 
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return f"{encoder!r} is not a local folder and huggingface_hub is not installed to look in the cache"
-    config_file = try_to_load_from_cache(encoder, "config.json", cache_dir=cache_dir)
-    weights = [
-        try_to_load_from_cache(encoder, f, cache_dir=cache_dir) for f in ("model.safetensors", "pytorch_model.bin")
-    ]
+    cache = None if cache_dir is None else os.fspath(cache_dir)  # the hub's annotation: str | Path | None
+    config_file = try_to_load_from_cache(encoder, "config.json", cache_dir=cache)
+    weights = [try_to_load_from_cache(encoder, f, cache_dir=cache) for f in ("model.safetensors", "pytorch_model.bin")]
     if isinstance(config_file, str) and any(isinstance(w, str) for w in weights):
         return None
     return (

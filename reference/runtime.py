@@ -237,6 +237,7 @@ def setup_runtime(device: str = "auto", amp: str = "off") -> Runtime:
         chosen = torch.device("cuda", local_rank)
         torch.cuda.set_device(chosen)
     elif kind == "xla":
+        assert xm is not None  # imported above for kind == "xla"
         chosen = xm.xla_device()
     else:
         chosen = torch.device("cpu")
@@ -309,9 +310,9 @@ class StopSignal:
 
 def compile_modules(modules: list[nn.Module], backend: str) -> list[nn.Module]:
     """``torch.compile`` each distinct module once; a module listed twice comes back as the same compiled object."""
-    import torch._dynamo
+    from torch._dynamo.eval_frame import is_dynamo_supported  # what torch._dynamo re-exports
 
-    if not torch._dynamo.is_dynamo_supported():
+    if not is_dynamo_supported():
         raise SetupError(
             f"--compile: torch.compile is not supported here "
             f"(Python {sys.version.split()[0]}, torch {torch.__version__}); run without --compile"
@@ -319,7 +320,8 @@ def compile_modules(modules: list[nn.Module], backend: str) -> list[nn.Module]:
     compiled: dict[int, nn.Module] = {}
     for module in modules:
         if id(module) not in compiled:
-            compiled[id(module)] = torch.compile(module, backend=backend)
+            # torch.compile of a Module returns an OptimizedModule (a Module); its stub says Callable
+            compiled[id(module)] = torch.compile(module, backend=backend)  # type: ignore[assignment]
     return [compiled[id(module)] for module in modules]
 
 

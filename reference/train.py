@@ -53,7 +53,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 if __package__ in (None, ""):  # run as a script: make `reference` and `travel_loss` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -107,6 +107,7 @@ from reference.steps import PatchNCE, ReverseDirection, StepOptions, discriminat
 from reference.stream import FlippedImages, stream_loader
 from reference.studies import DEFAULT_STUDY, STUDIES, run_study
 from travel_loss import GradientBalancedLambda, TravelQueue
+from travel_loss.loss import Distance, Reduction
 
 __all__ = [
     "SetupError",
@@ -129,7 +130,7 @@ __all__ = [
 
 
 # The shape of CLIP ViT-L/14's vision tower, for the random-weights ablation without a download.
-VIT_L14_VISION = dict(
+VIT_L14_VISION: dict[str, Any] = dict(
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
     image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
 )  # fmt: skip
@@ -164,7 +165,8 @@ def build_encoder(config: TrainConfig) -> nn.Module:
             raise SetupError(str(error)) from error
     from travel_loss.encoder import FrozenCLIPEncoder
 
-    options = dict(crop=config.crop, features=config.features, check_range=False)  # no host sync per call
+    # check_range=False: no host sync per call
+    options: dict[str, Any] = dict(crop=config.crop, features=config.features, check_range=False)
     if config.encoder_mode == "clip":
         try:
             return _frozen(FrozenCLIPEncoder(config.encoder, **options))
@@ -325,10 +327,12 @@ class TrainingRun:
 
     def step(self, real_a: Tensor, real_b: Tensor) -> dict[str, Tensor]:
         """One iteration: G's update (and the EMA), D's (and D_A's), the schedules; the logged terms."""
+        queue = self.modules.get("travel_queue")
+        assert queue is None or isinstance(queue, TravelQueue)  # build_run stores a TravelQueue under this name
         g_out = generator_step(
             self.g_train, self.d_for_g, self.e_train, self.optimizers["generator"], real_a, self.options,
             scaler=self.scalers["generator"], encoder_optimizer=self.optimizers.get("siamese"),
-            adaptive_lambda=self.adaptive, travel_queue=self.modules.get("travel_queue"), reverse=self.reverse,
+            adaptive_lambda=self.adaptive, travel_queue=queue, reverse=self.reverse,
             real_b=real_b if self.needs_b else None, patch_nce=self.patch_nce,
         )  # fmt: skip
         if self.ema is not None:
@@ -383,9 +387,9 @@ def build_run(
     trainable_encoder = config.encoder_mode == "siamese"
     if config.channels_last:
         for module in (generator, discriminator, encoder):
-            module.to(memory_format=torch.channels_last)
+            module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # valid, not in torch's overloads
     betas = (config.beta1, config.beta2)
-    optimizers = {
+    optimizers: dict[str, torch.optim.Optimizer] = {
         "generator": torch.optim.Adam(generator.parameters(), lr=config.lr, betas=betas),
         "discriminator": torch.optim.Adam(discriminator.parameters(), lr=config.discriminator_lr, betas=betas),
     }
@@ -401,7 +405,7 @@ def build_run(
         for name, lr in (("generator_ba", config.lr), ("discriminator_a", config.discriminator_lr)):
             modules[name].to(device)
             if config.channels_last:
-                modules[name].to(memory_format=torch.channels_last)
+                modules[name].to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # as above
             optimizers[name] = torch.optim.Adam(modules[name].parameters(), lr=lr, betas=betas)
     if config.lambda_nce:  # CUT's MLP heads on G's encoder layers, trained with G's loss at G's learning rate
         heads = PatchHeads(generator.feature_channels(generator.nce_layers), dim=config.nce_dim, seed=config.seed)
@@ -411,7 +415,8 @@ def build_run(
     if config.g_ema:
         ema = modules["generator_ema"] = copy.deepcopy(generator).requires_grad_(False)
     if config.travel_queue:
-        queue = TravelQueue(config.travel_queue, distance=config.travel_distance, reduction=config.travel_reduction)
+        distance = cast(Distance, config.travel_distance)  # one of its values: check_config
+        queue = TravelQueue(config.travel_queue, distance=distance, reduction=cast(Reduction, config.travel_reduction))
         modules["travel_queue"] = queue.to(device)
     decay = _linear_decay(config.steps, config.decay_steps)
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, decay) for name, opt in optimizers.items()}
@@ -456,7 +461,10 @@ def build_run(
         del checkpoint
 
     # ---- the views that train: DDP wrappers (gradient averaging), torch.compile
-    g_train, d_train, e_train, d_for_g = generator, discriminator, encoder, discriminator
+    g_train: nn.Module = generator  # nn.Module: DDP and torch.compile replace them below
+    d_train: nn.Module = discriminator
+    d_for_g: nn.Module = discriminator
+    e_train = encoder
     ga_train, da_train = modules.get("generator_ba"), modules.get("discriminator_a")  # None without the cycle
     da_for_g = da_train
     nce_train = modules.get("nce_heads")  # None without the PatchNCE term

@@ -19,7 +19,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,7 @@ def build_user_embedder(spec: str, image_size: int, *, check: bool = True) -> nn
     when the spec, the factory call or ``travel_loss.testing.check_embedder`` fails.
     """
     factory = load_factory(spec)
+    parameters: Mapping[str, inspect.Parameter]
     try:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):

@@ -307,6 +307,9 @@ class StrokePCAEmbedder(nn.Module):
     its ideal translation embed alike, while two different digits embed apart. Output (N, k).
     """
 
+    mean: Tensor  # buffers
+    basis: Tensor
+
     def __init__(self, mean: Tensor, basis: Tensor, grid: int) -> None:
         super().__init__()
         self.grid = grid
@@ -331,6 +334,9 @@ class PixelPCAEmbedder(nn.Module):
     polarity turns a stroke's contribution around, so the transformation vector between two
     translated digits points roughly opposite to the one between the inputs.
     """
+
+    mean: Tensor  # buffers
+    basis: Tensor
 
     def __init__(self, mean: Tensor, basis: Tensor) -> None:
         super().__init__()

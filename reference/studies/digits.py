@@ -217,7 +217,7 @@ def _run_study(out: Path, first_seed: int, settings: DigitDemoSettings, progress
         })  # fmt: skip
     references = reference_scores(reference, judge)
     summary = summarise(rows)
-    report = {
+    report: dict[str, Any] = {
         "runs": rows,
         "summary": summary,
         "references": references,

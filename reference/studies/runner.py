@@ -84,7 +84,8 @@ def run_trainers(
         while busy:
             index = _next_finished(pool, busy)
             run, started = busy.pop(index)
-            line = pool[index].stdout.readline() if pool[index].stdout else ""
+            stdout = pool[index].stdout
+            line = stdout.readline() if stdout else ""
             code = int(json.loads(line)["code"]) if line.strip() else -1
             if code != 0:
                 tail = (run.out / LOG_NAME).read_text(errors="replace").strip().splitlines()[-15:]
@@ -115,9 +116,10 @@ def _hand_out(
         return
     run = pending.pop(0)
     run.out.mkdir(parents=True, exist_ok=True)
-    assert pool[index].stdin is not None
-    pool[index].stdin.write(json.dumps({"argv": run.argv, "log": str(run.out / LOG_NAME)}) + "\n")
-    pool[index].stdin.flush()
+    stdin = pool[index].stdin
+    assert stdin is not None
+    stdin.write(json.dumps({"argv": run.argv, "log": str(run.out / LOG_NAME)}) + "\n")
+    stdin.flush()
     busy[index] = (run, time.perf_counter())
 
 
