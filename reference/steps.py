@@ -12,7 +12,9 @@ the generator's weights.
 
 :func:`generator_step` (or :func:`micro_batched_generator_step`, the same gradient computed a
 few images at a time) and :func:`discriminator_step`; :class:`StepOptions` carries what they
-need besides the networks. ``reference/train.py`` re-exports them.
+need besides the networks. Both generator steps take L_G's terms other than travel from one
+definition, :func:`generator_terms` (means over images, so a chunk's share is m/n of its
+terms). ``reference/train.py`` re-exports them.
 """
 
 from __future__ import annotations
