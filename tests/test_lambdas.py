@@ -60,7 +60,8 @@ def test_bad_arguments_are_refused(kwargs, message):
 def test_the_numbers_the_readme_quotes():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    root = Path(__file__).resolve().parent.parent
+    readme = "".join(page.read_text() for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
     quoted = {
         128: ("1.4e-4", paper_to_mean_lambda(0.001, batch_size=128)),
         8: ("7.8e-6", paper_to_mean_lambda(0.001, batch_size=8)),

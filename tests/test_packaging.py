@@ -91,9 +91,10 @@ def test_sdist_ships_licence_conftest_reference_and_every_test(tmp_path):
     with tarfile.open(archive) as sdist:
         prefix = f"travel_loss-{travel_loss.__version__}/"
         members = {name.removeprefix(prefix) for name in sdist.getnames()}
-    wanted = {"LICENSE", "README.md", "pyproject.toml", "tests/conftest.py", "travel_loss/py.typed"}
+    wanted = {"LICENSE", "README.md", "pyproject.toml", "tests/conftest.py", "travel_loss/py.typed", "dev"}
     for folder in ("travel_loss", "reference", "tests", "benchmarks"):
         wanted |= {path.relative_to(ROOT).as_posix() for path in (ROOT / folder).glob("*.py")}
+    wanted |= {path.relative_to(ROOT).as_posix() for path in (ROOT / "docs").glob("*.md")}  # tests/test_readme.py
     assert wanted - members == set()
     assert not [name for name in members if name.endswith((".pyc", ".pyo")) or "__pycache__" in name]
 
@@ -179,4 +180,24 @@ def test_the_extras_promise_only_what_they_ship():
     extras = PROJECT["optional-dependencies"]
     assert "reference" not in extras and "trainer-deps" in extras
     assert PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"] == ["travel_loss", "travel_loss.*"]
-    assert "pip install -e '.[trainer-deps]'" in (ROOT / "README.md").read_text()
+    assert "pip install -e '.[trainer-deps]'" in (ROOT / "docs" / "development.md").read_text()
+
+
+def test_the_package_description_is_the_front_page_and_renders():
+    """pyproject's readme is README.md as markdown; it parses as CommonMark-style text with its own title."""
+    assert PROJECT["readme"] == "README.md"
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("# travel-loss\n")
+    assert text.count("```") % 2 == 0, "an unclosed code fence swallows the rest of the description"
+    assert len(text.splitlines()) <= 250, "the front page stays short; details belong in docs/"
+
+
+def test_the_readme_test_command_is_the_one_the_dev_script_and_ci_run():
+    """.ci/run checks README.md's `python -m pytest` line against what `./dev test` runs."""
+    (readme_command,) = re.findall(r"^python -m pytest.*$", (ROOT / "README.md").read_text(), flags=re.M)[:1]
+    dev = (ROOT / "dev").read_text()
+    assert re.search(rf"^\s*{re.escape(readme_command)} \"\$@\"$", dev, flags=re.M), readme_command
+    assert (
+        f'"{readme_command}"' in (ROOT / ".ci" / "run").read_text()
+        and "exec ./dev test" in (ROOT / ".ci/run").read_text()
+    )
