@@ -1,4 +1,4 @@
-"""FrozenEncoder on tiny random SigLIP, DINOv2 and ViT checkpoints and on plain nn.Modules.
+"""FrozenEncoder on tiny random SigLIP, DINOv2 and ViT checkpoints and on plain nn.Modules; patch tokens.
 
 Each checkpoint is written with save_pretrained next to a hand-written preprocessor_config.json
 whose constants differ from every library default, so tests can tell whether they were read. The
@@ -413,3 +413,70 @@ def test_the_clip_row_is_what_frozen_clip_encoder_takes():
     # Defined once, in travel_loss.hub; travel_loss and travel_loss.encoder re-export them.
     assert package.CheckpointNotFoundError is CheckpointNotFoundError is hub.CheckpointNotFoundError
     assert OPENAI_CLIP_MEAN is hub.OPENAI_CLIP_MEAN
+
+
+# ------------------------------------------------------------------------------------------
+# Patch tokens: one forward for the embedding and the structure loss's spatial features
+
+
+@pytest.mark.parametrize("family_name, model_type", MODEL_TYPES)
+def test_forward_with_tokens_gives_the_embedding_and_the_patch_tokens_of_one_pass(tmp_path, family_name, model_type):
+    family = hub.FAMILIES[family_name]
+    folder = _tiny_checkpoint(tmp_path, model_type, family.model_types[model_type])
+    reference = getattr(transformers, family.model_types[model_type]).from_pretrained(folder).eval()
+    tower = getattr(reference, "vision_model", reference)
+    encoder = FrozenEncoder(folder, mean=MEAN, std=STD)
+    x = images(2, 40, 40)
+    patch_size = int(tower.config.patch_size)
+    grid = (32 // patch_size, 32 // patch_size)
+    calls = []
+    handle = encoder.model.get_submodule(encoder._tower_path).register_forward_hook(lambda *args: calls.append(1))
+    embeddings, tokens = encoder.forward_with_tokens(x)
+    handle.remove()
+    assert encoder.token_grid == grid and len(calls) == 1  # one pass of the tower
+    torch.testing.assert_close(embeddings, encoder(x), rtol=0, atol=0)
+    with torch.no_grad():
+        output = tower(pixel_values=encoder.preprocess(x), output_hidden_states=True)
+    leading = output.last_hidden_state.shape[1] - grid[0] * grid[1]  # CLS and register tokens
+    assert leading == (0 if family_name == "siglip" else 1 + REGISTERS.get(model_type, 0))
+    assert tokens.shape == (2, grid[0] * grid[1], output.last_hidden_state.shape[2])
+    torch.testing.assert_close(tokens, output.last_hidden_state[:, leading:])
+    _, middle = encoder.forward_with_tokens(x, layer=1)
+    torch.testing.assert_close(middle, output.hidden_states[1][:, leading:])
+    _, last_block = encoder.forward_with_tokens(x, layer=-1)
+    torch.testing.assert_close(last_block, output.hidden_states[-1][:, leading:])
+    with pytest.raises(ValueError, match="layer: expected an index into the 3 hidden_states"):
+        encoder.forward_with_tokens(x, layer=3)
+
+
+def test_tokens_carry_gradient_to_the_images_and_feed_the_structure_loss(siglip_dir):
+    encoder = FrozenEncoder(siglip_dir)
+    x = images(2, 32, 32)
+    fake = images(2, 32, 32, seed=1).requires_grad_(True)
+    with torch.no_grad():
+        _, tokens_src = encoder.forward_with_tokens(x)
+    _, tokens_gen = encoder.forward_with_tokens(fake)
+    loss = package.self_similarity_loss(tokens_src, tokens_gen, grid=encoder.token_grid, window=3)
+    loss.backward()
+    assert fake.grad is not None and fake.grad.abs().sum() > 0
+    assert encoder.state_dict() == {} and not any(p.requires_grad for p in encoder.model.parameters())
+
+
+class TinyConvNetWithTokens(TinyConvNet):
+    def tokens(self, x):
+        return self.conv(x)  # the conv's (N, C, H, W) map
+
+
+def test_plain_modules_give_tokens_only_through_their_own_method():
+    options = dict(mean=MEAN, std=STD, image_size=16)
+    x = images(2, 16, 16)
+    with pytest.raises(ValueError, match="model: the plain module TinyConvNet gives no spatial tokens"):
+        FrozenEncoder(TinyConvNet(), **options).forward_with_tokens(x)
+    module = TinyConvNetWithTokens()
+    encoder = FrozenEncoder(module, **options)
+    embeddings, maps = encoder.forward_with_tokens(x)
+    torch.testing.assert_close(embeddings, encoder(x))
+    torch.testing.assert_close(maps, module.tokens(encoder.preprocess(x)))
+    assert encoder.token_grid is None
+    with pytest.raises(ValueError, match="layer: a plain module"):
+        encoder.forward_with_tokens(x, layer=1)

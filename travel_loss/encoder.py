@@ -23,6 +23,8 @@ transformers model is kept *outside* the registered-module tree, as a plain attr
   :meth:`FrozenEncoder._apply` forwards them.
 
 The wrapped model stays reachable as :attr:`FrozenEncoder.model`.
+:meth:`FrozenEncoder.forward_with_tokens` returns the embeddings and the patch tokens (CLS and
+register tokens dropped) of the same forward pass, for :func:`travel_loss.self_similarity_loss`.
 """
 
 from __future__ import annotations
@@ -236,6 +238,7 @@ class FrozenEncoder(nn.Module):
             std=_per_channel("std", std if std is not None else processor_std), check_range=check_range,
             embedding_dim=int(config.hidden_size) if projection is None else projection.out_features,
             patch_start=1 + int(getattr(config, "num_register_tokens", 0) or 0) if family.cls_token else 0,
+            patch_size=int(patch_size) if patch_size else None,
         )  # fmt: skip
 
     def _locate(
@@ -265,6 +268,7 @@ class FrozenEncoder(nn.Module):
         features: str | None, readout: str, input_range: tuple[float, float], crop: str, size: int,
         resize_size: ResizeSize, resample: str, interpolate: bool, mean: tuple[float, float, float],
         std: tuple[float, float, float], check_range: bool, embedding_dim: int | None, patch_start: int,
+        patch_size: int | None = None,
     ) -> None:  # fmt: skip
         """Freeze the backbone and store everything forward needs."""
         backbone.eval()
@@ -286,6 +290,7 @@ class FrozenEncoder(nn.Module):
         self._resample = resample
         self._interpolate_pos_encoding = interpolate
         self._patch_start = patch_start
+        self._token_grid = None if patch_size is None else (size // patch_size, size // patch_size)
         self._mean, self._std = mean, std
         self.check_range = check_range
         self._embedding_dim = embedding_dim
@@ -373,15 +378,68 @@ class FrozenEncoder(nn.Module):
                 outside ``input_range`` by more than ``RANGE_TOLERANCE`` of its width (also NaN),
                 or, with ``crop="center"``, images smaller than :attr:`image_size`.
         """
+        embeddings, _ = self._run(images, with_tokens=False, layer=None)
+        return embeddings
+
+    def forward_with_tokens(self, images: Tensor, *, layer: int | None = None) -> tuple[Tensor, Tensor]:
+        r"""(N, 3, H, W) images -> ((N, D) embeddings, (N, L, C) patch tokens) from ONE forward pass.
+
+        The embeddings are :meth:`forward`'s (the same preprocessing, the same ``features``); the
+        tokens are the spatial features for :func:`travel_loss.self_similarity_loss`: the L = h w
+        patch tokens in row-major order on the :attr:`token_grid` (h, w), every CLS and register
+        token dropped (CLIP, DINOv2, DINOv3, ViT: a CLS token first, then
+        ``config.num_register_tokens`` registers (DINOv2 with registers, DINOv3); SigLIP: none).
+
+        Args:
+            layer: None: the tower's ``last_hidden_state`` (after the final layer norm where the
+                family applies one there: SigLIP, DINOv2, DINOv3, ViT; CLIP's is before its
+                post-layernorm); an int k: ``hidden_states[k]`` (0: the embeddings, k: after block
+                k, negative counts from the end), e.g. an intermediate layer with more spatial
+                detail. C is the hidden size.
+
+        A plain ``nn.Module`` gives tokens if it has a ``forward_with_tokens(pixel_values) ->
+        (embeddings, tokens)`` or a ``tokens(pixel_values)`` method (then run besides its
+        forward), returning (N, L, C) tokens or (N, C, H, W) maps as they are; ``layer`` must
+        be None. Raises ``ValueError`` otherwise, and as :meth:`forward` on bad images.
+        """
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+            raise ValueError(f"layer: expected None or an int index into hidden_states, got {layer!r}")
+        if self._readout == "output":
+            if layer is not None:
+                raise ValueError(f"layer: a plain module ({self._name}) has no hidden_states to index; pass None")
+            if not _module_gives_tokens(self._backbone):
+                raise ValueError(
+                    f"model: the plain module {self._name} gives no spatial tokens; give it a "
+                    "forward_with_tokens(pixel_values) -> (embeddings, tokens) or a tokens(pixel_values) method"
+                )
+        embeddings, tokens = self._run(images, with_tokens=True, layer=layer)
+        assert tokens is not None
+        return embeddings, tokens
+
+    @property
+    def token_grid(self) -> tuple[int, int] | None:
+        """(h, w) of the patch tokens of :meth:`forward_with_tokens` (``None`` for a plain module)."""
+        return self._token_grid
+
+    def _run(self, images: Tensor, *, with_tokens: bool, layer: int | None) -> tuple[Tensor, Tensor | None]:
+        """One forward of the tower: the embeddings and, ``with_tokens``, the patch tokens."""
         pixel_values = self.preprocess(images)
         backbone = self._backbone_for(pixel_values.device)
         pixel_values = pixel_values.to(_weight_dtype(backbone))
         tower = backbone.get_submodule(self._tower_path)
         embeddings: Tensor
         if self._readout == "output":  # a plain module
-            embeddings = tower(pixel_values).flatten(1)
-            return embeddings
-        extra = {"interpolate_pos_encoding": True} if self._interpolate_pos_encoding else {}
+            if not with_tokens:
+                embeddings = tower(pixel_values).flatten(1)
+                return embeddings, None
+            module: Any = tower  # its own token method, checked by forward_with_tokens
+            if hasattr(module, "forward_with_tokens"):
+                embeddings, tokens = module.forward_with_tokens(pixel_values)
+                return embeddings.flatten(1), tokens
+            return module(pixel_values).flatten(1), module.tokens(pixel_values)
+        extra: dict[str, Any] = {"interpolate_pos_encoding": True} if self._interpolate_pos_encoding else {}
+        if with_tokens and layer is not None:
+            extra["output_hidden_states"] = True
         output = tower(pixel_values=pixel_values, **extra)
         if self._readout == "patch_mean":  # (N, T, D) tokens -> mean over the patch tokens
             embeddings = output.last_hidden_state[:, self._patch_start :].mean(dim=1)
@@ -391,7 +449,19 @@ class FrozenEncoder(nn.Module):
             embeddings = output.pooler_output
         else:  # "projection"
             embeddings = backbone.get_submodule(self._projection_path)(output.pooler_output)
-        return embeddings
+        if not with_tokens:
+            return embeddings, None
+        if layer is None:
+            hidden = output.last_hidden_state
+        else:
+            states = output.hidden_states
+            if not -len(states) <= layer < len(states):
+                raise ValueError(
+                    f"layer: expected an index into the {len(states)} hidden_states (embeddings and each block), "
+                    f"got {layer}"
+                )
+            hidden = states[layer]
+        return embeddings, hidden[:, self._patch_start :]
 
     # ----------------------------------------------------------------------------------------
     # nn.Module plumbing for the unregistered model
@@ -770,6 +840,10 @@ def _submodule_path(root: nn.Module, module: nn.Module) -> str:
         if candidate is module:
             return str(name)  # named_modules is unannotated in torch
     raise ValueError(f"model: {type(module).__name__} is not a submodule of {type(root).__name__}")
+
+
+def _module_gives_tokens(module: nn.Module) -> bool:
+    return callable(getattr(module, "forward_with_tokens", None)) or callable(getattr(module, "tokens", None))
 
 
 def _weight_dtype(module: nn.Module) -> torch.dtype:
