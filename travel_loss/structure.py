@@ -120,12 +120,12 @@ def self_similarity(
     unit = F.normalize(tokens, dim=-1, eps=_NORM_EPS)
     centres = unit[:, rows]  # (N, P, C)
     if window is None:
-        similarity: Tensor = centres @ unit.transpose(1, 2)  # (N, P, L)
-        return similarity
+        return centres @ unit.transpose(1, 2)  # (N, P, L)
     offsets = _window_offsets(window, width, tokens.device)  # (w^2,)
     neighbours = unit[:, (rows[:, None] + offsets[None, :]).flatten()]  # (N, P w^2, C)
     neighbours = neighbours.unflatten(1, (rows.numel(), offsets.numel()))  # (N, P, w^2, C)
-    return (neighbours @ centres[..., None]).squeeze(-1)  # (N, P, w^2)
+    local: Tensor = (neighbours @ centres[..., None]).squeeze(-1)  # (N, P, w^2)
+    return local
 
 
 def self_similarity_loss(
