@@ -10,6 +10,8 @@ of their translations over all ordered pairs :math:`i \ne j` of the set,
 metric keeps the embeddings themselves, the sufficient statistics of a mean over all pairs of
 cosines: :math:`O(ND)` memory, and :meth:`TravelConsistency.compute` builds :math:`N \times N`
 Gram matrices (fine up to several thousand rows; subsample larger sets).
+:meth:`TravelConsistency.flip_scores` gives the per-image audit of :func:`travel_loss.flip_scores`
+over the same rows.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from travel_loss.audit import Method, flip_scores
 from travel_loss.loss import travel_loss
 
 __all__ = ["TravelConsistency"]
@@ -96,10 +99,34 @@ class TravelConsistency:
 
     def compute(self) -> Tensor:
         """C over every row seen (on all ranks with ``sync``), a 0-D float32 (float64) tensor."""
+        values = [
+            1.0 - travel_loss(src, gen, distance="cosine", reduction="mean") for src, gen in self._all_rows("compute")
+        ]
+        return torch.stack(values).mean(dim=0)
+
+    def flip_scores(self, *, method: Method = "row_mean", neighbours: int = 10, chunk_size: int = 1024) -> Tensor:
+        """:func:`~travel_loss.flip_scores` of every row seen, an (N,) tensor, higher = more likely flipped.
+
+        Rows are scored against all rows (on all ranks with ``sync``: a collective, call it on every
+        rank), and come back in the order they were given: this rank's updates in order, ranks in
+        rank order (with a ``DistributedSampler`` without shuffling, rank r's rows are the data
+        set's items r, r + W, r + 2W, ...). Sequences of encoders give the mean of their scores.
+        """
+        rows = self._all_rows("flip_scores")
+        return flip_scores(
+            [src for src, _ in rows],
+            [gen for _, gen in rows],
+            method=method,
+            neighbours=neighbours,
+            chunk_size=chunk_size,
+        )
+
+    def _all_rows(self, caller: str) -> list[tuple[Tensor, Tensor]]:
+        """Per encoder, the (N, D_k) sources and translations of every row (of every rank with ``sync``)."""
         synced = self.sync and dist.is_available() and dist.is_initialized()
         if not self._src and not synced:
-            raise ValueError("compute: no rows yet; call update() with at least 2 rows in total first")
-        values = []
+            raise ValueError(f"{caller}: no rows yet; call update() with at least 2 rows in total first")
+        rows = []
         for k in range(len(self._src) if self._src else 1):
             src = torch.cat(self._src[k]) if self._src else None
             gen = torch.cat(self._gen[k]) if self._gen else None
@@ -107,9 +134,9 @@ class TravelConsistency:
                 src, gen = _gather_rows(src, self.group), _gather_rows(gen, self.group)
             if src is None or gen is None or src.shape[0] < 2:
                 got = 0 if src is None else src.shape[0]
-                raise ValueError(f"compute: expected at least 2 rows in total (pairs), got {got}")
-            values.append(1.0 - travel_loss(src, gen, distance="cosine", reduction="mean"))
-        return torch.stack(values).mean(dim=0)
+                raise ValueError(f"{caller}: expected at least 2 rows in total (pairs), got {got}")
+            rows.append((src, gen))
+        return rows
 
     def _checked(self, k: int, src: Tensor, gen: Tensor) -> tuple[Tensor, Tensor]:
         suffix = f"[{k}]" if self._as_sequence or k else ""
