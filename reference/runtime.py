@@ -42,6 +42,7 @@ __all__ = [
     "rank_seed",
     "seed_everything",
     "setup_runtime",
+    "sync_xla",
 ]
 
 
@@ -208,6 +209,18 @@ def import_xla() -> Any:
             "use --device cpu or --device cuda on other machines"
         ) from error
     return xm
+
+
+def sync_xla(xm: Any) -> None:
+    """End the step's lazy XLA graph and run it: ``torch_xla.sync()`` where it exists (torch_xla >= 2.5),
+    else the older ``xm.mark_step()`` of ``torch_xla.core.xla_model`` ``xm``."""
+    import torch_xla
+
+    sync = getattr(torch_xla, "sync", None)
+    if sync is not None:
+        sync()
+    else:
+        xm.mark_step()
 
 
 def setup_runtime(device: str = "auto", amp: str = "off") -> Runtime:
