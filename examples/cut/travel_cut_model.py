@@ -30,8 +30,11 @@ What the file takes care of:
 - The encoder is a plain attribute of the model: not in ``model_names``, so not re-initialised,
   parallelised, saved or optimised by the framework.
 
-Checked against taesungp/contrastive-unpaired-translation commit b3ac297 (train.py, options,
-create_model, CUT and FastCUT, --nce_idt on and off, batch 1 and 2, save and --continue_train).
+Checked against taesungp/contrastive-unpaired-translation commit b3ac297 (2023-09-05) with its own
+train.py, options and create_model on CPU: CUT and FastCUT, --nce_idt on and off, flipped and not,
+batch 1 and 2, save and --continue_train, netG's gradient against a hand computation. On CPU that
+commit's own --continue_train fails for every model (parallelize() wraps the nets in DataParallel,
+so save_networks writes "module."-prefixed keys that load_networks rejects); on GPU it resumes.
 """
 
 from __future__ import annotations

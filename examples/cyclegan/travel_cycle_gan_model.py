@@ -27,8 +27,9 @@ What the file takes care of:
   saved or optimised by the framework. CycleGAN's ``train.py`` has no initialisation pass
   before training, so the queue starts empty on the first step.
 
-Checked against junyanz/pytorch-CycleGAN-and-pix2pix commit 00d5574 (train.py, options,
-create_model, batch 1 and 2, save and --continue_train).
+Checked against junyanz/pytorch-CycleGAN-and-pix2pix commit 00d5574 (2021-11-17) with its own
+train.py, options, create_model and test.py on CPU: batch 1 and 2, save and --continue_train, the
+generators' gradients against a hand computation.
 """
 
 from __future__ import annotations
