@@ -15,7 +15,7 @@ import re
 import shutil
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "LATEST",
     "DamagedCheckpointError",
     "capture_rng_state",
+    "finite_parts",
     "load_checkpoint",
     "looks_intact",
     "remove_stale_temporaries",
@@ -272,6 +273,34 @@ def training_state(
         "rng": rng_states,
         "data": {"position": step * config["batch_size"] * runtime.world_size, "world_size": runtime.world_size},
     }
+
+
+def finite_parts(modules: Mapping[str, nn.Module], optimizers: Mapping[str, Any]) -> dict[str, bool]:
+    """Whether every floating-point tensor of each part a checkpoint stores is finite, by part:
+    each module's state_dict (weights, buffers) by its name, each optimizer's state (Adam's
+    moments) as ``"<name> optimizer"``. One host sync per part and device."""
+    parts = {name: module.state_dict() for name, module in modules.items()}
+    parts |= {f"{name} optimizer": optimizer.state_dict()["state"] for name, optimizer in optimizers.items()}
+    return {name: _all_finite(list(_tensors(state))) for name, state in parts.items()}
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        if tensor.is_floating_point() or tensor.is_complex():
+            flags.setdefault(tensor.device, []).append(torch.isfinite(tensor.detach()).all())
+    return all(bool(torch.stack(group).all()) for group in flags.values())
 
 
 def restore_training_state(

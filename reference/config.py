@@ -8,7 +8,7 @@ field (``--g-width`` -> ``g_width``) and uses the comment after a field as the f
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +19,14 @@ __all__ = [
     "AMP_MODES",
     "DEVICES",
     "ENCODER_MODES",
+    "LR_CEILING",
     "PAPER_ENCODER",
     "TRAVEL_OBJECTIVES",
     "TrainConfig",
     "check_config",
     "command_line_flags",
+    "encoder_needed",
+    "uses_encoder",
 ]
 
 PAPER_ENCODER = "openai/clip-vit-large-patch14"
@@ -31,6 +34,7 @@ ENCODER_MODES = ("clip", "random-clip", "siamese", "module")
 TRAVEL_OBJECTIVES = ("paper", "notebook")
 AMP_MODES = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "xla")
+LR_CEILING = 1.0  # the largest learning rate the trainer accepts: Adam steps of this size already diverge
 
 
 @dataclass
@@ -68,7 +72,7 @@ class TrainConfig:
     nce_dim: int = 256  # with lambda_nce: width of the MLP heads and of the patch embeddings (CUT: 256)
 
     # encoder E
-    encoder: str = PAPER_ENCODER  # CLIP hub id or local folder; with --encoder-mode module: FILE.py:FACTORY
+    encoder: str | None = None  # CLIP hub id or local folder (None: the paper's ViT-L/14); module mode: FILE.py:FACTORY
     encoder_mode: str = "clip"  # clip | random-clip (the ablation) | siamese (TraVeLGAN) | module (your own)
     crop: str = "center"  # FrozenCLIPEncoder crop policy: center | resize | full
     features: str = "pooled"  # FrozenCLIPEncoder features: pooled | projected
@@ -121,6 +125,24 @@ class TrainConfig:
     def generator_blocks(self) -> int:
         return default_n_blocks(self.size) if self.g_blocks is None else self.g_blocks
 
+    @property
+    def encoder_name(self) -> str:
+        """``encoder``, or the paper's CLIP checkpoint when none is named."""
+        return PAPER_ENCODER if self.encoder is None else self.encoder
+
+
+def encoder_needed(config: TrainConfig) -> bool:
+    """Whether a term of L_G goes through the encoder E: the travel term (``lambda_travel`` other
+    than 0, or ``"auto"``). A term that needs E joins this condition."""
+    return config.lambda_travel != 0
+
+
+def uses_encoder(config: TrainConfig) -> bool:
+    """Whether the run builds E: a term needs it (:func:`encoder_needed`), or the user named one
+    (``encoder``, or an ``encoder_mode`` other than the default ``"clip"``), whose travel
+    consistency is then logged even at ``lambda_travel`` 0."""
+    return encoder_needed(config) or config.encoder is not None or config.encoder_mode != "clip"
+
 
 def check_config(config: TrainConfig) -> None:
     """Raise ValueError naming the first bad field, before any work is done."""
@@ -136,6 +158,12 @@ def check_config(config: TrainConfig) -> None:
     def choice(name: str, allowed: Sequence[str]) -> None:
         if getattr(config, name) not in allowed:
             fail(name, f"one of {', '.join(map(repr, allowed))}")
+
+    def number(name: str, expected: str, within: Callable[[float], bool]) -> None:
+        value = getattr(config, name)
+        numeric = not isinstance(value, bool) and isinstance(value, (int, float))
+        if not (numeric and math.isfinite(value) and within(value)):
+            fail(name, expected)
 
     sources = [config.data is not None, config.data_a is not None or config.data_b is not None]
     if sum(sources) != 1:
@@ -156,21 +184,14 @@ def check_config(config: TrainConfig) -> None:
     ):
         fail("lambda_travel", "a finite number >= 0 or 'auto'")
     for name in ("lambda_identity", "lambda_cycle", "lambda_cycle_identity", "r1_gamma", "lambda_nce"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
-            fail(name, "a finite number >= 0")
-    for name in ("lambda_auto_scale", "lr", "siamese_margin", "nce_temperature"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-            fail(name, "a finite number > 0")
-    if config.lr_d is not None and (
-        isinstance(config.lr_d, bool) or not isinstance(config.lr_d, (int, float)) or not config.lr_d > 0
-    ):
-        fail("lr_d", "None (twice lr) or a number > 0")
+        number(name, "a finite number >= 0", lambda v: v >= 0)
+    for name in ("lambda_auto_scale", "siamese_margin", "nce_temperature"):
+        number(name, "a finite number > 0", lambda v: v > 0)
+    number("lr", f"a number in (0, {LR_CEILING:g}]", lambda v: 0 < v <= LR_CEILING)
+    if config.lr_d is not None:
+        number("lr_d", f"None (twice lr) or a number in (0, {LR_CEILING:g}]", lambda v: 0 < v <= LR_CEILING)
     for name in ("lambda_auto_momentum", "beta1", "beta2", "g_ema"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            fail(name, "a number in [0, 1)")
+        number(name, "a number in [0, 1)", lambda v: 0 <= v < 1)
     choice("travel_objective", TRAVEL_OBJECTIVES)
     choice("travel_distance", ("cosine", "squared_euclidean", "travelgan"))
     choice("travel_reduction", ("mean", "sum"))
@@ -240,14 +261,14 @@ def check_config(config: TrainConfig) -> None:
     if config.amp == "fp16" and config.device in ("cpu", "xla"):
         fail("amp", f"'off' or 'bf16' on device {config.device!r}: float16 autocast needs CUDA (use bf16)")
     positive_int("seed", 0)
+    if config.seed >= 2**64:
+        fail("seed", "an int in [0, 2**64) (torch's generators take 64 bits)")
     for name in ("log_every", "sample_every", "checkpoint_every", "sample_count"):
         positive_int(name)
     positive_int("keep_checkpoints", 0)
     if not config.out:
         fail("out", "an output folder")
-    fraction = config.max_unreadable_fraction
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
-        fail("max_unreadable_fraction", "a number in [0, 1]")
+    number("max_unreadable_fraction", "a number in [0, 1]", lambda v: 0 <= v <= 1)
 
 
 def command_line_flags(fields: Mapping[str, Any]) -> list[str]:

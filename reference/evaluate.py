@@ -52,6 +52,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from reference.data import ImageFolder
 from reference.outputs import check_output_file, error_line
+from reference.translate import positive_int_flag
 from reference.translate import translate_images as translate_one_batch
 from travel_loss.metrics import TravelConsistency
 
@@ -614,8 +615,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--inception-weights", help=f"local Inception weights file ({INCEPTION_WEIGHTS_FILE}) for FID/KID"
     )
-    parser.add_argument("--size", type=int, default=256, help="images are resized to SIZE x SIZE (default 256)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--size", type=positive_int_flag, default=256, help="images are resized to SIZE x SIZE (default 256)"
+    )
+    parser.add_argument("--batch-size", type=positive_int_flag, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, help="JSON file for the results")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

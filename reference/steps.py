@@ -101,12 +101,10 @@ class StepOptions:
         same: dict[str, Any] = {f.name: getattr(config, f.name) for f in fields(cls) if f.name not in derived}
         return cls(**same, **derived)
 
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """``torch.autocast`` to ``amp_dtype``; with amp off no autocast context at all (torch_xla warns
-        on entering a disabled float32 one)."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(
+            self.device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        )
 
 
 def travel_term(emb_src: Tensor, emb_gen: Tensor, options: StepOptions) -> Tensor:
@@ -334,6 +332,9 @@ def _check_step_arguments(
     reverse: ReverseDirection | None,
     real_b: Tensor | None,
     patch_nce: PatchNCE | None,
+    *,
+    has_encoder: bool = True,
+    adaptive: bool = False,
 ) -> None:
     """Raises ``ValueError`` naming the argument, before any work."""
     nce_needs_b = patch_nce is not None and options.nce_idt
@@ -359,12 +360,17 @@ def _check_step_arguments(
         )
     if emb_src is not None and options.views is not None:
         raise ValueError("emb_src: precomputed source embeddings cannot be used with views (E(x) changes per view)")
+    if not has_encoder and (options.lambda_travel or adaptive or encoder_optimizer or emb_src is not None):
+        raise ValueError(
+            "encoder: None works only without a travel term (lambda_travel 0, no adaptive lambda, "
+            f"no encoder_optimizer or emb_src), got lambda_travel={options.lambda_travel}"
+        )
 
 
 def generator_step(
     generator: nn.Module,
     discriminator: nn.Module,
-    encoder: nn.Module,
+    encoder: nn.Module | None,
     optimizer: torch.optim.Optimizer,
     real_a: Tensor,
     options: StepOptions,
@@ -399,6 +405,9 @@ def generator_step(
     ``emb_src``: precomputed (n, D) source embeddings E(x) (a frozen encoder's embeddings of a
     fixed data set can be computed once); the step then skips the source forward.
 
+    ``encoder`` None (a baseline at ``lambda_travel`` 0 that needs no E): no travel term, and
+    no ``"loss_travel"`` in the result.
+
     ``travel_queue``: a :class:`travel_loss.TravelQueue` that replaces the travel term (pairs
     with queued rows of earlier steps too; batch 1 works).
 
@@ -417,7 +426,10 @@ def generator_step(
     on ``real_b`` too), the heads updated from the same backward; the result gains
     ``"loss_nce"`` (and ``"loss_nce_x"``, ``"loss_nce_y"`` with nce_idt).
     """
-    _check_step_arguments(real_a, options, encoder_optimizer, emb_src, reverse, real_b, patch_nce)
+    _check_step_arguments(
+        real_a, options, encoder_optimizer, emb_src, reverse, real_b, patch_nce,
+        has_encoder=encoder is not None, adaptive=adaptive_lambda is not None,
+    )  # fmt: skip
     optimizers = [optimizer] if encoder_optimizer is None else [optimizer, encoder_optimizer]
     optimizers += [extra.optimizer for extra in (reverse, patch_nce) if extra is not None]
     if 0 < options.micro_batch < real_a.shape[0]:
@@ -429,8 +441,11 @@ def generator_step(
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     fake, fake_logits = translate_and_judge(generator, discriminator, real_a, options)
+    emb_gen: Tensor | None = None
     with options.autocast():
-        if encoder_optimizer is not None:  # one forward of the trainable embedder (one DDP call)
+        if encoder is None:  # no term goes through E: no travel term
+            pass
+        elif encoder_optimizer is not None:  # one forward of the trainable embedder (one DDP call)
             emb_src, emb_gen = encoder(torch.cat([real_a, fake])).chunk(2)
         else:
             # at a fixed lambda of 0 the travel term is only logged: no graph through E
@@ -447,18 +462,21 @@ def generator_step(
     terms = generator_terms(
         generator, real_a, fake, fake_logits, options, reverse=reverse, real_b=real_b, patch_nce=patch_nce
     )
-    emb_src = all_gather_with_grad(_at_least_float32(emb_src))
-    emb_gen = all_gather_with_grad(_at_least_float32(emb_gen))
-    travel = travel_term(emb_src, emb_gen, options) if travel_queue is None else travel_queue(emb_src, emb_gen)
-    lam = options.lambda_travel if adaptive_lambda is None else adaptive_lambda.update(terms.adversarial, travel)
-    loss = terms.loss + lam * travel
-    if encoder_optimizer is not None:
-        loss = loss + lam * siamese_margin_loss(emb_src, options.siamese_margin, check_finite=False)
+    loss, lam, logged = terms.loss, options.lambda_travel, dict[str, Tensor]()
+    if emb_src is not None and emb_gen is not None:
+        emb_src = all_gather_with_grad(_at_least_float32(emb_src))
+        emb_gen = all_gather_with_grad(_at_least_float32(emb_gen))
+        travel = travel_term(emb_src, emb_gen, options) if travel_queue is None else travel_queue(emb_src, emb_gen)
+        lam = options.lambda_travel if adaptive_lambda is None else adaptive_lambda.update(terms.adversarial, travel)
+        loss = loss + lam * travel
+        if encoder_optimizer is not None:
+            loss = loss + lam * siamese_margin_loss(emb_src, options.siamese_margin, check_finite=False)
+        logged["loss_travel"] = travel.detach()
     _backward_and_step(loss, optimizers, _parameters(optimizers), scaler)
     return {
         "loss_g": loss.detach(),
         "loss_adv": terms.adversarial.detach(),
-        "loss_travel": travel.detach(),
+        **logged,
         "lambda": lam,
         "fake": fake.detach(),
         **terms.reported,
@@ -468,7 +486,7 @@ def generator_step(
 def micro_batched_generator_step(
     generator: nn.Module,
     discriminator: nn.Module,
-    encoder: nn.Module,
+    encoder: nn.Module | None,
     optimizers: Sequence[torch.optim.Optimizer],
     real_a: Tensor,
     options: StepOptions,
@@ -518,17 +536,20 @@ def micro_batched_generator_step(
 
     def embed(images: Tensor, rows: Tensor) -> Tensor:
         """E of (m, 3, H, W) ``images``, rows ``rows`` of the batch: averaged over their views."""
+        assert encoder is not None  # called only with one
         if views is None:
             return encoder(images)
         per_view = encoder(torch.cat([views.apply(images, _draw_rows(draw, rows)) for draw in draws]))
         return torch.stack(per_view.chunk(len(draws))).mean(dim=0)
 
     batch_rows = torch.arange(n, device=real_a.device)
-    with options.autocast():
-        if emb_src is None:
-            emb_src = embed_in_chunks(lambda rows: embed(real_a[rows], rows), batch_rows, chunk_size)
-        emb_gen = embed_in_chunks(lambda rows: embed(generator(real_a[rows]), rows), batch_rows, chunk_size)
-    emb_src, emb_gen = _at_least_float32(emb_src), _at_least_float32(emb_gen)
+    emb_gen: Tensor | None = None
+    if encoder is not None:  # else no term goes through E: no travel term
+        with options.autocast():
+            if emb_src is None:
+                emb_src = embed_in_chunks(lambda rows: embed(real_a[rows], rows), batch_rows, chunk_size)
+            emb_gen = embed_in_chunks(lambda rows: embed(generator(real_a[rows]), rows), batch_rows, chunk_size)
+        emb_src, emb_gen = _at_least_float32(emb_src), _at_least_float32(emb_gen)
     separate = adaptive_lambda is not None and adaptive_lambda.computes_next
     lam = options.lambda_travel
     if adaptive_lambda is not None and not separate:
@@ -540,9 +561,13 @@ def micro_batched_generator_step(
             travel = travel + siamese_margin_loss(src, options.siamese_margin, check_finite=False)
         return travel
 
-    objective_value, grad_gen, grad_src = travel_loss_and_embedding_grads(
-        emb_src, emb_gen, loss_fn=objective, src_grad=trainable_encoder, global_batch=True
-    )
+    objective_value: Tensor | None = None
+    grad_gen: Tensor | None = None
+    grad_src: Tensor | None = None
+    if emb_src is not None and emb_gen is not None:
+        objective_value, grad_gen, grad_src = travel_loss_and_embedding_grads(
+            emb_src, emb_gen, loss_fn=objective, src_grad=trainable_encoder, global_batch=True
+        )
     nce_locations = None
     if patch_nce is not None:  # one draw for the whole batch, as the whole-batch step makes
         with torch.no_grad(), options.autocast():
@@ -566,8 +591,10 @@ def micro_batched_generator_step(
             fake, fake_logits = translate_and_judge(generator, discriminator, x, options)
             with options.autocast():
                 if grad_src is not None:  # the trainable encoder
+                    assert encoder is not None and grad_gen is not None  # computed with grad_src
                     embedded, grad = encoder(torch.cat([x, fake])), torch.cat([grad_src[rows], grad_gen[rows]])
                 elif travel_trains:
+                    assert grad_gen is not None  # lambda other than 0: an encoder (_check_step_arguments)
                     embedded, grad = embed(fake, rows), grad_gen[rows]
             terms = generator_terms(
                 generator, x, fake, fake_logits, options, reverse=reverse,
@@ -601,13 +628,13 @@ def micro_batched_generator_step(
         lam = _combine_balanced(adaptive_lambda, parameters, travel_grads, trained_modules, adversarial_at)
     _optimizer_step(optimizers, scaler)
     travel = objective_value
-    if trainable_encoder:  # report the travel term alone, as the whole-batch step does
+    if trainable_encoder and emb_src is not None and emb_gen is not None:  # the travel term alone, as in generator_step
         with torch.no_grad():
             travel = travel_term(all_gather_with_grad(emb_src), all_gather_with_grad(emb_gen), options)
     loss_terms = totals.pop("loss_terms")
     return {
-        "loss_g": loss_terms + lam * objective_value,
-        "loss_travel": travel,
+        "loss_g": loss_terms if objective_value is None else loss_terms + lam * objective_value,
+        **({} if travel is None else {"loss_travel": travel}),
         "lambda": lam,
         "fake": torch.cat(fakes),
         **totals,

@@ -66,6 +66,7 @@ from torch.utils.data import Dataset
 
 from reference.checkpoint import (
     LATEST,
+    finite_parts,
     load_checkpoint,
     remove_stale_temporaries,
     restore_training_state,
@@ -80,9 +81,10 @@ from reference.config import (
     TRAVEL_OBJECTIVES,
     TrainConfig,
     check_config,
+    uses_encoder,
 )
 from reference.data import ImageFolder, TooManyUnreadableImagesError, resolve_unpaired_folders
-from reference.logs import LogInterval, save_image_grid, write_samples
+from reference.logs import LogInterval, TrainingDivergedError, divergence_message, save_image_grid, write_samples
 from reference.losses import GAN_LOSSES
 from reference.models import DISCRIMINATOR_NORMS, PatchDiscriminator, ResnetGenerator, SiameseEmbedder
 from reference.outputs import RunFolderBusyError, RunFolderLock, error_line
@@ -102,7 +104,6 @@ from reference.runtime import (
     rank_seed,
     seed_everything,
     setup_runtime,
-    sync_xla,
 )
 from reference.steps import PatchNCE, ReverseDirection, StepOptions, discriminator_step, generator_step, update_ema
 from reference.stream import FlippedImages, stream_loader
@@ -145,7 +146,8 @@ def _frozen(module: nn.Module) -> nn.Module:
 def build_encoder(config: TrainConfig) -> nn.Module:
     """The embedder E of the travel loss for ``config.encoder_mode``.
 
-    - ``clip``: ``FrozenCLIPEncoder(config.encoder)``, pretrained weights by hub id or folder;
+    - ``clip``: ``FrozenCLIPEncoder(config.encoder_name)``, pretrained weights by hub id or folder
+      (the paper's ViT-L/14 when ``config.encoder`` is None);
     - ``random-clip``: the same architecture with random weights (the paper's ablation), from
       the checkpoint's config when ``config.encoder`` names one, else ViT-L/14's shape;
     - ``siamese``: :class:`SiameseEmbedder`, trainable (the TraVeLGAN baseline);
@@ -161,7 +163,7 @@ def build_encoder(config: TrainConfig) -> nn.Module:
         from reference.user_embedder import EmbedderSpecError, build_user_embedder
 
         try:
-            return build_user_embedder(config.encoder, config.size)
+            return build_user_embedder(config.encoder_name, config.size)
         except EmbedderSpecError as error:
             raise SetupError(str(error)) from error
     from travel_loss.encoder import FrozenCLIPEncoder
@@ -170,20 +172,20 @@ def build_encoder(config: TrainConfig) -> nn.Module:
     options: dict[str, Any] = dict(crop=config.crop, features=config.features, check_range=False)
     if config.encoder_mode == "clip":
         try:
-            return _frozen(FrozenCLIPEncoder(config.encoder, **options))
+            return _frozen(FrozenCLIPEncoder(config.encoder_name, **options))
         except (OSError, ValueError) as error:  # not cached and offline, not a CLIP checkpoint, damaged files
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise SetupError(
-                f"--encoder: cannot load a CLIP checkpoint from {config.encoder!r}: {first}; "
+                f"--encoder: cannot load a CLIP checkpoint from {config.encoder_name!r}: {first}; "
                 "pass a local folder written by save_pretrained (offline: HF_HUB_OFFLINE=1 uses the cache only)"
             ) from error
     from transformers import CLIPVisionConfig
 
     try:
-        vision_config = CLIPVisionConfig.from_pretrained(config.encoder, local_files_only=True)
+        vision_config = CLIPVisionConfig.from_pretrained(config.encoder_name, local_files_only=True)
     except OSError as error:
-        if config.encoder != PAPER_ENCODER:
-            raise SetupError(f"encoder: cannot read a CLIP config from {config.encoder!r}: {error}") from error
+        if config.encoder_name != PAPER_ENCODER:
+            raise SetupError(f"encoder: cannot read a CLIP config from {config.encoder_name!r}: {error}") from error
         vision_config = CLIPVisionConfig(**VIT_L14_VISION)
     return _frozen(FrozenCLIPEncoder.from_config(vision_config, seed=config.seed, **options))
 
@@ -271,12 +273,23 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainSummary:
     ``resume_from`` can take. When more than ``max_unreadable_fraction`` of the image files
     fail to decode, the run saves a checkpoint at the last finished step and raises
     :class:`reference.data.TooManyUnreadableImagesError`.
+
+    Divergence: every logged loss is checked for NaN and inf on the device (no host sync per
+    step; read at each logging step), and the losses, weights and optimizer state before every
+    checkpoint (:class:`reference.logs.LogInterval`; under DDP all ranks agree). A failed check
+    stops the run without writing a checkpoint (the last finite one and its ``step_*.pt`` stay
+    as they were) and raises :class:`reference.logs.TrainingDivergedError`, whose one-line
+    message names the step window, the terms and what to try.
+
+    E is built only when a term needs it or one is named (:func:`reference.config.uses_encoder`):
+    a baseline at ``lambda_travel`` 0 without ``encoder`` trains without one and logs no
+    travel consistency.
     """
     check_config(config)
     check_run_inputs(config)
     runtime = setup_runtime(config.device, config.amp)
-    if config.encoder_mode in ("clip", "random-clip"):  # a mistyped folder or an unreachable hub, at once
-        check_encoder_name(config.encoder, weights_needed=config.encoder_mode == "clip")
+    if uses_encoder(config) and config.encoder_mode in ("clip", "random-clip"):  # a mistyped folder, no hub: at once
+        check_encoder_name(config.encoder_name, weights_needed=config.encoder_mode == "clip")
     lock = RunFolderLock(config.out) if runtime.is_main else None  # a second run on --out stops here
     new_folder = not Path(config.out).exists()
     try:
@@ -316,7 +329,7 @@ class TrainingRun:
     ema: nn.Module | None
     g_train: nn.Module  # the views that train: DDP wrappers, torch.compile
     d_train: nn.Module
-    e_train: nn.Module
+    e_train: nn.Module | None  # None: no term needs the encoder (reference.config.uses_encoder)
     d_for_g: nn.Module
     da_train: nn.Module | None
     reverse: ReverseDirection | None  # CycleGAN's B -> A half
@@ -352,7 +365,7 @@ class TrainingRun:
         for scheduler in self.schedulers.values():
             scheduler.step()
         if self.runtime.xla is not None:
-            sync_xla(self.runtime.xla)
+            self.runtime.xla.mark_step()
         return {**g_out, **d_out}
 
     def save_samples(self, step: int, inputs: Tensor) -> None:
@@ -360,6 +373,10 @@ class TrainingRun:
         sampler = self.modules["generator"] if self.ema is None else self.ema
         path = Path(self.config.out) / "samples" / f"step_{step:06d}.png"
         write_samples(sampler, inputs, path, self.options.autocast, self.config.channels_last)
+
+    def finite_parts(self) -> dict[str, bool]:
+        """Whether each module's and optimizer's state is finite, by name (checked before every save)."""
+        return finite_parts(self.modules, self.optimizers)
 
     def save(self, step: int) -> None:
         """The atomic checkpoint of everything above at ``step`` (rank 0 writes)."""
@@ -383,11 +400,17 @@ def build_run(
     seed_everything(config.seed)
     generator = ResnetGenerator(3, 3, width=config.g_width, n_blocks=config.generator_blocks).to(device)
     discriminator = PatchDiscriminator(3, width=config.d_width, n_layers=config.d_layers, norm=config.d_norm).to(device)
-    encoder = build_encoder(config).to(device)
-    check_encoder_input_size(encoder, config.size)
-    trainable_encoder = config.encoder_mode == "siamese"
+    encoder = build_encoder(config).to(device) if uses_encoder(config) else None
+    if encoder is None:
+        say(
+            "no encoder: --lambda-travel is 0 and no other term needs one, so travel consistency is not logged "
+            "(name one with --encoder to log it)"
+        )
+    else:
+        check_encoder_input_size(encoder, config.size)
+    trainable_encoder = encoder is not None and config.encoder_mode == "siamese"
     if config.channels_last:
-        for module in (generator, discriminator, encoder):
+        for module in (generator, discriminator, *([encoder] if encoder is not None else [])):
             module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # valid, not in torch's overloads
     betas = (config.beta1, config.beta2)
     optimizers: dict[str, torch.optim.Optimizer] = {
@@ -395,7 +418,7 @@ def build_run(
         "discriminator": torch.optim.Adam(discriminator.parameters(), lr=config.discriminator_lr, betas=betas),
     }
     modules: dict[str, nn.Module] = {"generator": generator, "discriminator": discriminator}
-    if trainable_encoder:
+    if encoder is not None and trainable_encoder:
         optimizers["siamese"] = torch.optim.Adam(encoder.parameters(), lr=config.lr, betas=betas)
         modules["siamese"] = encoder
     if config.lambda_cycle:  # CycleGAN's B -> A half: G_BA and D_A, built like G and D
@@ -437,11 +460,10 @@ def build_run(
     start_step, data_position = 0, 0
     if resume_path is not None:
         checkpoint = load_checkpoint(resume_path, advice="resume from one of them with --resume-from FILE")
-        changed = sorted(
-            k
-            for k, v in checkpoint.get("config", {}).items()
-            if k not in _RESUME_FREE_FIELDS and asdict(config).get(k) != v
-        )
+        stored = checkpoint.get("config", {})
+        stored = {**stored, "encoder": stored.get("encoder") or PAPER_ENCODER}  # None: the paper's, as before
+        current = {**asdict(config), "encoder": config.encoder_name}
+        changed = sorted(k for k, v in stored.items() if k not in _RESUME_FREE_FIELDS and current.get(k) != v)
         try:
             start_step, data_position = restore_training_state(
                 checkpoint, runtime, modules, optimizers, schedulers, scalers, adaptive
@@ -473,7 +495,7 @@ def build_run(
         device_ids = [device.index] if device.type == "cuda" else None
         g_train = DistributedDataParallel(generator, device_ids=device_ids)
         d_train = DistributedDataParallel(discriminator, device_ids=device_ids)
-        if trainable_encoder:
+        if encoder is not None and trainable_encoder:
             e_train = DistributedDataParallel(encoder, device_ids=device_ids)
         if config.lambda_cycle:
             ga_train = DistributedDataParallel(modules["generator_ba"], device_ids=device_ids)
@@ -481,10 +503,12 @@ def build_run(
         if nce_train is not None:
             nce_train = DistributedDataParallel(nce_train, device_ids=device_ids)
     if config.compile:
-        g_train, d_train, e_train, d_for_g, *cycle_views = compile_modules(
-            [g_train, d_train, e_train, d_for_g, *((ga_train, da_train, da_for_g) if config.lambda_cycle else ())],
+        g_train, d_train, d_for_g, *cycle_views = compile_modules(
+            [g_train, d_train, d_for_g, *((ga_train, da_train, da_for_g) if config.lambda_cycle else ())],
             config.compile_backend,
         )
+        if e_train is not None:
+            (e_train,) = compile_modules([e_train], config.compile_backend)
         if cycle_views:
             ga_train, da_train, da_for_g = cycle_views
     reverse = None
@@ -521,8 +545,9 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> TrainSum
 
     # ---- the loop
     metrics = LogInterval(
-        config, runtime, run.optimizers, (images_a, images_b), start_step=run.start_step, progress=progress
-    )
+        config, runtime, run.optimizers, (images_a, images_b), start_step=run.start_step, progress=progress,
+        scalers=list(run.scalers.values()),
+    )  # fmt: skip
     compiled_graphs: dict[str, int] = {}
     step = last_saved = run.start_step
     interrupted = None
@@ -534,14 +559,14 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> TrainSum
             if config.compile and step == run.start_step + 1:
                 compiled_graphs["after_first_step"] = compiled_graph_count()
             if step % config.log_every == 0 or step == config.steps:
-                metrics.close_interval(step)
-            if runtime.is_main and (step % config.sample_every == 0 or step == config.steps):
+                metrics.close_interval(step)  # checks the terms first: a diverged interval is not written
+            if runtime.is_main and (step % config.sample_every == 0 or step == config.steps) and not metrics.diverged:
                 run.save_samples(step, sample_inputs)
-            if step % config.checkpoint_every == 0:
+            if step % config.checkpoint_every == 0 and metrics.finite(step, run.finite_parts()):
                 run.save(step)
                 last_saved = step
             metrics.bar.update(1)
-            if metrics.too_many_unreadable is not None:
+            if metrics.too_many_unreadable is not None or metrics.diverged is not None:
                 break
             if step < config.steps and stop.should_stop():
                 interrupted = stop.received or "signal on another rank"
@@ -592,9 +617,12 @@ def _finish_run(
     """After the loop, on every rank: the checkpoint at ``step`` (unless the loop just wrote it),
     the metrics file closed, the compiled-graph count at the end (a warning when it grew after the
     first step), all ranks waiting until latest.pt is complete; then
-    :class:`TooManyUnreadableImagesError` when the loop stopped for unreadable images."""
-    if last_saved != step:
+    :class:`TooManyUnreadableImagesError` when the loop stopped for unreadable images. A run that
+    diverged (a check of :class:`LogInterval` failed, here too before the last save) writes no
+    checkpoint and raises :class:`TrainingDivergedError`."""
+    if last_saved != step and metrics.finite(step, run.finite_parts()):
         run.save(step)
+        last_saved = step
     metrics.close()
     if run.config.compile:
         compiled_graphs["end"] = compiled_graph_count()
@@ -603,8 +631,22 @@ def _finish_run(
             warnings.warn(message, stacklevel=3)  # attributed to train(), _train's caller
     if run.runtime.distributed:
         dist.barrier(group=run.runtime.control_group)  # latest.pt is complete before any rank reads it
+    if metrics.diverged is not None:
+        checkpoint = _checkpoint_on_disk(run, last_saved)
+        message = divergence_message(run.config, metrics.diverged, checkpoint)
+        raise TrainingDivergedError(message, rank=run.runtime.rank)
     if metrics.too_many_unreadable is not None:
         raise TooManyUnreadableImagesError(metrics.too_many_unreadable)
+
+
+def _checkpoint_on_disk(run: TrainingRun, last_saved: int) -> tuple[Path, int] | None:
+    """The checkpoint a diverged run leaves to continue from, with its step: the last one it wrote,
+    else the one it resumed; None when there is none."""
+    if last_saved > run.start_step or (run.start_step and run.config.resume_from is None):
+        return Path(run.config.out) / LATEST, last_saved
+    if run.start_step and run.config.resume_from is not None:
+        return Path(run.config.resume_from), run.start_step
+    return None
 
 
 def _summary(
@@ -749,6 +791,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except TooManyUnreadableImagesError as error:
         print(error_line(parser.prog, error), file=sys.stderr)
+        return 1
+    except TrainingDivergedError as error:  # every rank stops; one says why
+        if error.rank == 0:
+            print(error_line(parser.prog, error), file=sys.stderr)
         return 1
     if summary["rank"] != 0:
         return 0

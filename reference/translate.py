@@ -41,7 +41,6 @@ from tqdm.auto import tqdm
 from reference.checkpoint import load_checkpoint
 from reference.data import IMAGE_EXTENSIONS, UnreadableImageWarning, is_readable_image, list_images, load_image
 from reference.models import ResnetGenerator
-from reference.runtime import import_xla
 
 __all__ = [
     "generator_kwargs_from_state_dict",
@@ -272,10 +271,14 @@ def translate_folder(
     return written
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
+def positive_int_flag(text: str) -> int:
+    """An argparse ``type``: an int >= 1, else the flag's error (argparse names the flag; exit status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
 
 
@@ -293,11 +296,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=1, help="images per batch; only equal-sized images share one"
+        "--batch-size", type=positive_int_flag, default=1, help="images per batch; only equal-sized images share one"
     )
     parser.add_argument(
         "--size",
-        type=_positive_int,
+        type=positive_int_flag,
         default=None,
         help="resize the shorter side to this before translating (default: native size)",
     )
@@ -313,8 +316,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():  # translate_folder warns about unreadable files, once
             warnings.simplefilter("ignore", UnreadableImageWarning)
             _usable_images(args.input, args.output, args.overwrite)  # fail on a bad folder before loading the model
-        if str(args.device).startswith("xla"):
-            import_xla()  # torch knows the xla device type once torch_xla is imported
         generator = load_generator(args.checkpoint, device=args.device)
         written = translate_folder(
             generator, args.input, args.output, batch_size=args.batch_size, size=args.size,

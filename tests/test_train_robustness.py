@@ -72,8 +72,9 @@ def run_main(capsys: pytest.CaptureFixture, *arguments: str) -> tuple[int, str]:
 
 
 def one_line(err: str, *fragments: str) -> None:
-    progress_bar = "step/s"
-    lines = [line for line in err.splitlines() if line.strip() and progress_bar not in line and "Warning" not in line]
+    progress_bar = ("step/s", "s/step")  # tqdm's rate, fast or slow
+    lines = [line for line in err.splitlines() if line.strip() and "Warning" not in line]
+    lines = [line for line in lines if not any(rate in line for rate in progress_bar)]
     lines = [line for line in lines if not line.startswith("  ")]  # the source line under a warning
     assert len(lines) == 1 and "Traceback" not in err, err
     for fragment in fragments:
@@ -395,6 +396,33 @@ MISTAKES = [  # (extra arguments, the start of the one line after "reference/tra
     (["--encoder-mode", "module", "--encoder", "no_such_file.py:make"], "--encoder:"),
     (["--resume-from", "MISSING"], "--resume-from: expected a checkpoint file"),
     (["--out", "FILE"], "--out: expected a folder"),
+    # numeric bounds: learning rates, betas and decays, counts, weights
+    (["--lr", "1e20"], "--lr: expected a number in (0, 1], got 1e+20"),
+    (["--lr", "1e38"], "--lr: expected a number in (0, 1]"),
+    (["--lr", "inf"], "--lr: expected a number in (0, 1], got inf"),
+    (["--lr", "0"], "--lr: expected a number in (0, 1]"),
+    (["--lr-d", "nan"], "--lr-d: expected None (twice lr) or a number in (0, 1], got nan"),
+    (["--lr-d", "2"], "--lr-d: expected None (twice lr) or a number in (0, 1]"),
+    (["--beta2", "1"], "--beta2: expected a number in [0, 1), got 1.0"),
+    (["--beta1", "-0.1"], "--beta1: expected a number in [0, 1)"),
+    (["--lambda-auto-momentum", "nan"], "--lambda-auto-momentum: expected a number in [0, 1)"),
+    (["--g-ema", "-1"], "--g-ema: expected a number in [0, 1)"),
+    (["--lambda-auto-scale", "inf"], "--lambda-auto-scale: expected a finite number > 0"),
+    (["--lambda-travel", "inf"], "--lambda-travel: expected a finite number >= 0 or 'auto'"),
+    (["--lambda-cycle", "-1"], "--lambda-cycle: expected a finite number >= 0"),
+    (["--lambda-cycle-identity", "inf"], "--lambda-cycle-identity: expected a finite number >= 0"),
+    (["--lambda-nce", "nan"], "--lambda-nce: expected a finite number >= 0"),
+    (["--r1-gamma", "-0.5"], "--r1-gamma: expected a finite number >= 0"),
+    (["--nce-temperature", "0"], "--nce-temperature: expected a finite number > 0"),
+    (["--siamese-margin", "inf"], "--siamese-margin: expected a finite number > 0"),
+    (["--max-unreadable-fraction", "nan"], "--max-unreadable-fraction: expected a number in [0, 1]"),
+    (["--steps", "-5"], "--steps: expected an int >= 1"),
+    (["--decay-steps", "-1"], "--decay-steps: expected an int >= 0"),
+    (["--keep-checkpoints", "-1"], "--keep-checkpoints: expected an int >= 0"),
+    (["--checkpoint-every", "0"], "--checkpoint-every: expected an int >= 1"),
+    (["--travel-queue", "-2"], "--travel-queue: expected an int >= 0"),
+    (["--seed", "-1"], "--seed: expected an int >= 0"),
+    (["--seed", str(2**64)], "--seed: expected an int in [0, 2**64)"),
 ]
 
 
@@ -435,3 +463,91 @@ def test_an_uncached_hub_id_offline_is_one_line_at_once(
     assert main([*argv, "--out", str(tmp_path / "b")]) == 2
     assert "huggingface.co cannot be reached" in capsys.readouterr().err
     assert time.perf_counter() - started < 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines need no encoder
+
+
+NO_ENCODER = "no encoder: --lambda-travel is 0 and no other term needs one, so travel consistency is not logged"
+
+
+@pytest.mark.parametrize(
+    "baseline",
+    [["--lambda-cycle", "10"], ["--lambda-nce", "1", "--nce-patches", "4", "--nce-dim", "4", "--micro-batch", "1"]],
+    ids=["cycle", "nce-micro-batched"],
+)
+def test_a_baseline_at_lambda_travel_0_loads_no_encoder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tiny_folders: Path,
+    baseline: list[str],
+) -> None:  # fmt: skip
+    from reference import train as train_module
+
+    def no_encoder_expected(config: TrainConfig) -> None:
+        raise AssertionError(f"an encoder was built: {config.encoder_name}")
+
+    monkeypatch.setattr(train_module, "build_encoder", no_encoder_expected)
+    without_siamese = TINY[: TINY.index("--encoder-mode")] + TINY[TINY.index("--siamese-dim") + 2 :]
+    out = tmp_path / "run"
+    argv = [*without_siamese, "--data", str(tiny_folders), "--lambda-travel", "0", *baseline, "--out", str(out)]
+    assert main(argv) == 0  # the default encoder (CLIP ViT-L/14) is not in this offline cache: not even looked up
+    assert capsys.readouterr().out.count(NO_ENCODER) == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and not any("loss_travel" in r for r in records)
+    assert all(np.isfinite(r["loss_g"]) for r in records)
+    checkpoint = load_checkpoint(out / "latest.pt")
+    assert checkpoint["config"]["encoder"] is None and "siamese" not in checkpoint
+
+
+def test_a_named_encoder_at_lambda_travel_0_logs_travel_consistency(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_folders: Path, tiny_clip_dir: Path
+) -> None:
+    without_siamese = TINY[: TINY.index("--encoder-mode")] + TINY[TINY.index("--siamese-dim") + 2 :]
+    out = tmp_path / "run"
+    argv = [*without_siamese, "--data", str(tiny_folders), "--lambda-travel", "0", "--encoder", str(tiny_clip_dir)]
+    assert main([*argv, "--crop", "resize", "--out", str(out)]) == 0
+    assert NO_ENCODER not in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_travel"] > 0 for r in records)
+
+
+def test_the_digit_studys_gan_only_row_builds_its_embedder() -> None:
+    """The digit study logs travel consistency for its GAN-only row (lambda 0): it names its
+    embedder, so the trainer still builds it."""
+    from reference.config import uses_encoder
+    from reference.presets import preset_config
+    from reference.studies.digits import CORE, QUICK, _trainer_run
+    from reference.train import build_parser
+
+    gan = next(method for method in CORE if method.name == "gan")
+    parser = build_parser()
+    parser.set_defaults(**preset_config("digits-demo"))
+    args = vars(parser.parse_args(_trainer_run(gan, QUICK, Path("data"), Path("out"), seed=0).argv))
+    for key in ("demo", "quick", "preset"):
+        args.pop(key)
+    config = TrainConfig(**args)
+    assert config.lambda_travel == 0.0 and config.encoder is not None and uses_encoder(config)
+    assert not uses_encoder(TrainConfig(lambda_travel=0.0, lambda_cycle=10.0))
+
+
+@pytest.mark.parametrize(
+    ("script", "flag", "value"),
+    [("translate", "--batch-size", "0"), ("translate", "--size", "-3"), ("translate", "--batch-size", "two"),
+     ("evaluate", "--size", "0"), ("evaluate", "--batch-size", "-1")],
+)  # fmt: skip
+def test_translate_and_evaluate_bound_their_numeric_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], script: str, flag: str, value: str
+) -> None:
+    from reference import evaluate, translate
+
+    if script == "translate":
+        argv = ["--checkpoint", "c.pt", "--input", "in", "--output", "out"]
+        entry = translate.main
+    else:
+        argv = ["--translations", "t", "--target", "b", "--out", str(tmp_path / "r.json")]
+        entry = evaluate.main
+    with pytest.raises(SystemExit) as exit_info:
+        entry([*argv, flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"reference/{script}.py: error: argument {flag}: expected an integer >= 1, got {value!r}"
