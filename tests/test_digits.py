@@ -19,10 +19,12 @@ from reference.studies.digit_data import (
     STYLE_A,
     STYLE_B,
     DigitJudge,
+    audit_digit_translations,
     coloured_noise,
     digit_domains,
     fidelity_l1,
     kid,
+    orientation_embedder,
     pixel_embedder,
     pixel_features,
     realism,
@@ -32,7 +34,7 @@ from reference.studies.digit_data import (
 )
 from reference.train import SetupError, StepOptions, TrainConfig, generator_step, main, train
 from reference.user_embedder import EmbedderSpecError, build_user_embedder, load_factory
-from travel_loss import travel_loss
+from travel_loss import flip_scores, travel_loss
 from travel_loss.testing import check_embedder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,7 +164,7 @@ def test_salt_and_pepper_touches_the_density_and_uses_the_style_colours(domains,
         salt_and_pepper(images, 1.5, torch.Generator())
 
 
-@pytest.mark.parametrize("factory", [stroke_embedder, pixel_embedder])
+@pytest.mark.parametrize("factory", [stroke_embedder, pixel_embedder, orientation_embedder])
 def test_study_embedders_pass_the_kit(factory):
     check_embedder(factory(), image_shape=(3, 16, 16))
 
@@ -175,6 +177,27 @@ def test_stroke_embedder_is_invariant_to_the_style_change_and_the_pixel_one_is_n
     unrelated = float(travel_loss(stroke(domains.a_test), stroke(domains.a_test_ideal[shuffled])))
     assert same < 0.5 * unrelated, (same, unrelated)
     assert float(travel_loss(pixel(domains.a_test), pixel(domains.a_test_ideal))) > 1.5  # vectors point backwards
+
+
+def test_the_audit_embedder_ignores_the_style_change_and_the_audit_finds_swapped_digits(domains):
+    audit = orientation_embedder()
+    shuffled = torch.randperm(len(domains.a_test), generator=torch.Generator().manual_seed(0))
+    same = float(travel_loss(audit(domains.a_test), audit(domains.a_test_ideal)))
+    unrelated = float(travel_loss(audit(domains.a_test), audit(domains.a_test_ideal[shuffled])))
+    assert same < 0.5 * unrelated, (same, unrelated)
+    # the ideal translations with 20 of them swapped for other digits: the audit ranks those first
+    translated, flipped = domains.a_test_ideal.clone(), torch.zeros(len(domains.a_test), dtype=torch.bool)
+    labels = domains.a_test_labels
+    for first in range(0, 40, 2):
+        second = int(((labels != labels[first]) & (torch.arange(len(labels)) > 40)).nonzero()[first // 2])
+        translated[[first, second]] = domains.a_test_ideal[[second, first]]
+        flipped[[first, second]] = True
+    judge = DigitJudge(domains.judge, domains.judge_labels)
+    result = audit_digit_translations(translated, domains, judge)
+    assert 0.15 < result["flip_share"] < 0.35
+    assert result["audit_auroc"] > 0.8 and result["audit_top10_flips"] >= 0.9, result  # the judge errs too
+    scores = flip_scores(audit(domains.a_test), audit(translated))
+    assert flipped[scores.topk(40).indices].float().mean() >= 0.8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,20 +396,30 @@ def test_the_study_table_keeps_every_column_under_its_header():
     def spread(mean: float, low: float, high: float) -> dict[str, float]:
         return {"mean": mean, "min": low, "max": high}
 
-    def row(method: str, weight: float, kid: dict[str, float]) -> dict[str, object]:
+    def row(method: str, weight: float, kid: dict[str, float], audit: dict[str, float] | None) -> dict[str, object]:
         scores = {"label_accuracy": spread(0.8, 0.7, 0.9), "fidelity_l1": spread(0.07, 0.06, 0.08)}
         return {"method": method, "weight": weight, "kid": kid, "realism": spread(0.9, 0.8, 1.0),
-                "seconds": spread(15.4, 14.0, 17.0), **scores}  # fmt: skip
+                "seconds": spread(15.4, 14.0, 17.0), "audit_auroc": audit, **scores}  # fmt: skip
 
-    summary = [row("gan", 0.0, spread(0.1, 0.09, 0.12)), row("travel", 30.0, spread(1.6112, 1.0834, 2.0882))]
+    summary = [
+        row("gan", 0.0, spread(0.1, 0.09, 0.12), None),  # every digit flipped: nothing to rank
+        row("travel", 30.0, spread(1.6112, 1.0834, 2.0882), spread(0.8123, 0.78, 0.845)),
+    ]
     known = {"ideal": {"label_accuracy": 0.94, "kid": 0.0045, "fidelity_l1": 0.0, "realism": 1.0}}
     lines = digit_demo.format_table(summary, known).splitlines()
     header, rule, *body = lines
     assert header.split("  ")[0].strip() == "method" and header.endswith("s/run") and set(rule) <= {"-", " "}
-    starts = [header.index(name) for name in digit_demo.TABLE_COLUMNS[2:6]]
+    starts = [header.index(name) for name in digit_demo.TABLE_COLUMNS[2:7]]
     cells = [[line[a:b].strip() for a, b in zip(starts, [*starts[1:], None])] for line in body]
-    assert cells[1][1:] == ["1611.2 (1083.4-2088.2)", "0.070 (0.060-0.080)", "0.900 (0.800-1.000)     15"]
-    assert all(line[start - 2 : start] == "  " for line in body for start in starts)
+    assert cells[1][1:] == [
+        "1611.2 (1083.4-2088.2)",
+        "0.070 (0.060-0.080)",
+        "0.900 (0.800-1.000)",
+        "0.81 (0.78-0.84)     15",
+    ]
+    assert cells[0][4].startswith("-")
+    assert all(line[start - 2 : start] == "  " for line in body for start in starts[:-1])
+    assert all(line[starts[-1] - 2 : starts[-1]] == "  " for line in body[:2])  # the known cases have no audit
     assert body[0].startswith("gan") and body[0].endswith(" 15") and body[2] == body[2].rstrip()
     assert body[2].split() == ["(ideal)", "0.940", "4.5", "0.000", "1.000"]
 

@@ -44,12 +44,16 @@ __all__ = [
     "DIGIT_SIZE",
     "DigitDomains",
     "DigitJudge",
+    "OrientationPrototypeEmbedder",
     "PixelPCAEmbedder",
     "StrokePCAEmbedder",
+    "audit_digit_translations",
     "coloured_noise",
     "digit_domains",
     "fidelity_l1",
     "kid",
+    "orientation_embedder",
+    "orientation_map",
     "pixel_embedder",
     "pixel_features",
     "random_embedder",
@@ -387,3 +391,118 @@ def random_embedder(image_size: int = DIGIT_SIZE, width: int = 32, dim: int = 64
         for parameter in net.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.5 if parameter.dim() > 1 else 0.1))
     return net.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# A second frozen embedder, for auditing: no method of the study trains against it
+# ---------------------------------------------------------------------------------------------
+
+
+def orientation_map(images: Tensor, cell: int = 4, bins: int = 8) -> Tensor:
+    r"""Where the strokes run in which direction, whatever their colour and thickness (HOG-like).
+
+    (N, 3, S, S) images in [-1, 1] -> (N, bins * (S // cell)^2), each row of unit length. The
+    full-resolution stroke map of :class:`StrokePCAEmbedder` (colour distance to the paper,
+    RMS-normalised: polarity and colours gone) is smoothed by a 3 x 3 binomial filter, its Sobel
+    gradient's magnitude is split between the two nearest of ``bins`` *unsigned* orientations in
+    [0, pi) (both edges of a stroke count alike, so a thicker stroke moves edges by a pixel but
+    keeps their orientation), and summed over ``cell`` x ``cell`` pixel cells.
+    """
+    size = images.shape[-1]
+    stroke = StrokePCAEmbedder.stroke_map(images, size).view(-1, 1, size, size)
+    binomial = torch.tensor([1.0, 2.0, 1.0])
+    smooth = (binomial[:, None] * binomial[None, :] / 16).view(1, 1, 3, 3)
+    stroke = F.conv2d(F.pad(stroke, (1, 1, 1, 1), mode="replicate"), smooth)
+    sobel_x = (binomial[:, None] * torch.tensor([-1.0, 0.0, 1.0])[None, :] / 4).view(1, 1, 3, 3)
+    padded = F.pad(stroke, (1, 1, 1, 1), mode="replicate")
+    gx, gy = F.conv2d(padded, sobel_x), F.conv2d(padded, sobel_x.transpose(-1, -2))
+    magnitude = (gx.square() + gy.square()).sqrt()
+    position = torch.atan2(gy, gx).remainder(torch.pi) / torch.pi * bins
+    lower = position.floor()
+    weight = position - lower
+    lower = lower.long() % bins
+    histogram = torch.zeros(images.shape[0], bins, size, size, dtype=magnitude.dtype)
+    histogram.scatter_add_(1, lower, magnitude * (1 - weight))
+    histogram.scatter_add_(1, (lower + 1) % bins, magnitude * weight)
+    features = F.avg_pool2d(histogram, cell).flatten(1)
+    return features / features.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+class OrientationPrototypeEmbedder(nn.Module):
+    r"""The audit's embedder: soft assignments of an image's :func:`orientation_map` to prototypes.
+
+    With prototypes :math:`c_1..c_K` (k-means centres of A-train's orientation maps, no labels)
+    and the scale :math:`\tau` (the median squared distance of an A-train map to its nearest
+    centre), the embedding of an image with orientation map :math:`f` is
+    :math:`\mathrm{softmax}_k(-\|f - c_k\|^2 / \tau)`, (N, 3, S, S) -> (N, K): which shapes, among
+    the prototypes, the digit resembles. A translation that turns a 0 into a 6 moves its mass to
+    other prototypes; one that only changes colours, polarity or stroke width does not.
+    """
+
+    centres: Tensor  # buffers
+    scale: Tensor
+
+    def __init__(self, centres: Tensor, scale: Tensor, cell: int) -> None:
+        super().__init__()
+        self.cell = cell
+        self.register_buffer("centres", centres)
+        self.register_buffer("scale", scale)
+
+    def forward(self, images: Tensor) -> Tensor:
+        squared = torch.cdist(orientation_map(images, self.cell).to(self.centres.dtype), self.centres).square()
+        return torch.softmax(-squared / self.scale, dim=1)
+
+
+def orientation_embedder(image_size: int = DIGIT_SIZE, prototypes: int = 30, cell: int = 4) -> nn.Module:
+    """The study's audit embedder: :class:`OrientationPrototypeEmbedder` fitted on A-train (k-means,
+    no labels, seed 0). No method of the study trains against it, so a generator cannot have gamed it.
+
+    A factory for ``reference/evaluate.py --encoder-mode module
+    --encoder reference/studies/digit_data.py:orientation_embedder``.
+    """
+    from sklearn.cluster import KMeans
+
+    features = orientation_map(_a_train(image_size), cell).double()
+    kmeans = KMeans(prototypes, n_init=4, random_state=0).fit(features.numpy())
+    centres = torch.from_numpy(kmeans.cluster_centers_)
+    scale = torch.cdist(features, centres).square().min(dim=1).values.median()
+    return OrientationPrototypeEmbedder(centres.float(), scale.float(), cell).eval().requires_grad_(False)
+
+
+def audit_digit_translations(translated: Tensor, domains: DigitDomains, judge: DigitJudge) -> dict[str, float | None]:
+    """How well the label-free audit (:func:`travel_loss.flip_scores`, row mean) finds the judge's flips.
+
+    A flip: the judge reads another digit in the translation than the input's. Returns the share of
+    flips and, for the audit embedder (:func:`orientation_embedder`) and the study's training
+    embedder (:func:`stroke_embedder`, suffix ``_stroke``): ``audit_auroc``, the probability that
+    a flipped translation scores above a kept one (0.5: chance), and ``audit_top10_flips``, the
+    share of flips among the 10 % most suspicious. Both are None when every or no translation flipped.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from travel_loss import flip_scores
+
+    flipped = (judge.predict(translated) != domains.a_test_labels.cpu()).numpy()
+    result: dict[str, float | None] = {"flip_share": float(flipped.mean())}
+    for suffix, embedder in (
+        ("", _audit_embedder(translated.shape[-1])),
+        ("_stroke", _stroke_embedder(translated.shape[-1])),
+    ):
+        auroc = top = None
+        if 0 < flipped.sum() < len(flipped):
+            with torch.no_grad():
+                scores = flip_scores(embedder(domains.a_test.float()), embedder(translated.float().cpu())).numpy()
+            auroc = float(roc_auc_score(flipped, scores))
+            top = float(flipped[np.argsort(-scores, kind="stable")[: max(1, len(scores) // 10)]].mean())
+        result[f"audit_auroc{suffix}"], result[f"audit_top10_flips{suffix}"] = auroc, top
+    return result
+
+
+@functools.lru_cache(maxsize=2)
+def _audit_embedder(image_size: int) -> nn.Module:
+    return orientation_embedder(image_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _stroke_embedder(image_size: int) -> nn.Module:
+    return stroke_embedder(image_size)

@@ -53,6 +53,7 @@ from reference.presets import preset_config
 from reference.studies.digit_data import (
     DigitDomains,
     DigitJudge,
+    audit_digit_translations,
     coloured_noise,
     digit_domains,
     salt_and_pepper,
@@ -212,6 +213,7 @@ def _run_study(out: Path, first_seed: int, settings: DigitDemoSettings, progress
         rows.append({
             "method": method.name, "weight": method.weight, "seed": seed, "flags": dict(method.flags),
             **score_digit_translations(translated, reference, judge),
+            **audit_digit_translations(translated, reference, judge),
             "predicted_class_counts": torch.bincount(judge.predict(translated), minlength=10).tolist(),
             "seconds": seconds.get(run.name, 0.0), "run_dir": str(run.out),
         })  # fmt: skip
@@ -258,6 +260,8 @@ def reference_scores(domains: DigitDomains, judge: DigitJudge) -> dict[str, dict
 
 
 SCORES = ("label_accuracy", "kid", "fidelity_l1", "realism", "seconds")
+# the label-free flip audit (digit_data.audit_digit_translations); None where no or every digit flipped
+AUDIT_SCORES = ("flip_share", "audit_auroc", "audit_top10_flips", "audit_auroc_stroke", "audit_top10_flips_stroke")
 
 
 def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -271,16 +275,21 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         for score in SCORES:
             values = [float(r[score]) for r in members]
             entry[score] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+        for score in AUDIT_SCORES:
+            known = [float(r[score]) for r in members if r.get(score) is not None]
+            entry[score] = {"mean": sum(known) / len(known), "min": min(known), "max": max(known)} if known else None
         summary.append(entry)
     return summary
 
 
-TABLE_COLUMNS = ("method", "weight", "label accuracy", "KID x1e3", "L1 to ideal", "colour frac", "s/run")
+TABLE_COLUMNS = ("method", "weight", "label accuracy", "KID x1e3", "L1 to ideal", "colour frac", "audit AUROC", "s/run")
 
 
 def format_table(summary: Sequence[Mapping[str, Any]], references: Mapping[str, Mapping[str, float]]) -> str:
-    """Mean (min-max over seeds) per method; KID x 1e3; s/run the mean wall seconds of a run; the
-    known cases below, in parentheses (``reference.evaluate.format_table`` lays it out)."""
+    """Mean (min-max over seeds) per method; KID x 1e3; audit AUROC how well the label-free audit
+    with the audit embedder ranks the judge's flips first ("-" where no digit or every digit
+    flipped); s/run the mean wall seconds of a run; the known cases below, in parentheses
+    (``reference.evaluate.format_table`` lays it out)."""
 
     def spread(score: Mapping[str, float], scale: float = 1.0, digits: int = 3) -> str:
         return (
@@ -294,10 +303,11 @@ def format_table(summary: Sequence[Mapping[str, Any]], references: Mapping[str, 
     for row in summary:
         scores = [spread(row["label_accuracy"]), spread(row["kid"], 1e3, 1)]
         scores += [spread(row["fidelity_l1"]), spread(row["realism"])]
+        scores.append(spread(row["audit_auroc"], digits=2) if row.get("audit_auroc") else "-")
         rows.append(cells(row["method"], f"{row['weight']:g}", scores, f"{row['seconds']['mean']:.0f}"))
     for name, known in references.items():
         scores = [f"{known['label_accuracy']:.3f}", f"{known['kid'] * 1e3:.1f}"]
-        scores += [f"{known['fidelity_l1']:.3f}", f"{known['realism']:.3f}"]
+        scores += [f"{known['fidelity_l1']:.3f}", f"{known['realism']:.3f}", ""]
         rows.append(cells(f"({name})", "", scores, ""))
     return evaluate_table(rows, TABLE_COLUMNS, right=("weight", "s/run"))
 
