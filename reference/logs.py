@@ -268,8 +268,9 @@ class NonFiniteWatch:
                 self._host.add(key)
         if not tensors:
             return
-        keys = tuple(tensors)
-        finite = torch.stack(list(tensors.values())).isfinite()  # the terms are scalars (as log_record stacks them)
+        keys, device = tuple(tensors), self.runtime.device
+        values = [value if value.device == device else value.to(device) for value in tensors.values()]
+        finite = torch.stack(values).isfinite()  # the terms are scalars (as log_record stacks them)
         skipped = self._skipped()
         if skipped is not None:
             finite.logical_or_(skipped)
