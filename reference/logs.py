@@ -166,6 +166,11 @@ TERM_NAMES: dict[str, str] = {
 }  # fmt: skip
 
 
+def _term_name(key: str) -> str:
+    """The term a logged key belongs to (:data:`TERM_NAMES`; ``KEY_a`` as ``KEY``, D_A's mirror of D's)."""
+    return TERM_NAMES.get(key) or TERM_NAMES.get(key.removesuffix("_a")) or key
+
+
 _TERM_WEIGHTS: dict[str, tuple[str, ...]] = {  # the TrainConfig fields that weigh each term
     "travel": ("lambda_travel",), "structure": ("lambda_structure",), "cycle": ("lambda_cycle",),
     "NCE": ("lambda_nce",), "identity": ("lambda_identity", "lambda_cycle_identity"),
@@ -188,7 +193,7 @@ class Divergence:
     def terms(self) -> list[str]:
         """The terms of the objective that went non-finite, by name (:data:`TERM_NAMES`, else the
         key); the generator's total ``loss_g`` is named only when none of its terms is non-finite."""
-        named = {TERM_NAMES.get(key, key) for key in self.non_finite if key != "loss_g"}
+        named = {_term_name(key) for key in self.non_finite if key != "loss_g"}
         if not named and "loss_g" in self.non_finite:
             return ["generator total"]
         known = [name for name in dict.fromkeys(TERM_NAMES.values()) if name in named]  # in TERM_NAMES' order

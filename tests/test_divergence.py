@@ -255,8 +255,8 @@ def test_the_message_names_each_term_and_the_weights_to_lower(tmp_path: Path) ->
     state_only = divergence_message(config, Divergence(2, 4, (), ("discriminator optimizer",)), None)
     assert ": NaN or infinite numbers in the discriminator optimizer; no checkpoint" in state_only
     assert "became" not in state_only and "or the weight of a term (--lambda-*)" in state_only
-    unnamed = divergence_message(config, Divergence(2, 4, ("loss_g", "loss_new", "loss_adv")), None)
-    assert "the adversarial and loss_new losses became NaN or infinite (loss_g, loss_new, loss_adv)" in unnamed
+    unnamed = divergence_message(config, Divergence(2, 4, ("loss_g", "loss_new", "loss_adv", "r1_a")), None)
+    assert "the adversarial, discriminator and loss_new losses became NaN or infinite (loss_g, loss_new" in unnamed
 
 
 # ---------------------------------------------------------------------------------------------
