@@ -101,10 +101,12 @@ class StepOptions:
         same: dict[str, Any] = {f.name: getattr(config, f.name) for f in fields(cls) if f.name not in derived}
         return cls(**same, **derived)
 
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(
-            self.device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-        )
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """``torch.autocast`` to ``amp_dtype``; with amp off no autocast context at all (torch_xla warns
+        on entering a disabled float32 one)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
 
 
 def travel_term(emb_src: Tensor, emb_gen: Tensor, options: StepOptions) -> Tensor:

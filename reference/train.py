@@ -104,6 +104,7 @@ from reference.runtime import (
     rank_seed,
     seed_everything,
     setup_runtime,
+    sync_xla,
 )
 from reference.steps import PatchNCE, ReverseDirection, StepOptions, discriminator_step, generator_step, update_ema
 from reference.stream import FlippedImages, stream_loader
@@ -365,7 +366,7 @@ class TrainingRun:
         for scheduler in self.schedulers.values():
             scheduler.step()
         if self.runtime.xla is not None:
-            self.runtime.xla.mark_step()
+            sync_xla(self.runtime.xla)
         return {**g_out, **d_out}
 
     def save_samples(self, step: int, inputs: Tensor) -> None:

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from reference.checkpoint import load_checkpoint
 from reference.data import IMAGE_EXTENSIONS, UnreadableImageWarning, is_readable_image, list_images, load_image
 from reference.models import ResnetGenerator
+from reference.runtime import import_xla
 
 __all__ = [
     "generator_kwargs_from_state_dict",
@@ -316,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():  # translate_folder warns about unreadable files, once
             warnings.simplefilter("ignore", UnreadableImageWarning)
             _usable_images(args.input, args.output, args.overwrite)  # fail on a bad folder before loading the model
+        if str(args.device).startswith("xla"):
+            import_xla()  # torch knows the xla device type once torch_xla is imported
         generator = load_generator(args.checkpoint, device=args.device)
         written = translate_folder(
             generator, args.input, args.output, batch_size=args.batch_size, size=args.size,
