@@ -25,6 +25,14 @@ Command line, on folders of images (translations are paired with their sources b
     python reference/evaluate.py --translations OUT/test_translated --target data/testB \
         --sources data/testA --encoder openai/clip-vit-base-patch32 --out metrics.json
 
+The flip audit (no labels, no ``--target`` needed) ranks every translation by how likely it lost
+its content, with an encoder the generator was not trained against, and writes ``audit.csv`` and
+``audit.png`` (the K most and K least suspicious pairs) beside ``--out``
+(:mod:`reference.audit_report`)::
+
+    python reference/evaluate.py --translations OUT/test_translated --sources data/testA --audit 16 \
+        --encoder facebook/dinov2-small --out audit/report.json
+
 An existing ``--out`` file is not replaced unless ``--overwrite`` is given;
 every mistake in the arguments is reported in one line before anything is computed (exit status 2).
 """
@@ -58,7 +66,6 @@ from travel_loss.metrics import TravelConsistency
 
 if TYPE_CHECKING:
     from travel_loss.encoder import Crop as EncoderCrop
-    from travel_loss.encoder import Features as EncoderFeatures
 
 __all__ = [
     "INCEPTION_WEIGHTS_HELP",
@@ -590,28 +597,59 @@ def format_table(
 
 
 def load_encoder(
-    spec: str, *, crop: EncoderCrop = "center", features: EncoderFeatures = "pooled", device: str = "cpu"
+    spec: str,
+    *,
+    crop: EncoderCrop = "center",
+    features: str | None = None,
+    device: str = "cpu",
+    mode: str = "clip",
+    size: int = 256,
 ) -> nn.Module:
-    """A :class:`travel_loss.encoder.FrozenCLIPEncoder` from a local folder or a model id already in
-    the Hugging Face cache; never downloads (``local_files_only=True``). A checkpoint that is not
-    available locally raises ``travel_loss.encoder.CheckpointNotFoundError`` saying how to get it."""
-    from travel_loss.encoder import FrozenCLIPEncoder
+    """The frozen encoder ``--encoder`` names, as the trainer takes it (``--encoder-mode``).
 
-    return FrozenCLIPEncoder(spec, crop=crop, features=features, local_files_only=True).to(device)
+    - ``clip``: a :class:`travel_loss.FrozenEncoder` from a local folder or a hub id already in the
+      Hugging Face cache (CLIP, SigLIP, DINOv2, DINOv3, ViT: read off the checkpoint's
+      ``model_type``); never downloads (``local_files_only=True``): a checkpoint that is not
+      available locally raises ``travel_loss.CheckpointNotFoundError`` saying how to get it.
+      ``features`` None takes the family's default (CLIP ``pooled``, DINOv2 ``cls``).
+    - ``module``: ``FILE.py:FACTORY`` or ``package.module:FACTORY``, built, frozen and checked as the
+      trainer does (``reference.user_embedder``; the factory gets ``image_size=size``).
+    """
+    if mode == "module":
+        from reference.user_embedder import build_user_embedder
+
+        return build_user_embedder(spec, size).to(device)
+    from travel_loss.encoder import FrozenEncoder
+
+    return FrozenEncoder(spec, crop=crop, features=features, local_files_only=True).to(device)
 
 
 def _parser() -> argparse.ArgumentParser:
+    from travel_loss.audit import METHODS
+
     parser = argparse.ArgumentParser(
         prog="reference/evaluate.py",
         description="Evaluate translations: encoder Fréchet distance, travel consistency "
-        "and Inception FID/KID with a local weights file.",
+        "and Inception FID/KID with a local weights file; with --audit, rank the translations by how "
+        "likely each one lost its content (no labels).",
     )
     parser.add_argument("--translations", required=True, help="folder of translated images G(x)")
-    parser.add_argument("--target", required=True, help="folder of real images of the target domain")
+    parser.add_argument(
+        "--target", help="folder of real images of the target domain (required unless --audit is given)"
+    )
     parser.add_argument("--sources", help="folder of the source images x (paired with translations by file stem)")
-    parser.add_argument("--encoder", help="CLIP vision checkpoint: local path or a model id in the HF cache")
+    parser.add_argument(
+        "--encoder",
+        help="frozen encoder: a CLIP/SigLIP/DINOv2 checkpoint (local folder or a model id in the HF cache), "
+        "or FILE.py:FACTORY with --encoder-mode module",
+    )
+    parser.add_argument("--encoder-mode", default="clip", choices=["clip", "module"], help="as in train.py")
     parser.add_argument("--encoder-crop", default="center", choices=["center", "resize", "full"])
-    parser.add_argument("--encoder-features", default="pooled", choices=["pooled", "projected"])
+    parser.add_argument(
+        "--encoder-features",
+        choices=["pooled", "projected", "cls", "mean"],
+        help="which output is the embedding (default: the family's, CLIP pooled, DINOv2 cls)",
+    )
     parser.add_argument(
         "--inception-weights", help=f"local Inception weights file ({INCEPTION_WEIGHTS_FILE}) for FID/KID"
     )
@@ -620,47 +658,82 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=positive_int_flag, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--audit",
+        type=positive_int_flag,
+        metavar="K",
+        help="rank every translation by how likely it lost its content (needs --sources and --encoder, one "
+        "the generator was NOT trained against); writes audit.csv and audit.png (the K most and K least "
+        "suspicious pairs) into the folder of --out",
+    )
+    parser.add_argument("--audit-method", default="row_mean", choices=list(METHODS), help="travel_loss.flip_scores")
+    parser.add_argument(
+        "--audit-neighbours", type=positive_int_flag, default=10, help="k of --audit-method local (default 10)"
+    )
     parser.add_argument("--out", required=True, help="JSON file for the results")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file (and audit files)")
     return parser
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Raise (ValueError or OSError) with one line naming the flag, before anything is computed."""
+    if args.target is None and args.audit is None:
+        raise ValueError("--target: required unless --audit is given (a folder of real target-domain images)")
+    if args.audit is not None and args.sources is None:
+        raise ValueError("--sources: --audit pairs each translation with its source; pass the folder of source images")
+    if args.audit is not None and args.encoder is None:
+        raise ValueError(
+            "--encoder: --audit needs a frozen encoder, one the generator was not trained against "
+            "(e.g. DINOv2 or SigLIP for a CLIP-trained generator)"
+        )
+    if args.encoder_mode == "module" and (args.encoder is None or ":" not in args.encoder):
+        raise ValueError(f"--encoder: expected FILE.py:FACTORY with --encoder-mode module, got {args.encoder!r}")
+    for flag, folder in (("--translations", args.translations), ("--target", args.target), ("--sources", args.sources)):
+        if folder is not None and not Path(folder).is_dir():
+            found = "a file" if Path(folder).exists() else "nothing"
+            raise FileNotFoundError(f"{flag}: expected a folder of images, found {found} at {folder}")
+    check_output_file(args.out, "--out", overwrite=args.overwrite)
+    if args.audit is not None:
+        from reference.audit_report import AUDIT_CSV, AUDIT_FIGURE
+
+        for name in (AUDIT_CSV, AUDIT_FIGURE):
+            check_output_file(Path(args.out).parent / name, "--out", overwrite=args.overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        for flag, folder in (
-            ("--translations", args.translations),
-            ("--target", args.target),
-            ("--sources", args.sources),
-        ):
-            if folder is not None and not Path(folder).is_dir():
-                found = "a file" if Path(folder).exists() else "nothing"
-                raise FileNotFoundError(f"{flag}: expected a folder of images, found {found} at {folder}")
-        check_output_file(args.out, "--out", overwrite=args.overwrite)  # before computing anything
-    except OSError as error:
+        _check_arguments(args)  # before computing anything
+    except (OSError, ValueError) as error:
         print(error_line(parser.prog, error), file=sys.stderr)
         return 2
     encoder = None
     if args.encoder:
         try:
             encoder = load_encoder(
-                args.encoder, crop=args.encoder_crop, features=args.encoder_features, device=args.device
-            )
-        except FileNotFoundError as error:
-            print(f"error: {error}", file=sys.stderr)
+                args.encoder, crop=args.encoder_crop, features=args.encoder_features, device=args.device,
+                mode=args.encoder_mode, size=args.size,
+            )  # fmt: skip
+        except (FileNotFoundError, ValueError) as error:
+            print(error_line(parser.prog, error), file=sys.stderr)
             return 2
+    result: dict[str, Any] = {"metrics": {}, "details": {}, "notes": []}
+    audit = None
     try:
-        result = evaluate_folders(
-            args.translations,
-            args.target,
-            sources=args.sources,
-            encoder=encoder,
-            size=args.size,
-            inception_weights=args.inception_weights,
-            batch_size=args.batch_size,
-            device=args.device,
-        )
+        if args.target is not None:
+            result = evaluate_folders(
+                args.translations,
+                args.target,
+                sources=args.sources,
+                encoder=encoder,
+                size=args.size,
+                inception_weights=args.inception_weights,
+                batch_size=args.batch_size,
+                device=args.device,
+            )
+        if args.audit is not None:
+            audit = _run_audit(args, encoder, result)
     except (FileNotFoundError, ImportError, ValueError) as error:
         print(error_line(parser.prog, error), file=sys.stderr)
         return 2
@@ -669,17 +742,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         "target": args.target,
         "sources": args.sources,
         "encoder": args.encoder,
+        "encoder_mode": args.encoder_mode,
         "size": args.size,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    rows = [{"metric": name, "value": value} for name, value in result["metrics"].items()]
-    print(format_table(rows, ["metric", "value"]))
+    if result["metrics"]:
+        rows = [{"metric": name, "value": value} for name, value in result["metrics"].items()]
+        print(format_table(rows, ["metric", "value"]))
     for note in result["notes"]:
         print(f"note: {note}")
+    for line in audit or ():
+        print(line)
     print(f"wrote {out}")
     return 0
+
+
+def _run_audit(args: argparse.Namespace, encoder: nn.Module | None, result: dict[str, Any]) -> list[str]:
+    """The flip audit into ``result["audit"]``, audit.csv and audit.png beside --out; the lines to print."""
+    from reference.audit_report import (
+        AUDIT_CSV,
+        AUDIT_FIGURE,
+        audit_folders,
+        save_audit_figure,
+        score_lines,
+        write_audit_csv,
+    )
+
+    assert encoder is not None  # _check_arguments: --audit needs --encoder
+    audit = audit_folders(
+        args.translations, args.sources, encoder, size=args.size, method=args.audit_method,
+        neighbours=args.audit_neighbours, batch_size=args.batch_size, device=args.device, progress=True,
+    )  # fmt: skip
+    folder = Path(args.out).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = audit.summary(args.audit)
+    summary["csv"] = str(write_audit_csv(audit, folder / AUDIT_CSV))
+    summary["figure"] = str(save_audit_figure(audit, args.audit, folder / AUDIT_FIGURE))
+    result["audit"] = summary
+    scores = summary["scores"]
+    lines = [
+        f"audit: {summary['count']} translations, {args.audit_method} scores median {scores['median']:.4f}, "
+        f"p90 {scores['p90']:.4f}, max {scores['max']:.4f} (higher = more likely flipped); "
+        f"travel consistency {summary['travel_consistency']:.4f}",
+        *score_lines(audit, args.audit),
+        f"audit: every score in {summary['csv']}, the {min(args.audit, summary['count'])} most and least "
+        f"suspicious pairs in {summary['figure']}",
+    ]
+    return lines
 
 
 if __name__ == "__main__":

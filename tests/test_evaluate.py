@@ -310,7 +310,12 @@ def test_evaluate_folders_with_an_encoder_and_orphan_translations(tmp_path, tiny
 def test_command_line_reports_missing_arguments_and_files(tmp_path, tiny_folders, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--translations", str(tmp_path)])
-    assert "--target" in capsys.readouterr().err
+    assert "--out" in capsys.readouterr().err
+    assert evaluate.main(["--translations", str(tmp_path), "--out", str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "reference/evaluate.py: error: --target: required unless --audit is given "
+        "(a folder of real target-domain images)"
+    )
     images = tiny_folders / "trainA"
     code = evaluate.main(
         ["--translations", str(images), "--target", str(images), "--inception-weights",
@@ -400,3 +405,84 @@ def test_format_table_right_aligns_the_named_columns_without_trailing_spaces():
         "c",
     ]
     assert format_table(rows, ["name", "n"], right=["n"], markdown=True).splitlines()[1] == "|---|---:|"
+
+
+# ---------------------------------------------------------------------------------------------
+# The flip audit
+
+
+POOL_FACTORY = """
+from torch import nn
+
+def pooled(image_size):
+    return nn.AvgPool2d(4)  # (N, 3, S/4, S/4), flattened by the loader
+"""
+
+
+@pytest.fixture
+def swapped_translations(tmp_path, tiny_folders):
+    """8 sources and their 'translations': the sources themselves, except that 001 and 005 swapped images."""
+    sources = _copy_images(tiny_folders / "trainA", tmp_path / "testA", 8)
+    translations = _copy_images(sources, tmp_path / "fakeB", 8)
+    first, second = translations / "001.png", translations / "005.png"
+    first_bytes = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(first_bytes)
+    factory = tmp_path / "pooled.py"
+    factory.write_text(POOL_FACTORY)
+    arguments = ["--translations", str(translations), "--sources", str(sources), "--size", "32",
+                 "--encoder-mode", "module", "--encoder", f"{factory}:pooled"]  # fmt: skip
+    return arguments, sources, translations
+
+
+def test_audit_ranks_the_swapped_pair_first_and_writes_csv_figure_and_report(tmp_path, swapped_translations, capsys):
+    import csv
+
+    from PIL import Image
+
+    arguments, _, _ = swapped_translations
+    out = tmp_path / "report" / "audit.json"
+    assert evaluate.main([*arguments, "--audit", "2", "--out", str(out)]) == 0  # no --target: an audit alone
+    printed = capsys.readouterr().out.splitlines()
+    rows = list(csv.DictReader((out.parent / "audit.csv").open()))
+    assert [int(row["rank"]) for row in rows] == list(range(1, 9))
+    assert {Path(row["file"]).name for row in rows[:2]} == {"001.png", "005.png"}
+    assert all(Path(row["file"]).stem == Path(row["source"]).stem for row in rows)
+    assert max(float(row["score"]) for row in rows[2:]) < float(rows[1]["score"])
+    assert float(rows[1]["percentile"]) == pytest.approx(6 / 7, abs=1e-4)  # the swapped two tie
+    assert float(rows[-1]["percentile"]) == 0 and float(rows[0]["row_mean"]) == float(rows[0]["score"])
+    report = json.loads(out.read_text())
+    audit = report["audit"]
+    assert audit["count"] == 8 and audit["method"] == "row_mean"
+    assert {entry["rank"] for entry in audit["most_suspicious"]} == {1, 2}
+    assert {entry["rank"] for entry in audit["least_suspicious"]} == {7, 8}
+    assert {Path(entry["file"]).name for entry in audit["most_suspicious"]} == {"001.png", "005.png"}
+    assert report["metrics"] == {} and report["inputs"]["target"] is None
+    assert [line.split()[:2] for line in printed if line.startswith("rank")] == [["rank", "1"], ["rank", "2"]]
+    figure = Image.open(out.parent / "audit.png").convert("L")
+    thumb, pad, line = 96, 6, 13
+    assert figure.size == (2 * (2 * thumb + 3 * pad) + pad, 4 * line + pad + 2 * (thumb + 2 * line + pad) + pad)
+    header = torch.from_numpy(np.array(figure.crop((0, 0, figure.width, 4 * line))))
+    half = figure.width // 2
+    assert (header[:, :half] < 128).any() and (header[2 * line :, half:] < 128).any(), "a block without a heading"
+
+
+def test_audit_refuses_missing_flags_and_existing_files_in_one_line(tmp_path, swapped_translations, capsys):
+    arguments, sources, _ = swapped_translations
+    out = ["--out", str(tmp_path / "r.json")]
+    without_sources = [a for a in arguments if a not in ("--sources", str(sources))]
+    assert evaluate.main([*without_sources, "--audit", "2", *out]) == 2
+    assert capsys.readouterr().err.startswith("reference/evaluate.py: error: --sources: --audit pairs each")
+    without_encoder = arguments[:6]
+    assert evaluate.main([*without_encoder, "--audit", "2", *out]) == 2
+    assert capsys.readouterr().err.startswith("reference/evaluate.py: error: --encoder: --audit needs a frozen encoder")
+    with pytest.raises(SystemExit):
+        evaluate.main([*arguments, "--audit", "0", *out])
+    assert "--audit" in capsys.readouterr().err
+    (tmp_path / "audit.csv").write_text("an earlier audit")
+    assert evaluate.main([*arguments, "--audit", "2", *out]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("reference/evaluate.py: error: --out:") and "--overwrite" in err and len(err.splitlines()) == 1
+    )
+    assert evaluate.main([*arguments, "--audit", "2", "--overwrite", *out]) == 0
