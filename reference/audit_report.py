@@ -22,16 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
-
-from travel_loss.audit import Method, flip_scores
 
 __all__ = [
     "AUDIT_CSV",
     "AUDIT_FIGURE",
     "AuditResult",
-    "audit_folders",
     "save_audit_figure",
     "score_lines",
     "write_audit_csv",
@@ -88,43 +85,6 @@ class AuditResult:
             "most_suspicious": [entry(i, r) for r, i in enumerate(order[:count], start=1)],
             "least_suspicious": [entry(i, len(order) - k) for k, i in enumerate(reversed(order[-count:]))],
         }
-
-
-def audit_folders(
-    translations: str | os.PathLike[str],
-    sources: str | os.PathLike[str],
-    encoder: nn.Module,
-    *,
-    size: int = 256,
-    method: Method = "row_mean",
-    neighbours: int = 10,
-    batch_size: int = 64,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-) -> AuditResult:
-    """Embed every translation and its source (paired by file stem; a translation without a source is
-    an error), then score each pair with :func:`travel_loss.flip_scores` (both methods are kept)."""
-    from reference.data import ImageFolder
-    from reference.evaluate import _pair_by_stem, _travel_consistency_of, embed_images
-
-    paired_sources, paired_translations = _pair_by_stem(
-        ImageFolder(sources, size=size), ImageFolder(translations, size=size)
-    )
-    if len(paired_translations) < 2:
-        raise ValueError(f"translations: expected at least 2 images to rank, got {len(paired_translations)}")
-    options: dict[str, Any] = dict(batch_size=batch_size, device=device, progress=progress)
-    emb_src = embed_images(encoder, paired_sources, **options)
-    emb_gen = embed_images(encoder, paired_translations, **options)
-    by_method = {m: flip_scores(emb_src, emb_gen, method=m, neighbours=neighbours) for m in ("row_mean", "local")}
-    return AuditResult(
-        files=[paired_translations.dataset.paths[i] for i in paired_translations.indices],  # type: ignore[attr-defined]
-        sources=[paired_sources.dataset.paths[i] for i in paired_sources.indices],  # type: ignore[attr-defined]
-        scores=by_method[method],
-        by_method=by_method,
-        method=method,
-        neighbours=neighbours,
-        travel_consistency=_travel_consistency_of(emb_src, emb_gen),
-    )
 
 
 def write_audit_csv(result: AuditResult, path: str | os.PathLike[str]) -> Path:

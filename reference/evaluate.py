@@ -58,6 +58,7 @@ from torch.utils.data import Dataset, Subset
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from reference.audit_report import AuditResult
 from reference.data import ImageFolder
 from reference.outputs import check_output_file, error_line
 from reference.translate import positive_int_flag
@@ -759,12 +760,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def audit_folders(
+    translations: str | os.PathLike[str],
+    sources: str | os.PathLike[str],
+    encoder: nn.Module,
+    *,
+    size: int = 256,
+    method: str = "row_mean",
+    neighbours: int = 10,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> AuditResult:
+    """Embed every translation and its source (paired by file stem; a translation without a source is
+    an error), then score each pair with :func:`travel_loss.flip_scores` (both methods are kept)."""
+    from travel_loss.audit import flip_scores
+
+    paired_sources, paired_translations = _pair_by_stem(
+        ImageFolder(sources, size=size), ImageFolder(translations, size=size)
+    )
+    if len(paired_translations) < 2:
+        raise ValueError(f"translations: expected at least 2 images to rank, got {len(paired_translations)}")
+    options: dict[str, Any] = dict(batch_size=batch_size, device=device, progress=progress)
+    emb_src = embed_images(encoder, paired_sources, **options)
+    emb_gen = embed_images(encoder, paired_translations, **options)
+    by_method = {m: flip_scores(emb_src, emb_gen, method=m, neighbours=neighbours) for m in ("row_mean", "local")}
+    return AuditResult(
+        files=[paired_translations.dataset.paths[i] for i in paired_translations.indices],  # type: ignore[attr-defined]
+        sources=[paired_sources.dataset.paths[i] for i in paired_sources.indices],  # type: ignore[attr-defined]
+        scores=by_method[method],
+        by_method=by_method,
+        method=method,
+        neighbours=neighbours,
+        travel_consistency=_travel_consistency_of(emb_src, emb_gen),
+    )
+
+
 def _run_audit(args: argparse.Namespace, encoder: nn.Module | None, result: dict[str, Any]) -> list[str]:
     """The flip audit into ``result["audit"]``, audit.csv and audit.png beside --out; the lines to print."""
     from reference.audit_report import (
         AUDIT_CSV,
         AUDIT_FIGURE,
-        audit_folders,
         save_audit_figure,
         score_lines,
         write_audit_csv,
