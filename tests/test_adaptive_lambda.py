@@ -207,7 +207,7 @@ def test_auto_lambda_stays_finite_with_a_queue_at_batch_one(tmp_path, tiny_folde
     config = TrainConfig(
         data=str(tiny_folders), size=16, batch_size=1, travel_queue=4, steps=6, g_width=4, g_blocks=1, d_width=4,
         d_layers=1, encoder_mode="module", encoder="reference.studies.digit_data:random_embedder",
-        lambda_travel="auto", out=str(tmp_path / "run"), log_every=1, sample_every=1000, num_workers=0,
+        lambda_travel="balance", out=str(tmp_path / "run"), log_every=1, sample_every=1000, num_workers=0,
     )  # fmt: skip
     train(config, progress=False)
     lambdas = [json.loads(line)["lambda"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -82,13 +82,15 @@ def _worker(rank: int, init_file: str, tmp: str, encoder: str, data: str) -> Non
         micro = dataclasses.replace(config, out=str(tmp_path / f"micro{rank}"), steps=1, micro_batch=1)
         train_module.train(micro, progress=False)
         # ... and with the adaptive lambda, against the whole-batch step with it
-        train_module.train(dataclasses.replace(micro, out=str(tmp_path / f"mauto{rank}"), lambda_travel="auto"),
+        train_module.train(dataclasses.replace(micro, out=str(tmp_path / f"mauto{rank}"), lambda_travel="balance"),
                            progress=False)  # fmt: skip
         steps_module._optimizer_step = original_optimizer_step
         auto_gradients: list = []
         steps_module._backward_and_step = original_step
         record_first_generator_gradients(train_module, auto_gradients)
-        whole_auto = dataclasses.replace(micro, out=str(tmp_path / f"auto{rank}"), lambda_travel="auto", micro_batch=0)
+        whole_auto = dataclasses.replace(
+            micro, out=str(tmp_path / f"auto{rank}"), lambda_travel="balance", micro_batch=0
+        )
         train_module.train(whole_auto, progress=False)
 
         # The same run with a per-rank travel loss (no gather): pairs never span ranks.

@@ -25,7 +25,13 @@
 from travel_loss.audit import flip_scores
 from travel_loss.encoder import EncoderEnsemble, FrozenCLIPEncoder, FrozenEncoder
 from travel_loss.hub import CheckpointNotFoundError
-from travel_loss.lambdas import GradientBalancedLambda, mean_to_paper_lambda, paper_to_mean_lambda
+from travel_loss.lambdas import (
+    DiscriminatorGapLambda,
+    GradientBalancedLambda,
+    discriminator_gap,
+    mean_to_paper_lambda,
+    paper_to_mean_lambda,
+)
 from travel_loss.loss import TravelLoss, siamese_margin_loss, travel_loss, travel_loss_over_views
 from travel_loss.metrics import TravelConsistency
 from travel_loss.queue import TravelQueue
@@ -34,6 +40,7 @@ from travel_loss.views import RandomViews, embed_views
 
 __all__ = [
     "CheckpointNotFoundError",
+    "DiscriminatorGapLambda",
     "EncoderEnsemble",
     "FrozenCLIPEncoder",
     "FrozenEncoder",
@@ -43,6 +50,7 @@ __all__ = [
     "TravelConsistency",
     "TravelLoss",
     "TravelQueue",
+    "discriminator_gap",
     "embed_views",
     "flip_scores",
     "mean_to_paper_lambda",

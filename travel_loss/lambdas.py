@@ -61,7 +61,7 @@ recomputes the ratio only on every k-th call and returns the current value in be
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -70,7 +70,10 @@ from torch import Tensor, nn
 __all__ = [
     "PAPER_BATCH_SIZE",
     "PAPER_PATCHES",
+    "AdaptiveLambda",
+    "DiscriminatorGapLambda",
     "GradientBalancedLambda",
+    "discriminator_gap",
     "last_layer_weight",
     "mean_to_paper_lambda",
     "paper_to_mean_lambda",
@@ -324,3 +327,219 @@ def _describe(value: object) -> str:
     if isinstance(value, Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     return type(value).__name__
+
+
+@runtime_checkable
+class AdaptiveLambda(Protocol):
+    """What a training step needs of an adaptive lambda (:class:`GradientBalancedLambda`,
+    :class:`DiscriminatorGapLambda`): called once per generator step, before the backward."""
+
+    @property
+    def value(self) -> float | None: ...
+
+    @property
+    def computes_next(self) -> bool:
+        """Whether the next :meth:`update` needs the two losses' gradient norms at ``parameter``."""
+        ...
+
+    def update(self, adv_loss: Tensor, travel_loss: Tensor) -> float: ...
+
+    def update_from_norms(self, adv_norm: Tensor | None, travel_norm: Tensor | None) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+_GAN_LOSSES = ("bce", "lsgan", "hinge")
+
+
+def discriminator_gap(real_logits: Tensor, fake_logits: Tensor, gan_loss: str = "bce") -> Tensor:
+    r"""How well the discriminator tells real target images from translations, in [-1, 1].
+
+    Each logit is read as the discriminator's belief that its patch is real, on the scale its loss
+    trains it to: :math:`\sigma(\ell)` for ``"bce"``; :math:`\ell` clipped to [0, 1] for ``"lsgan"``
+    (targets 1 and 0); :math:`(\operatorname{clip}(\ell, -1, 1) + 1) / 2` for ``"hinge"`` (margins
+    +-1). The gap is the mean belief over ``real_logits`` minus the mean over ``fake_logits``
+    (any shapes, every entry one patch): 0 when D cannot tell them apart, 1 when it is certain of
+    every patch. Returns a 0-D float32 tensor on the logits' device (no host synchronisation).
+    """
+    if gan_loss not in _GAN_LOSSES:
+        raise ValueError(f"gan_loss: expected one of {', '.join(_GAN_LOSSES)}, got {gan_loss!r}")
+    for name, logits in (("real_logits", real_logits), ("fake_logits", fake_logits)):
+        if not isinstance(logits, Tensor) or logits.numel() == 0 or not logits.is_floating_point():
+            raise ValueError(f"{name}: expected a non-empty floating-point tensor, got {_describe(logits)}")
+
+    def belief(logits: Tensor) -> Tensor:
+        logits = logits.detach().float()
+        if gan_loss == "bce":
+            return torch.sigmoid(logits)
+        if gan_loss == "lsgan":
+            return logits.clamp(0.0, 1.0)
+        return (logits.clamp(-1.0, 1.0) + 1.0) / 2.0
+
+    return belief(real_logits).mean() - belief(fake_logits).mean()
+
+
+class DiscriminatorGapLambda:
+    r"""Lambda as large as realism allows: raised while the discriminator cannot tell translations
+    from real target images by more than ``target_gap``, lowered while it can.
+
+    The travel term and the adversarial term pull against each other: a larger lambda keeps more
+    of each input (fewer flips) until the translations stop looking like the target domain. This
+    rule states the trade-off in the discriminator's own terms. After every discriminator step
+    it reads the gap :math:`g_t` (:func:`discriminator_gap`: mean belief "real" on real images
+    minus that on translations, 0 = indistinguishable, 1 = always told apart) and moves lambda
+    multiplicatively, an integral controller on :math:`\log \lambda`:
+
+    .. math::  \lambda_{t+1} = \operatorname{clip}\bigl(\lambda_t\, e^{\eta\,(g^* - g_t)},
+               \lambda_\min, \lambda_\max\bigr), \qquad \lambda_0 = \text{initial},
+
+    except during the first ``warmup`` observations, where lambda stays at ``initial``: early on
+    every translation is easy to spot whatever lambda is (the generator has not yet learned the
+    target's look), and lowering lambda then would only let content go.
+
+    A gap held above :math:`g^*` (the translations are easy to spot) lowers lambda by a factor
+    :math:`e^{\eta (g_t - g^*)}` per step; below it, lambda grows. What it guarantees: lambda
+    settles where the discriminator separates real from translated images by about :math:`g^*`
+    (if any lambda in the range gets there); what it does not: that this lambda keeps every
+    input's content (a travel term that a generator can satisfy without keeping content, e.g. an
+    embedder blind to what changed, is not helped by any lambda). Starting high (``initial``)
+    holds the content while the generator first learns the target's look; the controller then
+    gives up consistency only as far as realism demands.
+
+    Cost: no extra backward pass (unlike :class:`GradientBalancedLambda`), one scalar all-reduce
+    (under DDP) and one host synchronisation per :meth:`observe`.
+
+    Args:
+        target_gap: :math:`g^* \in (0, 1)`.
+        initial: :math:`\lambda_0 > 0`, the value before the first observation.
+        rate: :math:`\eta > 0`, the step of :math:`\log\lambda` per unit of gap error.
+        warmup: observations at ``initial`` before the controller starts (the trainer: a fifth
+            of the run's steps).
+        min_value, max_value: :math:`0 < \lambda_\min \le \lambda_0 \le \lambda_\max`.
+        distributed: inside an initialised ``torch.distributed`` process group, average
+            :math:`g_t` over the ranks so that every process keeps the same lambda.
+
+    Use::
+
+        rule = DiscriminatorGapLambda()
+        for real_a, real_b in data:
+            ...generator step with lam = rule.value...
+            real_logits, fake_logits = D(real_b), D(fake.detach())
+            ...discriminator step...
+            rule.observe(discriminator_gap(real_logits, fake_logits, "bce"))
+    """
+
+    computes_next = False  # never needs gradient norms (AdaptiveLambda)
+
+    def __init__(
+        self,
+        *,
+        target_gap: float = 0.5,
+        initial: float = 3.0,
+        rate: float = 0.05,
+        warmup: int = 0,
+        min_value: float = 1e-4,
+        max_value: float = 1e4,
+        distributed: bool = True,
+    ) -> None:
+        for name, value in (("target_gap", target_gap), ("initial", initial), ("rate", rate)):
+            _check_real(name, value)
+        _check_real("min_value", min_value)
+        _check_real("max_value", max_value)
+        if not 0.0 < target_gap < 1.0:
+            raise ValueError(f"target_gap: expected a number in (0, 1), got {target_gap!r}")
+        if not rate > 0:
+            raise ValueError(f"rate: expected a positive number, got {rate!r}")
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+            raise ValueError(f"warmup: expected an int >= 0, got {warmup!r}")
+        if not 0 < min_value <= initial <= max_value:
+            raise ValueError(
+                f"min_value, initial, max_value: expected 0 < min_value <= initial <= max_value, "
+                f"got {min_value!r}, {initial!r}, {max_value!r}"
+            )
+        self.target_gap, self.initial, self.rate = float(target_gap), float(initial), float(rate)
+        self.warmup = warmup
+        self.min_value, self.max_value = float(min_value), float(max_value)
+        self.distributed = bool(distributed)
+        self._value = self.initial
+        self._count = 0
+        self.last_gap: float | None = None
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    def observe(self, gap: Tensor | float) -> float:
+        """Advance by one discriminator step with its gap :math:`g_t` (a 0-D tensor or float) and
+        return the new lambda. A non-finite gap (diverged logits) leaves lambda and the count as
+        they are (the training loop's own checks report the divergence)."""
+        if isinstance(gap, Tensor):
+            if gap.numel() != 1:
+                raise ValueError(f"gap: expected a scalar, got {_describe(gap)}")
+            gap_tensor = gap.detach().double().reshape(())
+        else:
+            _check_real("gap", gap)
+            gap_tensor = torch.tensor(float(gap), dtype=torch.float64)
+        if self.distributed and dist.is_available() and dist.is_initialized():
+            gap_tensor = gap_tensor.clone()
+            dist.all_reduce(gap_tensor)
+            gap_tensor /= dist.get_world_size()
+        observed = float(gap_tensor)  # the one host sync
+        self.last_gap = observed
+        if not math.isfinite(observed):  # diverged logits: lambda stays; reporting it is the caller's job
+            return self.value
+        if self._count >= self.warmup:
+            moved = self._value * math.exp(self.rate * (self.target_gap - observed))
+            self._value = min(max(moved, self.min_value), self.max_value)
+        self._count += 1
+        return self.value
+
+    def update(self, adv_loss: Tensor, travel_loss: Tensor) -> float:
+        """The current lambda (the losses are not used: this rule moves in :meth:`observe`)."""
+        del adv_loss, travel_loss
+        return self.value
+
+    def update_from_norms(self, adv_norm: Tensor | None, travel_norm: Tensor | None) -> float:
+        """The current lambda (see :meth:`update`)."""
+        del adv_norm, travel_norm
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain python types only (safe under ``torch.load(weights_only=True)``)."""
+        return {
+            "target_gap": self.target_gap,
+            "initial": self.initial,
+            "rate": self.rate,
+            "warmup": self.warmup,
+            "min_value": self.min_value,
+            "max_value": self.max_value,
+            "value": self._value,
+            "count": self._count,
+            "last_gap": self.last_gap,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore lambda and the counters; the settings must equal this object's, except ``warmup``
+        (a schedule: a run resumed with more steps may have a longer one)."""
+        expected = set(self.state_dict())
+        if not isinstance(state, dict) or set(state) != expected:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state: expected a dict with keys {sorted(expected)}, got {got}")
+        for key in ("target_gap", "initial", "rate", "min_value", "max_value"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"state: {key} = {state[key]!r} was saved but this object has {getattr(self, key)!r}; "
+                    f"construct DiscriminatorGapLambda with the saved settings to resume"
+                )
+        self._value = float(state["value"])
+        self._count = int(state["count"])
+        self.last_gap = None if state["last_gap"] is None else float(state["last_gap"])
+
+    def __repr__(self) -> str:
+        return (
+            f"DiscriminatorGapLambda(target_gap={self.target_gap}, initial={self.initial}, rate={self.rate}, "
+            f"warmup={self.warmup}, "
+            f"min_value={self.min_value}, max_value={self.max_value}, value={self.value:.4g})"
+        )

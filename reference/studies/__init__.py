@@ -7,6 +7,9 @@ knows only :data:`STUDIES` and :func:`run_study`.
 
 - ``digits`` (the default of ``--demo``): real handwritten digits, two styles and a class-prior
   mismatch (:mod:`reference.studies.digits`); ``digits-full`` adds the ablations and sweeps.
+- ``lambda-transfer``: the travel method's lambda rules (fixed weights, the gradient balance, the
+  default) on digit variants in other styles, sizes, skews and embedders
+  (:mod:`reference.studies.lambda_transfer`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ __all__ = ["DEFAULT_STUDY", "STUDIES", "run_study"]
 STUDIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "digits": ("reference.studies.digits", "run_digit_demo", {}),
     "digits-full": ("reference.studies.digits", "run_digit_demo", {"full": True}),
+    "lambda-transfer": ("reference.studies.lambda_transfer", "run_lambda_transfer", {}),
 }
 DEFAULT_STUDY = "digits"
 
