@@ -8,7 +8,6 @@ it uses). The CycleGAN subclass block runs against a stand-in for the CycleGAN c
 
 from __future__ import annotations
 
-import math
 import re
 import sys
 import types
@@ -94,7 +93,8 @@ def test_the_pages_have_their_python_blocks() -> None:
     for page, _ in BLOCKS:
         counts[page] += 1
     assert sum(counts.values()) >= 7, f"expected at least 7 ```python blocks, found {counts}"
-    assert counts["README.md"] >= 2, "the front page keeps the ten-line snippet and the CycleGAN subclass"
+    # the CycleGAN / CUT recipes are files in examples/, run against stand-ins in tests/test_recipes.py
+    assert counts["README.md"] >= 1, "the front page keeps the ten-line snippet"
 
 
 @pytest.mark.usefixtures("cyclegan_code_base")
@@ -111,7 +111,7 @@ def test_blocks_that_train_reach_the_generator(request: pytest.FixtureRequest) -
     """The generator-step blocks (the front page's snippet, DDP's) leave a finite gradient on G, none on E."""
     trained = 0
     for index, (page, code) in enumerate(BLOCKS):
-        if "loss_g.backward()" not in code and "lam * travel).backward()" not in code:
+        if "loss_g.backward()" not in code and "* travel).backward()" not in code:
             continue
         torch.manual_seed(0)
         namespace = _run(_with_local_checkpoints(code, request), f"{page} python block {index}")
@@ -161,21 +161,3 @@ def test_the_front_page_links_absolutely_for_the_package_index() -> None:
     relative = [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t) and not t.startswith("#")]
     assert not relative, f"README.md: relative links {relative}; use {REPOSITORY_URLS[0]}..."
     assert any(t.startswith(REPOSITORY_URLS[1]) and t.endswith(".png") for t in targets), "the grid is shown"
-
-
-@pytest.mark.usefixtures("cyclegan_code_base")
-def test_readme_cyclegan_subclass_trains_at_batch_one(request: pytest.FixtureRequest) -> None:
-    (code,) = [block for _, block in BLOCKS if "class TravelCycleGANModel" in block]
-    model = _run(_with_local_checkpoints(code, request), "README.md CycleGAN block")["TravelCycleGANModel"](opt=None)
-    assert "travel" in model.loss_names and model.travel_queue.size == 63
-    assert math.isclose(model.lambda_travel, 0.001 * 63 / 900)
-    generator = torch.Generator().manual_seed(0)
-    for step in range(3):
-        model.set_input(torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1)
-        model.forward()
-        model.netG_A.zero_grad()
-        model.backward_G()  # travel backward with retain_graph, then the framework's, on one graph
-        travel = float(model.loss_travel.detach())
-        assert travel == 0.0 if step == 0 else 0.0 < travel <= 2.0  # one image: no pair before the queue fills
-        assert all(torch.isfinite(p.grad).all() for p in model.netG_A.parameters())
-    assert len(model.travel_queue) == 3
