@@ -229,7 +229,7 @@ def restore_rng_state(state: dict[str, Any], cuda_device: torch.device | None = 
 
 def training_state(
     config: dict[str, Any], step: int, runtime: Runtime, modules: dict[str, nn.Module], optimizers: dict[str, Any],
-    schedulers: dict[str, Any], scalers: dict[str, Any], adaptive: Any,
+    schedulers: dict[str, Any], scalers: dict[str, Any], adaptive: Any, adaptive_structure: Any = None,
 ) -> dict[str, Any] | None:  # fmt: skip
     """Everything a bit-exact resume needs; collective under DDP (RNG states of all ranks), None off rank 0.
 
@@ -240,7 +240,8 @@ def training_state(
     ``"discriminator_a"`` (the cycle baseline, whose optimizers, schedules and D_A's gradient scaler
     are stored under the same names), ``"nce_heads"`` (the PatchNCE baseline's MLP heads, whose
     optimizer and schedule are stored under that name too) and ``"generator_ema"`` (the moving
-    average of G's weights).
+    average of G's weights). ``adaptive`` and ``adaptive_structure``: the adaptive lambdas of the
+    travel and the structure term (or None).
     """
     rng = capture_rng_state(runtime.device if runtime.device.type == "cuda" else None)
     if runtime.xla is not None:
@@ -270,6 +271,7 @@ def training_state(
         "schedulers": {name: sched.state_dict() for name, sched in schedulers.items()},
         "grad_scalers": {name: scaler.state_dict() for name, scaler in scalers.items()},
         "adaptive_lambda": None if adaptive is None else adaptive.state_dict(),
+        "adaptive_structure": None if adaptive_structure is None else adaptive_structure.state_dict(),
         "rng": rng_states,
         "data": {"position": step * config["batch_size"] * runtime.world_size, "world_size": runtime.world_size},
     }
@@ -305,7 +307,7 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
 
 def restore_training_state(
     checkpoint: dict[str, Any], runtime: Runtime, modules: dict[str, nn.Module], optimizers: dict[str, Any],
-    schedulers: dict[str, Any], scalers: dict[str, Any], adaptive: Any,
+    schedulers: dict[str, Any], scalers: dict[str, Any], adaptive: Any, adaptive_structure: Any = None,
 ) -> tuple[int, int]:  # fmt: skip
     """Load a :func:`training_state` into the given objects (in place); returns (step, data position).
 
@@ -323,6 +325,8 @@ def restore_training_state(
             scaler.load_state_dict(checkpoint["grad_scalers"][name])
     if adaptive is not None and checkpoint["adaptive_lambda"] is not None:
         adaptive.load_state_dict(checkpoint["adaptive_lambda"])
+    if adaptive_structure is not None and checkpoint.get("adaptive_structure") is not None:
+        adaptive_structure.load_state_dict(checkpoint["adaptive_structure"])
     rng_states = checkpoint["rng"]
     if len(rng_states) == runtime.world_size:
         device = runtime.device

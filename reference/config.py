@@ -59,6 +59,10 @@ class TrainConfig:
     travel_queue: int = 0  # K > 0: also pair with the last K rows of earlier batches (travel_loss.TravelQueue)
     travel_views: int = 0  # > 0: E averaged over this many shared random views of x and G(x) (0: the images)
     travel_view_transforms: str = "shift=2,blur=0.5,noise=0.1"  # with travel_views: travel_loss.RandomViews.parse
+    lambda_structure: float | str = 0.0  # > 0 or "auto": + lambda * self-similarity loss on E's spatial tokens
+    structure_window: int = 0  # structure term: 0 global self-similarity (Splice), w odd: w x w windows (F-LSeSim)
+    structure_positions: int = 0  # structure term: rows (window centres) sampled per step; 0: every one
+    structure_layer: int | None = None  # structure term: E's hidden_states[k] as tokens (None: its last_hidden_state)
     gan_loss: str = "bce"  # bce (non-saturating) | lsgan | hinge
     augment: str = ""  # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"
     r1_gamma: float = 0.0  # > 0: D's R1 penalty (gamma / 2) E|grad_x D(x)|^2 on real images (Mescheder et al. 2018)
@@ -133,8 +137,9 @@ class TrainConfig:
 
 def encoder_needed(config: TrainConfig) -> bool:
     """Whether a term of L_G goes through the encoder E: the travel term (``lambda_travel`` other
-    than 0, or ``"auto"``). A term that needs E joins this condition."""
-    return config.lambda_travel != 0
+    than 0, or ``"auto"``) and the structure term (``lambda_structure`` likewise). A term that needs E
+    joins this condition."""
+    return config.lambda_travel != 0 or config.lambda_structure != 0
 
 
 def uses_encoder(config: TrainConfig) -> bool:
@@ -183,6 +188,8 @@ def check_config(config: TrainConfig) -> None:
         isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or not math.isfinite(lam)
     ):
         fail("lambda_travel", "a finite number >= 0 or 'auto'")
+    if config.lambda_structure != "auto":
+        number("lambda_structure", "a finite number >= 0 or 'auto'", lambda v: v >= 0)
     for name in ("lambda_identity", "lambda_cycle", "lambda_cycle_identity", "r1_gamma", "lambda_nce"):
         number(name, "a finite number >= 0", lambda v: v >= 0)
     for name in ("lambda_auto_scale", "siamese_margin", "nce_temperature"):
@@ -230,6 +237,19 @@ def check_config(config: TrainConfig) -> None:
     if config.batch_size < 2 and not config.travel_queue:
         fail("batch_size", "an int >= 2 (the travel loss compares pairs), or any with travel_queue > 0")
     positive_int("micro_batch", 0)
+    positive_int("structure_window", 0)
+    if config.structure_window and config.structure_window % 2 == 0:
+        fail("structure_window", "0 (global) or an odd window side (3, 5, ...)")
+    positive_int("structure_positions", 0)
+    if config.structure_layer is not None and (
+        isinstance(config.structure_layer, bool) or not isinstance(config.structure_layer, int)
+    ):
+        fail("structure_layer", "None or an int index into the encoder's hidden_states")
+    if config.lambda_structure:
+        if config.encoder_mode == "siamese":
+            fail("lambda_structure", "0 with encoder_mode siamese (the structure term needs a frozen encoder)")
+        if config.lambda_structure == "auto" and config.micro_batch:
+            fail("lambda_structure", "a number with micro_batch > 0 ('auto' balances whole-batch gradients)")
     positive_int("travel_views", 0)
     if config.travel_views:
         from travel_loss import RandomViews

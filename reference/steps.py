@@ -41,6 +41,7 @@ from travel_loss.distributed import all_gather_with_grad
 from travel_loss.gradcache import backward_chunk, embed_in_chunks, travel_loss_and_embedding_grads
 from travel_loss.lambdas import GradientBalancedLambda
 from travel_loss.loss import Distance, Reduction
+from travel_loss.structure import self_similarity_loss
 from travel_loss.views import ViewDraw
 
 if TYPE_CHECKING:
@@ -51,12 +52,15 @@ __all__ = [
     "PatchNCE",
     "ReverseDirection",
     "StepOptions",
+    "StructureFeatures",
     "cycle_terms",
     "discriminator_step",
     "generator_step",
     "generator_terms",
     "micro_batched_generator_step",
     "nce_term",
+    "structure_features",
+    "structure_term",
     "translate_and_judge",
     "travel_term",
     "update_ema",
@@ -86,12 +90,22 @@ class StepOptions:
     nce_patches: int = 256  # PatchNCE: patch locations sampled per layer
     nce_temperature: float = 0.07  # PatchNCE: softmax temperature
     views: RandomViews | None = None  # E averaged over shared random views of x and G(x) (a frozen encoder)
+    lambda_structure: float = 0.0  # weight of the structure term (ignored when an adaptive one is passed)
+    structure_window: int = 0  # structure term: 0 global self-similarity, w > 0 local w x w windows
+    structure_positions: int = 0  # structure term: rows (centres) sampled per step, 0: every one
+    structure_layer: int | None = None  # structure term: the encoder's hidden_states[k] (None: last_hidden_state)
+
+    @property
+    def structure_on(self) -> bool:
+        """Whether L_G has a structure term at a fixed weight (an adaptive one is passed to the step)."""
+        return self.lambda_structure != 0
 
     @classmethod
     def from_config(cls, config: TrainConfig, device_type: str) -> StepOptions:
         """The options of ``config``'s run: its fields of the same names, and lambda, autocast and views."""
         derived: dict[str, Any] = {
             "lambda_travel": 0.0 if config.lambda_travel == "auto" else float(config.lambda_travel),
+            "lambda_structure": 0.0 if config.lambda_structure == "auto" else float(config.lambda_structure),
             "device_type": device_type,
             "amp_dtype": {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp],
             "views": RandomViews.parse(f"count={config.travel_views},{config.travel_view_transforms}")
@@ -116,6 +130,56 @@ def travel_term(emb_src: Tensor, emb_gen: Tensor, options: StepOptions) -> Tenso
     return travel_loss(
         emb_src, emb_gen, distance=options.travel_distance, reduction=options.travel_reduction, check_finite=False
     )
+
+
+@dataclass(frozen=True)
+class StructureFeatures:
+    """Spatial features of source images and of their translations for :func:`structure_term`: (n, L, C)
+    tokens on ``grid`` or (n, C, H, W) maps; ``seed`` draws the sampled positions (the same in every
+    chunk of a batch), None where every position is used."""
+
+    source: Tensor
+    translation: Tensor
+    grid: tuple[int, int] | None = None
+    seed: int | None = None
+
+    def rows(self, rows: Tensor) -> StructureFeatures:
+        """The features of ``rows`` of the batch (a chunk), with the same grid and positions."""
+        return StructureFeatures(self.source[rows], self.translation[rows], self.grid, self.seed)
+
+
+def structure_features(encoder: nn.Module, images: Tensor, options: StepOptions) -> tuple[Tensor, Tensor]:
+    """(embeddings, spatial tokens) of ``images`` from one forward of ``encoder``'s ``forward_with_tokens``
+    (a :class:`travel_loss.FrozenEncoder`, or a user embedder with ``forward_with_tokens`` or
+    ``tokens``: ``reference.user_embedder``); the module inside DDP / compile wrappers runs it."""
+    plain = _plain(encoder)
+    if options.structure_layer is None:
+        embeddings, tokens = plain.forward_with_tokens(images)
+    else:
+        embeddings, tokens = plain.forward_with_tokens(images, layer=options.structure_layer)
+    return embeddings, tokens
+
+
+def structure_term(features: StructureFeatures, options: StepOptions) -> Tensor:
+    r"""The structure loss (a scalar, at least float32): the mean over the n images of
+    :func:`travel_loss.self_similarity_loss` (L1 between self-similarity maps, centred features),
+    global or in ``options.structure_window`` windows, at ``options.structure_positions`` positions
+    drawn from ``features.seed``. A mean over images, so chunks weighted m/n add up to the batch's."""
+    draw = None if features.seed is None else torch.Generator().manual_seed(features.seed)
+    return self_similarity_loss(
+        features.source, features.translation, grid=features.grid if features.source.dim() == 3 else None,
+        window=options.structure_window or None, positions=options.structure_positions or None, generator=draw,
+    )  # fmt: skip
+
+
+def _structure_seed(options: StepOptions) -> int | None:
+    """One draw from torch's global RNG per step for the sampled structure positions (None: every one)."""
+    return int(torch.randint(2**62, ())) if options.structure_positions else None
+
+
+def _token_grid(encoder: nn.Module) -> tuple[int, int] | None:
+    grid = getattr(_plain(encoder), "token_grid", None)
+    return None if grid is None else (int(grid[0]), int(grid[1]))
 
 
 @dataclass(frozen=True)
@@ -263,6 +327,7 @@ class GeneratorTerms:
     loss: Tensor  # their weighted sum, with graph
     adversarial: Tensor  # L_adv(D(aug(G(x)))) alone, with graph (what an adaptive lambda balances against)
     reported: dict[str, Tensor]  # detached, to log: CycleGAN's and PatchNCE's terms, and "fake_a"
+    structure: Tensor | None = None  # the structure term alone, with graph (what an adaptive lambda balances)
 
 
 def translate_and_judge(
@@ -287,6 +352,8 @@ def generator_terms(
     real_b: Tensor | None = None,
     patch_nce: PatchNCE | None = None,
     nce_locations: Sequence[Tensor] | None = None,
+    structure: StructureFeatures | None = None,
+    lambda_structure: float | None = None,
 ) -> GeneratorTerms:
     r"""Every term of L_G but the travel term, for ``fake`` = G(``real_a``) (n, 3, H, W) and D's ``fake_logits``.
 
@@ -300,9 +367,19 @@ def generator_terms(
     chunk of m images, summed over the chunks, is the batch's (PatchNCE with the same
     ``nce_locations`` in every chunk, :func:`reference.patchnce.sample_locations`; None draws
     them): the whole-batch and the micro-batched step both use this function.
+
+    ``structure``: the encoder's spatial features of ``real_a`` and ``fake`` (the chunk's rows):
+    adds :math:`\lambda_S\, L_\mathrm{structure}` (:func:`structure_term`, a mean over images too) with
+    ``lambda_structure`` (None: ``options.lambda_structure``); ``structure`` of the result is the term.
     """
     adversarial = generator_adversarial_loss(fake_logits, options.gan_loss)
     loss, reported = adversarial, dict[str, Tensor]()
+    structure_loss = None
+    if structure is not None:
+        structure_loss = structure_term(structure, options)
+        weight = options.lambda_structure if lambda_structure is None else lambda_structure
+        if weight:
+            loss = loss + weight * structure_loss
     if options.lambda_identity:
         loss = loss + options.lambda_identity * (fake.float() - real_a.float()).abs().mean()
     if patch_nce is not None:
@@ -323,7 +400,9 @@ def generator_terms(
             "loss_cycle_identity": cycle_identity.detach(),
             "fake_a": fake_a.detach(),
         }
-    return GeneratorTerms(loss=loss, adversarial=adversarial, reported=reported)
+    if structure_loss is not None:
+        reported = {**reported, "loss_structure": structure_loss.detach()}
+    return GeneratorTerms(loss=loss, adversarial=adversarial, reported=reported, structure=structure_loss)
 
 
 def _check_step_arguments(
@@ -385,6 +464,7 @@ def generator_step(
     reverse: ReverseDirection | None = None,
     real_b: Tensor | None = None,
     patch_nce: PatchNCE | None = None,
+    adaptive_structure: GradientBalancedLambda | None = None,
 ) -> dict[str, Any]:
     r"""One generator update on a batch ``real_a`` (n, 3, H, W) of source images in [-1, 1].
 
@@ -413,6 +493,14 @@ def generator_step(
     ``travel_queue``: a :class:`travel_loss.TravelQueue` that replaces the travel term (pairs
     with queued rows of earlier steps too; batch 1 works).
 
+    Structure (``options.lambda_structure`` > 0, or ``adaptive_structure`` balancing it against the
+    adversarial term as ``adaptive_lambda`` does the travel term): :math:`\lambda_S\,
+    L_\mathrm{structure}` on the frozen encoder's spatial tokens of x and G(x)
+    (:func:`structure_term`), taken from the same forward pass as the embeddings
+    (``forward_with_tokens``) where no views are used; with views it is computed on the unviewed
+    images (one more forward of each). The result gains ``"loss_structure"`` (and
+    ``"lambda_structure"`` with ``adaptive_structure``).
+
     ``options.micro_batch`` = m with 0 < m < n: the same update computed in chunks of m images
     (:func:`micro_batched_generator_step`), for the memory of m images' activations; every
     option works there.
@@ -432,6 +520,11 @@ def generator_step(
         real_a, options, encoder_optimizer, emb_src, reverse, real_b, patch_nce,
         has_encoder=encoder is not None, adaptive=adaptive_lambda is not None,
     )  # fmt: skip
+    structure_on = options.structure_on or adaptive_structure is not None
+    if structure_on and (encoder is None or encoder_optimizer is not None):
+        raise ValueError("encoder: the structure term needs a frozen encoder with forward_with_tokens, got none")
+    if adaptive_structure is not None and 0 < options.micro_batch < real_a.shape[0]:
+        raise ValueError("adaptive_structure: the micro-batched step takes a fixed lambda_structure only")
     optimizers = [optimizer] if encoder_optimizer is None else [optimizer, encoder_optimizer]
     optimizers += [extra.optimizer for extra in (reverse, patch_nce) if extra is not None]
     if 0 < options.micro_batch < real_a.shape[0]:
@@ -442,8 +535,11 @@ def generator_step(
         )  # fmt: skip
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
+    structure_seed = _structure_seed(options) if structure_on else None
     fake, fake_logits = translate_and_judge(generator, discriminator, real_a, options)
     emb_gen: Tensor | None = None
+    tokens_src: Tensor | None = None
+    tokens_gen: Tensor | None = None
     with options.autocast():
         if encoder is None:  # no term goes through E: no travel term
             pass
@@ -455,16 +551,36 @@ def generator_step(
             if options.views is not None:  # the same random views of x and G(x); E(views of x) without grad
                 with torch.set_grad_enabled(travel_trains):
                     emb_src, emb_gen = embed_views(encoder, real_a, fake, options.views)
+            elif structure_on:  # one forward gives the embeddings and the structure term's tokens
+                with torch.no_grad():
+                    emb_src_and_tokens = structure_features(encoder, real_a, options)
+                    emb_src, tokens_src = emb_src_and_tokens if emb_src is None else (emb_src, emb_src_and_tokens[1])
+                emb_gen, tokens_gen = structure_features(encoder, fake, options)
+                if not travel_trains:
+                    emb_gen = emb_gen.detach()
             else:
                 if emb_src is None:
                     with torch.no_grad():
                         emb_src = encoder(real_a)
                 with torch.set_grad_enabled(travel_trains):
                     emb_gen = encoder(fake)
+            if structure_on and tokens_gen is None:  # views: the structure term on the unviewed images
+                with torch.no_grad():
+                    tokens_src = structure_features(encoder, real_a, options)[1]
+                tokens_gen = structure_features(encoder, fake, options)[1]
+    structure = None
+    if tokens_src is not None and tokens_gen is not None:
+        assert encoder is not None  # structure_on
+        structure = StructureFeatures(tokens_src, tokens_gen, _token_grid(encoder), structure_seed)
     terms = generator_terms(
-        generator, real_a, fake, fake_logits, options, reverse=reverse, real_b=real_b, patch_nce=patch_nce
-    )
-    loss, lam, logged = terms.loss, options.lambda_travel, dict[str, Tensor]()
+        generator, real_a, fake, fake_logits, options, reverse=reverse, real_b=real_b, patch_nce=patch_nce,
+        structure=structure, lambda_structure=0.0 if adaptive_structure is not None else None,
+    )  # fmt: skip
+    loss, lam, logged = terms.loss, options.lambda_travel, dict[str, Any]()
+    if adaptive_structure is not None and terms.structure is not None:
+        lam_structure = adaptive_structure.update(terms.adversarial, terms.structure)
+        loss = loss + lam_structure * terms.structure
+        logged["lambda_structure"] = lam_structure
     if emb_src is not None and emb_gen is not None:
         emb_src = all_gather_with_grad(_at_least_float32(emb_src))
         emb_gen = all_gather_with_grad(_at_least_float32(emb_gen))
@@ -511,7 +627,8 @@ def micro_batched_generator_step(
     2. the travel loss of the global batch (all ranks' rows) and its gradient
        :math:`\gamma = \partial L_\mathrm{travel} / \partial E(G(x))` (and with respect to E(x) for
        the trainable embedder, whose margin loss joins the travel loss here);
-    3. per chunk c of m of the n images: G, D and E again with graphs, and one backward of
+    3. per chunk c of m of the n images: G, D and E again with graphs (and with a structure term
+       E's tokens of the chunk's x and G(x), at the positions drawn once for the batch), and one backward of
        :math:`\frac{m}{n} T(c) + \lambda \sum_{i \in c} \langle E(G(x_i)), \gamma_i \rangle`, where T(c) are
        the chunk's :func:`generator_terms` (the adversarial term and any baseline's). They are
        means over images, so the chunk terms sum to the batch's; CycleGAN's and CUT's terms take
@@ -533,6 +650,7 @@ def micro_batched_generator_step(
     parameters = _parameters(optimizers)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
+    structure_seed = _structure_seed(options) if options.structure_on else None  # drawn first, as in generator_step
     views = None if trainable_encoder else options.views
     draws = [views.draw(real_a) for _ in range(views.count)] if views is not None else []
 
@@ -598,9 +716,18 @@ def micro_batched_generator_step(
                 elif travel_trains:
                     assert grad_gen is not None  # lambda other than 0: an encoder (_check_step_arguments)
                     embedded, grad = embed(fake, rows), grad_gen[rows]
+            structure = None
+            if options.structure_on:  # the chunk's tokens; the same positions in every chunk (one seed)
+                assert encoder is not None  # checked by generator_step
+                with options.autocast():
+                    with torch.no_grad():
+                        tokens_x = structure_features(encoder, x, options)[1]
+                    tokens_fake = structure_features(encoder, fake, options)[1]
+                structure = StructureFeatures(tokens_x, tokens_fake, _token_grid(encoder), structure_seed)
             terms = generator_terms(
                 generator, x, fake, fake_logits, options, reverse=reverse,
                 real_b=real_b[rows] if real_b is not None else None, patch_nce=patch_nce, nce_locations=nce_locations,
+                structure=structure,
             )  # fmt: skip
             chunk_loss = terms.loss * weight
             if adaptive_lambda is not None and separate:

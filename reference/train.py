@@ -339,6 +339,7 @@ class TrainingRun:
     options: StepOptions
     start_step: int
     data_position: int
+    adaptive_structure: GradientBalancedLambda | None = None  # the structure term's, with --lambda-structure auto
 
     def step(self, real_a: Tensor, real_b: Tensor) -> dict[str, Tensor]:
         """One iteration: G's update (and the EMA), D's (and D_A's), the schedules; the logged terms."""
@@ -349,6 +350,7 @@ class TrainingRun:
             scaler=self.scalers["generator"], encoder_optimizer=self.optimizers.get("siamese"),
             adaptive_lambda=self.adaptive, travel_queue=queue, reverse=self.reverse,
             real_b=real_b if self.needs_b else None, patch_nce=self.patch_nce,
+            adaptive_structure=self.adaptive_structure,
         )  # fmt: skip
         if self.ema is not None:
             update_ema(self.ema, self.modules["generator"], self.config.g_ema)
@@ -383,7 +385,7 @@ class TrainingRun:
         """The atomic checkpoint of everything above at ``step`` (rank 0 writes)."""
         state = training_state(
             asdict(self.config), step, self.runtime, self.modules, self.optimizers, self.schedulers, self.scalers,
-            self.adaptive,
+            self.adaptive, self.adaptive_structure,
         )  # fmt: skip
         if state is not None:
             xla = self.runtime.xla
@@ -409,6 +411,11 @@ def build_run(
         )
     else:
         check_encoder_input_size(encoder, config.size)
+        if config.lambda_structure and not getattr(encoder, "gives_tokens", hasattr(encoder, "forward_with_tokens")):
+            raise SetupError(
+                f"--lambda-structure: the encoder {config.encoder_name!r} gives no spatial tokens; give the module "
+                "a tokens(images) -> (N, L, C) or (N, C, H, W) method (reference/user_embedder.py)"
+            )
     trainable_encoder = encoder is not None and config.encoder_mode == "siamese"
     if config.channels_last:
         for module in (generator, discriminator, *([encoder] if encoder is not None else [])):
@@ -448,12 +455,17 @@ def build_run(
     fp16 = config.amp == "fp16"
     scaled = ("generator", "discriminator", *(("discriminator_a",) if config.lambda_cycle else ()))
     scalers = {name: torch.amp.GradScaler("cuda", enabled=fp16) for name in scaled}
-    adaptive = None
-    if config.lambda_travel == "auto":
+    adaptive, adaptive_structure = None, None
+    if "auto" in (config.lambda_travel, config.lambda_structure):
         from travel_loss.lambdas import last_layer_weight
 
-        adaptive = GradientBalancedLambda(
-            last_layer_weight(generator), momentum=config.lambda_auto_momentum, scale=config.lambda_auto_scale
+        adaptive, adaptive_structure = (
+            GradientBalancedLambda(
+                last_layer_weight(generator), momentum=config.lambda_auto_momentum, scale=config.lambda_auto_scale
+            )
+            if value == "auto"
+            else None
+            for value in (config.lambda_travel, config.lambda_structure)
         )
     seed_everything(rank_seed(config.seed, runtime.rank))
 
@@ -467,7 +479,7 @@ def build_run(
         changed = sorted(k for k, v in stored.items() if k not in _RESUME_FREE_FIELDS and current.get(k) != v)
         try:
             start_step, data_position = restore_training_state(
-                checkpoint, runtime, modules, optimizers, schedulers, scalers, adaptive
+                checkpoint, runtime, modules, optimizers, schedulers, scalers, adaptive, adaptive_structure
             )
         except (KeyError, RuntimeError, ValueError) as error:  # another architecture, or not a training checkpoint
             raise RunInputError(
@@ -520,6 +532,7 @@ def build_run(
     return TrainingRun(
         config, runtime, modules, optimizers, schedulers, scalers, adaptive, ema, g_train, d_train, e_train, d_for_g,
         da_train, reverse, patch_nce, needs_b, StepOptions.from_config(config, device.type), start_step, data_position,
+        adaptive_structure=adaptive_structure,
     )  # fmt: skip
 
 
@@ -707,6 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     special: dict[str, dict[str, Any]] = {
         "lambda_travel": dict(type=_lambda_value, metavar="FLOAT|auto"),
+        "lambda_structure": dict(type=_lambda_value, metavar="FLOAT|auto"),
         "lambda_auto_scale": dict(type=float),
         "lambda_auto_momentum": dict(type=float),
         "travel_objective": dict(choices=TRAVEL_OBJECTIVES),

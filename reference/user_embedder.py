@@ -11,6 +11,11 @@ the trainer's range [-1, 1] to (N, D) or (N, ...) features (flattened to (N, D))
 freezes it (eval mode, no parameter requires grad) and checks it with
 ``travel_loss.testing.check_embedder`` before the first step; a failing embedder stops the run
 with the kit's message.
+
+The structure term (``--lambda-structure``) needs spatial features too: the module provides them
+with a ``tokens(images)`` method returning (N, L, C) tokens or (N, C, H, W) maps, or with
+``forward_with_tokens(images) -> (features, tokens)`` (one pass for both). Without either, a run
+with a structure term stops before the first step, naming the flag.
 """
 
 from __future__ import annotations
@@ -77,6 +82,29 @@ class FlattenFeatures(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.embedder(images).flatten(1)
+
+    @property
+    def gives_tokens(self) -> bool:
+        """Whether the embedder has spatial features for the structure term (see the module docstring)."""
+        return any(callable(getattr(self.embedder, name, None)) for name in ("forward_with_tokens", "tokens"))
+
+    @property
+    def token_grid(self) -> tuple[int, int] | None:
+        """The embedder's ``token_grid`` (h, w) for (N, L, C) tokens, if it says; maps carry their own."""
+        return getattr(self.embedder, "token_grid", None)
+
+    def forward_with_tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """((N, D) features, the embedder's tokens): one call of its ``forward_with_tokens``, or its
+        forward and its ``tokens``."""
+        embedder: Any = self.embedder  # its own methods, looked up by name
+        if callable(getattr(embedder, "forward_with_tokens", None)):
+            features, tokens = embedder.forward_with_tokens(images)
+            return features.flatten(1), tokens
+        if not self.gives_tokens:
+            raise ValueError(
+                f"embedder: {type(self.embedder).__name__} has no tokens(images) or forward_with_tokens(images) method"
+            )
+        return self(images), embedder.tokens(images)
 
 
 def build_user_embedder(spec: str, image_size: int, *, check: bool = True) -> nn.Module:

@@ -211,6 +211,13 @@ def test_micro_batched_gradient_with_a_travel_queue_equals_the_whole_batch():
         ("views + queue-free adaptive", dict(views=RandomViews(count=2, flip=0.5), adaptive=dict(momentum=0.5))),
         ("CycleGAN + adaptive", dict(baseline="cycle", lambda_cycle=10.0, adaptive=dict(momentum=0.5), steps=2)),
         ("PatchNCE + adaptive", dict(baseline="nce", lambda_nce=1.0, nce_patches=8, adaptive=dict(momentum=0.5))),
+        ("structure", dict(lambda_structure=2.0, structure_positions=3)),
+        ("structure alone", dict(lambda_structure=2.0, lambda_travel=0.0)),
+        ("structure, layer 1", dict(lambda_structure=2.0, structure_layer=1, lambda_identity=1.0)),
+        (
+            "structure + views + adaptive",
+            dict(lambda_structure=1.0, structure_positions=2, views=RandomViews(count=2, flip=0.5), adaptive={}),
+        ),
     ],
 )
 def test_every_option_micro_batched_gives_the_whole_batch_gradient(name, settings):
@@ -244,3 +251,20 @@ def test_micro_batched_baselines_split_real_b_like_real_a():
                        StepOptions(lambda_cycle=10.0, micro_batch=2), real_b=x[:3], **extras)  # fmt: skip
     for overrides in (dict(lambda_identity=1.0), dict(lambda_cycle=10.0), dict(lambda_nce=1.0), dict(travel_views=2)):
         check_config(TrainConfig(data="data", micro_batch=2, **overrides))  # every option works micro-batched
+
+
+def test_structure_positions_drawn_per_chunk_would_change_the_gradient():
+    """The structure cases above can fail: sampled positions drawn anew in each chunk give another gradient."""
+    from reference import steps
+    from travel_loss import self_similarity_loss
+
+    settings = dict(lambda_structure=2.0, structure_positions=2, lambda_travel=0.0)
+    expected, whole = step_gradients(torch.float64, 0, 7, **settings)
+    assert float(whole["loss_structure"]) > 0
+
+    def drawn_per_call(features, options):
+        return self_similarity_loss(features.source, features.translation, positions=options.structure_positions)
+
+    with mock.patch.object(steps, "structure_term", drawn_per_call):
+        actual, _ = step_gradients(torch.float64, 3, 7, **settings)
+    assert relative_error(actual, expected) > 1e-6

@@ -321,14 +321,25 @@ class StrokePCAEmbedder(nn.Module):
         self.register_buffer("basis", basis)
 
     @staticmethod
-    def stroke_map(images: Tensor, grid: int) -> Tensor:
+    def stroke_field(images: Tensor) -> Tensor:
+        """The stroke map at full resolution, (N, 1, S, S): colour distance to the paper, RMS-normalised."""
         paper = images.flatten(2).median(dim=2).values[..., None, None]
         stroke = (images - paper).square().sum(1, keepdim=True).add(1e-6).sqrt()
-        stroke = stroke / stroke.square().mean((2, 3), keepdim=True).add(1e-6).sqrt()
-        return F.adaptive_avg_pool2d(stroke, grid).flatten(1)
+        return stroke / stroke.square().mean((2, 3), keepdim=True).add(1e-6).sqrt()
+
+    @staticmethod
+    def stroke_map(images: Tensor, grid: int) -> Tensor:
+        return F.adaptive_avg_pool2d(StrokePCAEmbedder.stroke_field(images), grid).flatten(1)
 
     def forward(self, images: Tensor) -> Tensor:
         return (self.stroke_map(images, self.grid) - self.mean) @ self.basis
+
+    def tokens(self, images: Tensor) -> Tensor:
+        """Spatial features for the structure term: the 3 x 3 patch of the stroke field around each
+        pixel, (N, 9, S, S) (zero outside the image). Colour-free like the embedding, but at full
+        resolution and local: which pixels' neighbourhoods look alike (stroke, edge, paper)."""
+        field = self.stroke_field(images)
+        return F.unfold(field, 3, padding=1).unflatten(2, tuple(field.shape[-2:]))
 
 
 class PixelPCAEmbedder(nn.Module):

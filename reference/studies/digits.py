@@ -16,7 +16,8 @@ a run of the public trainer, ``reference/train.py --preset digits-demo --data-a 
   patch count scaled down with the generator, 64 instead of 256: ``--nce-dim 64 --nce-patches 64``).
 
 ``--demo digits-full`` adds the lambda sweep that chose the travel weight, the other identity
-weight, TraVeLGAN's trainable Siamese network, a randomly initialised frozen embedder and the
+weight, the structure term (:data:`STRUCTURE`: alone, beside travel, and travel given CycleGAN's CPU
+time per run), TraVeLGAN's trainable Siamese network, a randomly initialised frozen embedder and the
 pixel-embedder ablation (an embedder that is *not* invariant to the style change), and travel with
 the embedder averaged over two shared random views (``--travel-views 2``).
 
@@ -62,7 +63,7 @@ from reference.studies.digit_data import (
 from reference.studies.runner import TrainerRun, finished_checkpoint, run_trainers, trainer_argv
 from reference.translate import load_generator
 
-__all__ = ["CORE", "FULL", "QUICK", "DigitDemoSettings", "Method", "run_digit_demo", "summarise"]
+__all__ = ["CORE", "FULL", "QUICK", "STRUCTURE", "DigitDemoSettings", "Method", "run_digit_demo", "summarise"]
 
 REPORT_NAME = "demo_report.json"
 GRID_NAME = "demo_grid.png"
@@ -72,6 +73,9 @@ _DATA = Path(__file__).with_name("digit_data.py")
 EMBEDDERS = {name: f"{_DATA}:{name}_embedder" for name in ("stroke", "pixel", "random")}
 TRAVEL_LAMBDA = 3.0  # chosen once by the digits-full sweep over 1, 3, 10, 30 (README: the digit study)
 IDENTITY_WEIGHT = 1.0  # the better of CycleGAN identity weights 1 and 10 in the same sweep
+STRUCTURE_LAMBDA = 3.0  # weight of the structure term (self-similarity of the stroke field's 3 x 3 patches)
+# CycleGAN's CPU seconds per step over travel's: 0.220 / 0.042 (one thread, (cpu(130 steps) - cpu(30 steps)) / 100)
+CYCLE_COST_RATIO = 5.2
 SPECKLE_DENSITY = 0.15  # the known case "ideal + speckle": a fraction of pixels set to B's ink or paper
 
 
@@ -84,6 +88,7 @@ class Method:
     weight: float
     flags: Mapping[str, Any] = field(default_factory=dict)
     cost: float = 1.0
+    budget: float = 1.0  # the run trains for the study's steps times this (equal-compute rows)
 
     @property
     def key(self) -> str:
@@ -94,6 +99,14 @@ def _travel(weight: float, embedder: str = "stroke", name: str = "travel") -> Me
     return Method(name, weight, {"lambda_travel": weight, "encoder": EMBEDDERS[embedder]})
 
 
+def _structure(weight: float, travel: float = 0.0, name: str = "structure", **flags: Any) -> Method:
+    """The structure term at ``weight`` (self-similarity of the stroke embedder's ``tokens``, global), with
+    travel at ``travel`` (0: the structure term alone, the F-LSeSim-style baseline)."""
+    return Method(
+        name, weight, {"lambda_travel": travel, "lambda_structure": weight, "encoder": EMBEDDERS["stroke"], **flags}
+    )
+
+
 CORE: tuple[Method, ...] = (
     Method("gan", 0.0),
     _travel(TRAVEL_LAMBDA),
@@ -101,6 +114,13 @@ CORE: tuple[Method, ...] = (
     Method("cycle", 10.0, {"lambda_cycle": 10.0, "lambda_cycle_identity": 0.5}, cost=2.2),
     # CUT's objective; heads and patch count scaled with the generator (width 16 here, CUT's 64: 256 / 4)
     Method("patchnce", 1.0, {"lambda_nce": 1.0, "nce_idt": True, "nce_dim": 64, "nce_patches": 64}, cost=1.8),
+)
+STRUCTURE: tuple[Method, ...] = (  # README: the structure term; in --demo digits-full
+    _structure(STRUCTURE_LAMBDA),  # alone: the F-LSeSim-style baseline
+    _structure(STRUCTURE_LAMBDA, TRAVEL_LAMBDA, name="travel+structure"),  # the weight is the structure term's
+    Method(  # equal compute: travel for as many steps as CycleGAN's CPU time buys (its steps x cost ratio)
+        "travel@cycle-cpu", TRAVEL_LAMBDA, _travel(TRAVEL_LAMBDA).flags, cost=CYCLE_COST_RATIO, budget=CYCLE_COST_RATIO
+    ),
 )
 FULL: tuple[Method, ...] = (
     *CORE,
@@ -112,6 +132,7 @@ FULL: tuple[Method, ...] = (
     Method(  # the same travel run with E averaged over 2 shared random views (README: against a gamed encoder)
         "travel+views", TRAVEL_LAMBDA, {**_travel(TRAVEL_LAMBDA).flags, "travel_views": 2}, cost=1.3
     ),
+    *STRUCTURE,
 )
 
 
@@ -155,6 +176,8 @@ def _trainer_run(method: Method, settings: DigitDemoSettings, data: Path, out: P
         "out": str(run_dir), "log_every": max(1, settings.steps // 10), "sample_every": settings.steps,
         "checkpoint_every": settings.steps,
     }  # fmt: skip
+    if method.budget != 1.0:
+        flags["steps"] = round(settings.steps * method.budget)
     return TrainerRun(f"{method.key} seed {seed}", trainer_argv(settings.preset, flags), run_dir)
 
 
