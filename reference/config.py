@@ -34,6 +34,7 @@ ENCODER_MODES = ("clip", "random-clip", "siamese", "module")
 TRAVEL_OBJECTIVES = ("paper", "notebook")
 AMP_MODES = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "xla")
+ADAPTIVE_LAMBDAS = ("auto", "balance")  # --lambda-travel's rules besides a number
 LR_CEILING = 1.0  # the largest learning rate the trainer accepts: Adam steps of this size already diverge
 
 
@@ -50,9 +51,11 @@ class TrainConfig:
     num_workers: int | None = None  # None: min(4, cpus)
 
     # objective
-    lambda_travel: float | str = "auto"  # a number, or "auto": travel_loss.GradientBalancedLambda (README: lambda)
-    lambda_auto_scale: float = 1.0  # "auto": wanted ratio of travel to adversarial gradient norm
-    lambda_auto_momentum: float = 0.9  # "auto": moving-average momentum of the gradient ratio
+    lambda_travel: float | str = "auto"  # a number; "auto": DiscriminatorGapLambda; "balance": GradientBalancedLambda
+    lambda_auto_gap: float = 0.5  # "auto": the discriminator gap (0: fooled, 1: never) lambda steers towards
+    lambda_auto_initial: float = 3.0  # "auto": lambda for the first fifth of the steps, where the rule starts
+    lambda_auto_scale: float = 1.0  # "balance": wanted ratio of travel to adversarial gradient norm
+    lambda_auto_momentum: float = 0.9  # "balance": moving-average momentum of the gradient ratio
     travel_objective: str = "paper"  # "paper": equation 2; "notebook": the original code's variant
     travel_distance: str = "cosine"  # travel_loss distance: cosine | squared_euclidean | travelgan
     travel_reduction: str = "mean"  # mean | sum over the N(N-1) pairs (lambda conventions: README)
@@ -184,10 +187,12 @@ def check_config(config: TrainConfig) -> None:
     if config.num_workers is not None:
         positive_int("num_workers", 0)
     lam = config.lambda_travel
-    if lam != "auto" and (
+    if lam not in ADAPTIVE_LAMBDAS and (
         isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or not math.isfinite(lam)
     ):
-        fail("lambda_travel", "a finite number >= 0 or 'auto'")
+        fail("lambda_travel", "a finite number >= 0, 'auto' or 'balance'")
+    number("lambda_auto_gap", "a number in (0, 1)", lambda v: 0 < v < 1)
+    number("lambda_auto_initial", "a number in [1e-4, 1e4]", lambda v: 1e-4 <= v <= 1e4)
     if config.lambda_structure != "auto":
         number("lambda_structure", "a finite number >= 0 or 'auto'", lambda v: v >= 0)
     for name in ("lambda_identity", "lambda_cycle", "lambda_cycle_identity", "r1_gamma", "lambda_nce"):

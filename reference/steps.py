@@ -39,7 +39,7 @@ from reference.patchnce import patch_nce_per_image, sample_locations
 from travel_loss import RandomViews, TravelQueue, embed_views, siamese_margin_loss, travel_loss
 from travel_loss.distributed import all_gather_with_grad
 from travel_loss.gradcache import backward_chunk, embed_in_chunks, travel_loss_and_embedding_grads
-from travel_loss.lambdas import GradientBalancedLambda
+from travel_loss.lambdas import AdaptiveLambda, GradientBalancedLambda, discriminator_gap
 from travel_loss.loss import Distance, Reduction
 from travel_loss.structure import self_similarity_loss
 from travel_loss.views import ViewDraw
@@ -104,7 +104,7 @@ class StepOptions:
     def from_config(cls, config: TrainConfig, device_type: str) -> StepOptions:
         """The options of ``config``'s run: its fields of the same names, and lambda, autocast and views."""
         derived: dict[str, Any] = {
-            "lambda_travel": 0.0 if config.lambda_travel == "auto" else float(config.lambda_travel),
+            "lambda_travel": 0.0 if config.lambda_travel in ("auto", "balance") else float(config.lambda_travel),
             "lambda_structure": 0.0 if config.lambda_structure == "auto" else float(config.lambda_structure),
             "device_type": device_type,
             "amp_dtype": {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp],
@@ -458,7 +458,7 @@ def generator_step(
     *,
     scaler: torch.amp.GradScaler | None = None,
     encoder_optimizer: torch.optim.Optimizer | None = None,
-    adaptive_lambda: GradientBalancedLambda | None = None,
+    adaptive_lambda: AdaptiveLambda | None = None,
     emb_src: Tensor | None = None,
     travel_queue: TravelQueue | None = None,
     reverse: ReverseDirection | None = None,
@@ -611,7 +611,7 @@ def micro_batched_generator_step(
     *,
     scaler: torch.amp.GradScaler | None = None,
     trainable_encoder: bool = False,
-    adaptive_lambda: GradientBalancedLambda | None = None,
+    adaptive_lambda: AdaptiveLambda | None = None,
     emb_src: Tensor | None = None,
     travel_queue: TravelQueue | None = None,
     reverse: ReverseDirection | None = None,
@@ -670,7 +670,13 @@ def micro_batched_generator_step(
                 emb_src = embed_in_chunks(lambda rows: embed(real_a[rows], rows), batch_rows, chunk_size)
             emb_gen = embed_in_chunks(lambda rows: embed(generator(real_a[rows]), rows), batch_rows, chunk_size)
         emb_src, emb_gen = _at_least_float32(emb_src), _at_least_float32(emb_gen)
-    separate = adaptive_lambda is not None and adaptive_lambda.computes_next
+    # a gradient balance on a step where it computes needs the two gradient norms at its parameter
+    balanced = (
+        adaptive_lambda
+        if isinstance(adaptive_lambda, GradientBalancedLambda) and adaptive_lambda.computes_next
+        else None
+    )
+    separate = balanced is not None
     lam = options.lambda_travel
     if adaptive_lambda is not None and not separate:
         lam = adaptive_lambda.update_from_norms(None, None)
@@ -730,11 +736,11 @@ def micro_batched_generator_step(
                 structure=structure,
             )  # fmt: skip
             chunk_loss = terms.loss * weight
-            if adaptive_lambda is not None and separate:
+            if balanced is not None:
                 torch.autograd.backward(scaled(chunk_loss), inputs=parameters, retain_graph=True)
                 if terms.loss is not terms.adversarial:  # .grad holds more than the adversarial term
                     (at,) = torch.autograd.grad(
-                        scaled(terms.adversarial * weight), adaptive_lambda.parameter, retain_graph=True
+                        scaled(terms.adversarial * weight), balanced.parameter, retain_graph=True
                     )
                     adversarial_at = _add(adversarial_at, at)
                 chunk_grads = torch.autograd.grad(
@@ -753,8 +759,8 @@ def micro_batched_generator_step(
             else:
                 totals[key] = totals.get(key, 0) + value * weight
         fakes.append(fake.detach())
-    if adaptive_lambda is not None and separate:
-        lam = _combine_balanced(adaptive_lambda, parameters, travel_grads, trained_modules, adversarial_at)
+    if balanced is not None:
+        lam = _combine_balanced(balanced, parameters, travel_grads, trained_modules, adversarial_at)
     _optimizer_step(optimizers, scaler)
     travel = objective_value
     if trainable_encoder and emb_src is not None and emb_gen is not None:  # the travel term alone, as in generator_step
@@ -883,5 +889,6 @@ def discriminator_step(
         "loss_d": loss.detach(),
         "d_real": real_logits.detach().float().mean(),
         "d_fake": fake_logits.detach().float().mean(),
+        "d_gap": discriminator_gap(real_logits, fake_logits, options.gan_loss),
         **extra,
     }

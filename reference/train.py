@@ -109,7 +109,7 @@ from reference.runtime import (
 from reference.steps import PatchNCE, ReverseDirection, StepOptions, discriminator_step, generator_step, update_ema
 from reference.stream import FlippedImages, stream_loader
 from reference.studies import DEFAULT_STUDY, STUDIES, run_study
-from travel_loss import GradientBalancedLambda, TravelQueue
+from travel_loss import DiscriminatorGapLambda, GradientBalancedLambda, TravelQueue
 from travel_loss.loss import Distance, Reduction
 
 __all__ = [
@@ -326,7 +326,7 @@ class TrainingRun:
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]
     scalers: dict[str, torch.amp.GradScaler]
-    adaptive: GradientBalancedLambda | None
+    adaptive: GradientBalancedLambda | DiscriminatorGapLambda | None
     ema: nn.Module | None
     g_train: nn.Module  # the views that train: DDP wrappers, torch.compile
     d_train: nn.Module
@@ -359,6 +359,8 @@ class TrainingRun:
             self.d_train, self.optimizers["discriminator"], real_b, g_out.pop("fake"), self.options,
             scaler=self.scalers["discriminator"],
         )  # fmt: skip
+        if isinstance(self.adaptive, DiscriminatorGapLambda):  # lambda follows D's verdict on this batch
+            self.adaptive.observe(d_out["d_gap"])
         if fake_a is not None and self.da_train is not None:  # D_A on (a, G_BA(b)), after D_B (random draws in order)
             d_a = discriminator_step(
                 self.da_train, self.optimizers["discriminator_a"], real_a, fake_a, self.options,
@@ -455,18 +457,7 @@ def build_run(
     fp16 = config.amp == "fp16"
     scaled = ("generator", "discriminator", *(("discriminator_a",) if config.lambda_cycle else ()))
     scalers = {name: torch.amp.GradScaler("cuda", enabled=fp16) for name in scaled}
-    adaptive, adaptive_structure = None, None
-    if "auto" in (config.lambda_travel, config.lambda_structure):
-        from travel_loss.lambdas import last_layer_weight
-
-        adaptive, adaptive_structure = (
-            GradientBalancedLambda(
-                last_layer_weight(generator), momentum=config.lambda_auto_momentum, scale=config.lambda_auto_scale
-            )
-            if value == "auto"
-            else None
-            for value in (config.lambda_travel, config.lambda_structure)
-        )
+    adaptive, adaptive_structure = adaptive_lambdas(config, generator)
     seed_everything(rank_seed(config.seed, runtime.rank))
 
     # ---- resume: weights, optimizer moments, schedules, scalers, RNG states, data position
@@ -688,13 +679,36 @@ def _summary(
 # =============================================================================================
 
 
+def adaptive_lambdas(
+    config: TrainConfig, generator: nn.Module
+) -> tuple[DiscriminatorGapLambda | GradientBalancedLambda | None, GradientBalancedLambda | None]:
+    """The travel term's adaptive lambda (``--lambda-travel auto``: D's gap, a fifth of the steps at
+    the initial value first; ``balance``: the gradient balance at G's last layer) and the structure
+    term's (``--lambda-structure auto``: the gradient balance); None where a weight is a number."""
+    from travel_loss.lambdas import last_layer_weight
+
+    def balance() -> GradientBalancedLambda:
+        return GradientBalancedLambda(
+            last_layer_weight(generator), momentum=config.lambda_auto_momentum, scale=config.lambda_auto_scale
+        )
+
+    travel: DiscriminatorGapLambda | GradientBalancedLambda | None = None
+    if config.lambda_travel == "auto":
+        travel = DiscriminatorGapLambda(
+            target_gap=config.lambda_auto_gap, initial=config.lambda_auto_initial, warmup=config.steps // 5
+        )
+    elif config.lambda_travel == "balance":
+        travel = balance()
+    return travel, balance() if config.lambda_structure == "auto" else None
+
+
 def _lambda_value(text: str) -> float | str:
-    if text == "auto":
-        return "auto"
+    if text in ("auto", "balance"):
+        return text
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, 'auto' or 'balance', got {text!r}") from None
 
 
 def _field_comments(cls: type) -> dict[str, str]:
@@ -719,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     defaults = TrainConfig()
     special: dict[str, dict[str, Any]] = {
-        "lambda_travel": dict(type=_lambda_value, metavar="FLOAT|auto"),
+        "lambda_travel": dict(type=_lambda_value, metavar="FLOAT|auto|balance"),
         "lambda_structure": dict(type=_lambda_value, metavar="FLOAT|auto"),
         "lambda_auto_scale": dict(type=float),
         "lambda_auto_momentum": dict(type=float),

@@ -85,13 +85,16 @@ def render_digits(
     """Paint 8 x 8 scans (N, 8, 8) in [0, 1] as (N, 3, size, size) images in [-1, 1] in ``style``.
 
     The scan is upsampled bilinearly, thickened by ``style["thickness"]`` 3 x 3 dilations (a max
-    filter), and each pixel mixes the style's paper and ink colours by its ink amount. With a
-    ``generator``, each image is shifted by up to one pixel and its two colours jittered by
-    +-0.04 per channel, so that a domain is a distribution, not a single rendering.
+    filter), softened by ``style.get("blur", 0)`` 3 x 3 box filters, and each pixel mixes the
+    style's paper and ink colours by its ink amount. With a ``generator``, each image is shifted by
+    up to one pixel and its two colours jittered by +-0.04 per channel, so that a domain is a
+    distribution, not a single rendering.
     """
     ink = F.interpolate(scans[:, None].float(), size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
     for _ in range(style["thickness"]):
         ink = F.max_pool2d(ink, 3, stride=1, padding=1)
+    for _ in range(style.get("blur", 0)):
+        ink = F.avg_pool2d(ink, 3, stride=1, padding=1, count_include_pad=False)
     paper = torch.tensor(style["paper"]).view(1, 3, 1, 1).expand(len(scans), 3, 1, 1)
     colour = torch.tensor(style["ink"]).view(1, 3, 1, 1).expand(len(scans), 3, 1, 1)
     if generator is not None:
@@ -124,14 +127,18 @@ class DigitDomains:
 SPLIT_SEED = 0  # the split into A-train, A-test, judge and B's pool, the same for every study seed
 
 
-def digit_domains(seed: int = 0, size: int = DIGIT_SIZE, skew: float = DEFAULT_SKEW, copies: int = 2) -> DigitDomains:
+def digit_domains(
+    seed: int = 0, size: int = DIGIT_SIZE, skew: float = DEFAULT_SKEW, copies: int = 2,
+    style_a: dict = STYLE_A, style_b: dict = STYLE_B,
+) -> DigitDomains:  # fmt: skip
     """Split scikit-learn's digits into A-train, A-test, B (class frequencies ``skew ** rank``) and judge sets.
 
     The split, A's renders and the judge's are fixed (``SPLIT_SEED``), so the embedders fitted
     on A-train are the same for every study seed; ``seed`` draws B's class order and B's
     render jitter. Training sets hold ``copies`` renderings of each scan (random one-pixel
     shifts and colour jitter); test and ideal images are rendered once without jitter.
-    ``skew`` in (0, 1]: 1 keeps B balanced.
+    ``skew`` in (0, 1]: 1 keeps B balanced. ``style_a`` and ``style_b`` (:func:`render_digits`)
+    paint A (A-train, A-test) and B (B, the judge's set, the ideal translations, KID's reference).
     """
     if not 0 < skew <= 1:
         raise ValueError(f"skew must be in (0, 1], got {skew!r}")
@@ -151,18 +158,18 @@ def digit_domains(seed: int = 0, size: int = DIGIT_SIZE, skew: float = DEFAULT_S
         index = np.tile(index, copies)
         return render_digits(scans[index], style, size, torch.Generator().manual_seed(jitter_seed)), targets[index]
 
-    a_train_images, a_train_labels = rendered(a_train, STYLE_A, SPLIT_SEED)
-    b_images, b_labels = rendered(b, STYLE_B, 1000 + seed)
-    judge_images, judge_labels = rendered(judge, STYLE_B, SPLIT_SEED + 1)
+    a_train_images, a_train_labels = rendered(a_train, style_a, SPLIT_SEED)
+    b_images, b_labels = rendered(b, style_b, 1000 + seed)
+    judge_images, judge_labels = rendered(judge, style_b, SPLIT_SEED + 1)
     balanced = np.concatenate(
         [judge[labels[judge] == d][: min(np.bincount(labels[judge], minlength=10))] for d in range(10)]
     )
     return DigitDomains(
         a_train=a_train_images, a_train_labels=a_train_labels,
-        a_test=render_digits(scans[a_test], STYLE_A, size), a_test_labels=targets[a_test],
-        a_test_ideal=render_digits(scans[a_test], STYLE_B, size),
+        a_test=render_digits(scans[a_test], style_a, size), a_test_labels=targets[a_test],
+        a_test_ideal=render_digits(scans[a_test], style_b, size),
         b=b_images, b_labels=b_labels, judge=judge_images, judge_labels=judge_labels, class_order=class_order,
-        realism_reference=render_digits(scans[balanced], STYLE_B, size, torch.Generator().manual_seed(SPLIT_SEED + 2)),
+        realism_reference=render_digits(scans[balanced], style_b, size, torch.Generator().manual_seed(SPLIT_SEED + 2)),
         realism_reference_labels=targets[balanced],
         scan_ids={name: torch.from_numpy(ids) for name, ids in
                   (("a_train", a_train), ("a_test", a_test), ("b", b), ("judge", judge))},

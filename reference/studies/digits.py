@@ -27,6 +27,9 @@ digit), **KID** (pixel space, against B-style renders of held-out scans with eve
 often: realism that sees speckle and collapse), **L1 to the ideal** (the same scan rendered in
 B's style, known in this study) and the colour fraction (secondary). Known cases are scored the
 same way: the ideal, the ideal with B-coloured speckle, the input unchanged and B-coloured noise.
+The label-free flip audit (``digit_data.audit_digit_translations``) adds each run's share of flips
+and how well ``travel_loss.flip_scores`` ranks them first (**audit AUROC**, with the audit embedder
+no method trains against; the stroke embedder's beside it in the report).
 
 Outputs in ``out_dir``: ``demo_report.json`` (every seed's row, the per-method summary, the
 references, the settings), ``demo_grid.png`` (one held-out digit per class; input | each method |
