@@ -156,18 +156,9 @@ def coarse_judge_embedder(image_size: int = 16) -> nn.Module:
     return _fit_stroke(digit_domains(size=image_size).judge, 4, 12)
 
 
-class EdgePCAEmbedder(nn.Module):
+class EdgePCAEmbedder(StrokePCAEmbedder):
     """The gradient magnitude of the stroke map (central differences), pooled to ``grid`` x ``grid``,
     projected on principal directions: (N, 3, S, S) -> (N, k). Style-invariant as the stroke map is."""
-
-    mean: Tensor
-    basis: Tensor
-
-    def __init__(self, mean: Tensor, basis: Tensor, grid: int) -> None:
-        super().__init__()
-        self.grid = grid
-        self.register_buffer("mean", mean)
-        self.register_buffer("basis", basis)
 
     @staticmethod
     def edge_map(images: Tensor, grid: int) -> Tensor:
