@@ -555,6 +555,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> TrainSum
     )  # fmt: skip
     compiled_graphs: dict[str, int] = {}
     step = last_saved = run.start_step
+    lambda_warned = False
     interrupted = None
     started = time.perf_counter()
     with StopSignal(runtime) as stop:
@@ -565,6 +566,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, progress: bool) -> TrainSum
                 compiled_graphs["after_first_step"] = compiled_graph_count()
             if step % config.log_every == 0 or step == config.steps:
                 metrics.close_interval(step)  # checks the terms first: a diverged interval is not written
+                lambda_warned = lambda_warned or warn_if_lambda_gave_way(run.adaptive, step, say)
             if runtime.is_main and (step % config.sample_every == 0 or step == config.steps) and not metrics.diverged:
                 run.save_samples(step, sample_inputs)
             if step % config.checkpoint_every == 0 and metrics.finite(step, run.finite_parts()):
@@ -677,6 +679,22 @@ def _summary(
 # =============================================================================================
 # 4. Command line
 # =============================================================================================
+
+
+def warn_if_lambda_gave_way(rule: object, step: int, say: Callable[[str], None] = print) -> bool:
+    """Say once (returns True) when ``--lambda-travel auto`` has fallen below a third of its initial
+    value: the discriminator keeps spotting the translations, and where that is because the
+    generator collapses, lowering lambda feeds the collapse (docs/lambda.md: where the default
+    fails; of 15 runs of the lambda-transfer study, only the one that collapsed fell that far)."""
+    if not isinstance(rule, DiscriminatorGapLambda) or rule.value >= rule.initial / 3:
+        return False
+    say(
+        f"\nwarning: step {step}: --lambda-travel auto fell to {rule.value:.3g}, below a third of its start "
+        f"({rule.initial:g}): the discriminator keeps telling the translations apart. If loss_travel rose "
+        "meanwhile, the generator is probably collapsing and a lower lambda helps it: look at OUT/samples, "
+        "audit the translations (docs/audit.md) or set a fixed --lambda-travel"
+    )
+    return True
 
 
 def adaptive_lambdas(

@@ -181,3 +181,18 @@ def test_the_trainer_default_follows_the_discriminator_and_resumes_exactly(tmp_p
     assert whole["adaptive_lambda"] == again["adaptive_lambda"]
     for name, tensor in whole["generator"].items():
         assert torch.equal(tensor, again["generator"][name]), name
+
+
+def test_the_trainer_warns_once_when_lambda_gives_way(capsys):
+    from reference.train import warn_if_lambda_gave_way
+
+    rule = DiscriminatorGapLambda(initial=3.0, rate=1.0)
+    assert not warn_if_lambda_gave_way(rule, 10) and not warn_if_lambda_gave_way(GradientBalancedLambda(
+        torch.zeros(1, requires_grad=True)), 10)  # fmt: skip
+    rule.observe(1.0)  # 3 * e^-0.5 = 1.82: still above a third of the start
+    assert not warn_if_lambda_gave_way(rule, 20) and capsys.readouterr().out == ""
+    rule.observe(1.0)  # 1.10
+    rule.observe(1.0)  # 0.67 < 1
+    assert warn_if_lambda_gave_way(rule, 30)
+    out = capsys.readouterr().out
+    assert "step 30: --lambda-travel auto fell to 0.669" in out and "fixed --lambda-travel" in out
