@@ -58,7 +58,7 @@ class TrainConfig:
     lambda_auto_momentum: float = 0.9  # "balance": moving-average momentum of the gradient ratio
     travel_objective: str = "paper"  # "paper": equation 2; "notebook": the original code's variant
     travel_distance: str = "cosine"  # travel_loss distance: cosine | squared_euclidean | travelgan
-    travel_reduction: str = "mean"  # mean | sum over the N(N-1) pairs (lambda conventions: README)
+    travel_reduction: str = "mean"  # mean | sum over the N(N-1) pairs (lambda conventions: docs/api.md)
     travel_queue: int = 0  # K > 0: also pair with the last K rows of earlier batches (travel_loss.TravelQueue)
     travel_views: int = 0  # > 0: E averaged over this many shared random views of x and G(x) (0: the images)
     travel_view_transforms: str = "shift=2,blur=0.5,noise=0.1"  # with travel_views: travel_loss.RandomViews.parse

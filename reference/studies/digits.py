@@ -74,7 +74,7 @@ FRONTIER_NAME = "demo_frontier.png"
 SECONDS_NAME = "study_seconds.txt"  # in each run folder: the wall seconds of the study run that trained it
 _DATA = Path(__file__).with_name("digit_data.py")
 EMBEDDERS = {name: f"{_DATA}:{name}_embedder" for name in ("stroke", "pixel", "random")}
-TRAVEL_LAMBDA = 3.0  # chosen once by the digits-full sweep over 1, 3, 10, 30 (README: the digit study)
+TRAVEL_LAMBDA = 3.0  # chosen once by the digits-full sweep over 1, 3, 10, 30 (docs/studies.md)
 IDENTITY_WEIGHT = 1.0  # the better of CycleGAN identity weights 1 and 10 in the same sweep
 STRUCTURE_LAMBDA = 3.0  # weight of the structure term (self-similarity of the stroke field's 3 x 3 patches)
 # CycleGAN's CPU seconds per step over travel's: 0.220 / 0.042 (one thread, (cpu(130 steps) - cpu(30 steps)) / 100)
@@ -132,7 +132,7 @@ FULL: tuple[Method, ...] = (
     Method("siamese", 10.0, {"lambda_travel": 10.0, "encoder_mode": "siamese"}, cost=1.5),
     _travel(10.0, "random", name="random-embedder"),
     _travel(10.0, "pixel", name="pixel-embedder"),
-    Method(  # the same travel run with E averaged over 2 shared random views (README: against a gamed encoder)
+    Method(  # the same travel run with E averaged over 2 shared random views (docs/views.md)
         "travel+views", TRAVEL_LAMBDA, {**_travel(TRAVEL_LAMBDA).flags, "travel_views": 2}, cost=1.3
     ),
     *STRUCTURE,
