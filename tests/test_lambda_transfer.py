@@ -21,7 +21,7 @@ from travel_loss import travel_loss
 
 def test_variants_differ_from_the_study_in_every_dimension_a_user_would():
     study, *others = VARIANTS
-    assert study.name == "study" and not study.held_out and [v.held_out for v in others].count(True) == 1
+    assert study.name == "study" and not study.held_out and [v.held_out for v in others].count(True) >= 1
     for key in ("size", "skew", "embedder"):
         assert len({getattr(v, key) for v in VARIANTS}) >= 3, key
     polarity = {v.name: sum(v.style_b["paper"]) > sum(v.style_b["ink"]) for v in VARIANTS}
