@@ -44,6 +44,7 @@ from travel_loss.loss import (
     _centred,
     _check_option,
     _compute_dtype,
+    _encoder_pairs,
     _result_dtype,
     _validated_pair,
 )
@@ -154,17 +155,3 @@ def _nearest(squared: Tensor, self_mask: Tensor, k: int) -> Tensor:
 
 
 _SCORERS = {"row_mean": _row_mean, "local": _local}
-
-
-def _encoder_pairs(emb_src: Embeddings, emb_gen: Embeddings) -> list[tuple[Tensor, Tensor]]:
-    if not (isinstance(emb_src, (list, tuple)) and isinstance(emb_gen, (list, tuple))):
-        raise TypeError(
-            "emb_src, emb_gen: expected two tensors or two equally long sequences of tensors "
-            f"(one per encoder), got {type(emb_src).__name__} and {type(emb_gen).__name__}"
-        )
-    if len(emb_src) != len(emb_gen) or not emb_src:
-        raise ValueError(
-            "emb_src, emb_gen: expected equally long, non-empty sequences (one tensor per "
-            f"encoder), got lengths {len(emb_src)} and {len(emb_gen)}"
-        )
-    return list(zip(emb_src, emb_gen))

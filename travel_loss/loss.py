@@ -362,6 +362,12 @@ def _result_dtype(input_dtype: torch.dtype) -> torch.dtype:
 
 
 def _travel_loss_over_encoders(emb_src: Embeddings, emb_gen: Embeddings, **options: object) -> Tensor:
+    losses = [travel_loss(s, g, **options) for s, g in _encoder_pairs(emb_src, emb_gen)]  # type: ignore[arg-type]
+    return torch.stack(losses).mean(dim=0)
+
+
+def _encoder_pairs(emb_src: Embeddings, emb_gen: Embeddings) -> list[tuple[Tensor, Tensor]]:
+    """(source, translation) embeddings per encoder, from two equally long sequences of tensors."""
     if not (isinstance(emb_src, (list, tuple)) and isinstance(emb_gen, (list, tuple))):
         raise TypeError(
             "emb_src, emb_gen: expected two tensors or two equally long sequences of tensors "
@@ -380,8 +386,7 @@ def _travel_loss_over_encoders(emb_src: Embeddings, emb_gen: Embeddings, **optio
                     f"{type(sequence).__name__} whose item {index} is a {type(member).__name__}; "
                     "convert nested lists of numbers with torch.tensor(...)"
                 )
-    losses = [travel_loss(s, g, **options) for s, g in zip(emb_src, emb_gen)]  # type: ignore[arg-type]
-    return torch.stack(losses).mean(dim=0)
+    return list(zip(emb_src, emb_gen))
 
 
 def _check_views_option(views: object, encoder: object) -> None:
