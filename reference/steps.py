@@ -104,7 +104,8 @@ class StepOptions:
     def from_config(cls, config: TrainConfig, device_type: str) -> StepOptions:
         """The options of ``config``'s run: its fields of the same names, and lambda, autocast and views."""
         derived: dict[str, Any] = {
-            "lambda_travel": 0.0 if config.lambda_travel in ("auto", "balance") else float(config.lambda_travel),
+            # a rule's name ("auto", "balance": check_config) means the adaptive lambda passed to the step
+            "lambda_travel": 0.0 if isinstance(config.lambda_travel, str) else float(config.lambda_travel),
             "lambda_structure": 0.0 if config.lambda_structure == "auto" else float(config.lambda_structure),
             "device_type": device_type,
             "amp_dtype": {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp],

@@ -74,6 +74,7 @@ from reference.checkpoint import (
     training_state,
 )
 from reference.config import (
+    ADAPTIVE_LAMBDAS,
     AMP_MODES,
     DEVICES,
     ENCODER_MODES,
@@ -721,7 +722,7 @@ def adaptive_lambdas(
 
 
 def _lambda_value(text: str) -> float | str:
-    if text in ("auto", "balance"):
+    if text in ADAPTIVE_LAMBDAS:
         return text
     try:
         return float(text)
