@@ -46,6 +46,7 @@ from reference.studies.digit_data import (
     kid,
     realism,
 )
+from reference.studies.digits import _write_folder
 from reference.studies.runner import TrainerRun, finished_checkpoint, run_trainers, trainer_argv
 from reference.translate import load_generator
 
@@ -191,12 +192,6 @@ def edges_embedder(image_size: int = 16) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_folder(images: Tensor, folder: Path) -> None:
-    from reference.studies.digits import _write_folder as write
-
-    write(images, folder)
-
-
 def _trainer_run(variant: Variant, rule: Rule, seed: int, data: Path, out: Path, steps: int) -> TrainerRun:
     run_dir = out / "runs" / variant.name / rule.name.replace(" ", "_") / f"seed_{seed}"
     flags = {
@@ -268,10 +263,14 @@ def run_lambda_transfer(
     say(f"lambda transfer: {len(runs)} runs ({len(variants)} variants x {len(rules)} rules x {len(seeds)} seeds)")
     unfinished = [run for *_, run in runs if _reached(run.out) < steps]
     run_trainers(unfinished, workers=workers, say=say)
-    rows = []
+    rows, references = [], {}
     for variant in variants:
-        reference = variant.domains(seeds[0])
+        reference = variant.domains(seeds[0])  # A-test and the judge are the same for every seed
         judge = DigitJudge(reference.judge, reference.judge_labels)
+        references[variant.name] = {
+            "ideal": score(reference.a_test_ideal, reference, judge, variant.style_b),
+            "input unchanged": score(reference.a_test, reference, judge, variant.style_b),
+        }
         for rule in rules:
             for seed in seeds:
                 run = next(r for v, ru, s, r in runs if v is variant and ru is rule and s == seed)
@@ -283,14 +282,6 @@ def run_lambda_transfer(
                     **score(translated, reference, judge, variant.style_b),
                     "lambda_trajectory": lambdas, "run_dir": str(run.out),
                 })  # fmt: skip
-    references = {}
-    for variant in variants:
-        reference = variant.domains(seeds[0])
-        judge = DigitJudge(reference.judge, reference.judge_labels)
-        references[variant.name] = {
-            "ideal": score(reference.a_test_ideal, reference, judge, variant.style_b),
-            "input unchanged": score(reference.a_test, reference, judge, variant.style_b),
-        }
     report = {
         "rows": rows, "references": references, "seeds": list(seeds), "steps": steps,
         "seconds": time.perf_counter() - started,
