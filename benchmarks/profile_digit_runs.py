@@ -1,15 +1,17 @@
 """Where the digit study's CPU time goes: one trainer run per method, its CPU seconds against travel's.
 
-Each method of the study runs once (seed 0, the study's own flags from ``reference.studies.digits``,
-``--steps`` steps) through ``reference.train.main`` in a fresh process with one thread, as the
-study's workers run it. Printed per run: the CPU seconds (user + sys) of ``main``, the ratio to the
-travel run measured in the same call, and with ``--profile`` the share of cProfile's time in
-autograd's backward, convolutions (forward), instance norms, reflection pads, linear layers (the
-PatchNCE heads), the optimizers and the rest (cProfile slows Python-heavy parts, so the shares are
-indicative; the CPU column is from the same profiled run then).
+Each method of the study runs once (seed 0, the main job's recipe and flags from
+``reference.studies.digits``, ``--steps`` steps; ``--set`` changes the recipe) through
+``reference.train.main`` in a fresh process with one thread, as the study's workers run it.
+Printed per run: the CPU seconds (user + sys) of ``main``, the ratio to the travel run measured in
+the same call, and with ``--profile`` the share of cProfile's time in autograd's backward,
+convolutions (forward), instance norms, reflection pads, linear layers (the PatchNCE heads), the
+optimizers and the rest (cProfile slows Python-heavy parts, so the shares are indicative; the CPU
+column is from the same profiled run then).
 
     python benchmarks/profile_digit_runs.py --steps 100      # fixed costs included: imports, data checks (about 4 s)
     python benchmarks/profile_digit_runs.py --methods travel cycle patchnce --steps 500 --profile
+    python benchmarks/profile_digit_runs.py --set g_width=16 batch_size=32    # the preset's recipe (digits-full)
 """
 
 from __future__ import annotations
@@ -70,26 +72,42 @@ def measure(argv: list[str], profile: bool) -> dict[str, Any]:
     return result
 
 
+def _override(item: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` -> (field, value), the value read as JSON where it parses (``true``, ``16``), else a string."""
+    name, separator, text = item.partition("=")
+    if not separator:
+        raise SystemExit(f"--set: expected FIELD=VALUE, got {item!r}")
+    try:
+        return name, json.loads(text)
+    except json.JSONDecodeError:
+        return name, text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=None, help="method names of the study (default: CORE's)")
     parser.add_argument("--steps", type=int, default=100, help="steps per run (the study trains 500)")
     parser.add_argument("--profile", action="store_true", help="also the shares of cProfile's time")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="FIELD=VALUE",
+        help="TrainConfig fields to override in every run (beside the main job's), e.g. batch_size=32 g_width=16",
+    )  # fmt: skip
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
     import torch
 
     from reference.studies.digit_data import digit_domains
-    from reference.studies.digits import CORE, DigitDemoSettings, _trainer_run, _write_folder
+    from reference.studies.digits import CORE, MAIN_JOB, DigitDemoSettings, _trainer_run, _write_folder
 
     methods = [m for m in CORE if args.methods is None or m.name in args.methods]
     if not any(m.name == "travel" for m in methods):
         methods.insert(0, next(m for m in CORE if m.name == "travel"))  # the baseline of the ratios
-    settings = DigitDemoSettings(overrides={"steps": args.steps})
+    overrides = {**MAIN_JOB, "steps": args.steps, **dict(_override(item) for item in args.set)}
+    settings = DigitDemoSettings(overrides=overrides)
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
-        domains = digit_domains(seed=0, size=16)
+        domains = digit_domains(seed=0, size=int(settings.recipe["size"]))
         _write_folder(domains.a_train, out / "data" / "trainA")
         _write_folder(domains.b, out / "data" / "seed_0" / "trainB")
         results = {}

@@ -439,6 +439,27 @@ def test_command_line_dispatches_the_studies(tmp_path, monkeypatch, argv, expect
     assert calls == [(expected[0], str(tmp_path), expected[1])]
 
 
+def test_the_main_job_runs_its_recipe_and_digits_full_the_presets(tmp_path, monkeypatch):
+    """``--demo`` trains every method with MAIN_JOB's generator width and batch (the command lines say so);
+    ``--demo digits-full`` with the digits-demo preset's own, for every method including the main job's."""
+    from reference.presets import preset_config
+
+    studied = []
+    monkeypatch.setattr(digit_demo, "_run_study", lambda out, seed, settings, progress: studied.append(settings))
+    digit_demo.run_digit_demo(tmp_path, progress=False)
+    digit_demo.run_digit_demo(tmp_path, full=True, progress=False)
+    main_job, full = studied
+    preset = preset_config("digits-demo")
+    assert main_job.methods == digit_demo.CORE and all(m in full.methods for m in digit_demo.CORE)
+    assert main_job.recipe == {**preset, **digit_demo.MAIN_JOB} and full.recipe == preset
+    assert main_job.runs != full.runs  # one folder of runs per recipe: neither resumes the other's checkpoints
+    assert digit_demo.MAIN_JOB["g_width"] < preset["g_width"] and main_job.steps == full.steps == preset["steps"]
+    for settings, width, batch in ((main_job, "8", "16"), (full, None, None)):  # None: the preset's, no flag
+        argv = digit_demo._trainer_run(digit_demo.CORE[3], settings, tmp_path / "data", tmp_path, seed=0).argv
+        given = {name: argv[argv.index(name) + 1] if name in argv else None for name in ("--g-width", "--batch-size")}
+        assert given == {"--g-width": width, "--batch-size": batch}
+
+
 def test_unknown_study_is_refused_with_the_choices(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--demo", "faces", "--out", str(tmp_path)])

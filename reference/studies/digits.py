@@ -4,8 +4,9 @@ r"""The digit study: does the travel loss keep a real digit's label while its st
 real handwritten digits as two unpaired domains (:mod:`reference.studies.digit_data`): A, light
 ink on dark navy, every class equally often; B, dark red ink on cream paper with thick strokes
 and strongly skewed class frequencies (the seed draws which classes are common). Every method is
-a run of the public trainer, ``reference/train.py --preset digits-demo --data-a DATA/trainA
---data-b DATA/seed_S/trainB --seed S ...``, with the same networks, data, seed and budget:
+a run of the public trainer, ``reference/train.py --preset digits-demo --g-width 8 --batch-size 16
+--data-a DATA/trainA --data-b DATA/seed_S/trainB --seed S ...`` (:data:`MAIN_JOB`: the preset with a
+narrower generator and a smaller batch), with the same networks, data, seed and budget:
 
 - ``gan``: the adversarial loss alone;
 - ``travel``: ``+ lambda * L_travel`` with the study's frozen stroke embedder
@@ -15,11 +16,12 @@ a run of the public trainer, ``reference/train.py --preset digits-demo --data-a 
 - ``patchnce``: CUT's PatchNCE (``--lambda-nce 1``, with the identity NCE on B; its MLP heads and
   patch count scaled down with the generator, 64 instead of 256: ``--nce-dim 64 --nce-patches 64``).
 
-``--demo digits-full`` adds the lambda sweep that chose the travel weight, the other identity
-weight, the structure term (:data:`STRUCTURE`: alone, beside travel, and travel given CycleGAN's CPU
-time per run), TraVeLGAN's trainable Siamese network, a randomly initialised frozen embedder and the
-pixel-embedder ablation (an embedder that is *not* invariant to the style change), and travel with
-the embedder averaged over two shared random views (``--travel-views 2``).
+``--demo digits-full`` runs the preset's own recipe (G width 16, batch 32) and adds the lambda sweep
+that chose the travel weight, the other identity weight, the structure term (:data:`STRUCTURE`:
+alone, beside travel, and travel given CycleGAN's CPU time per run), TraVeLGAN's trainable Siamese
+network, a randomly initialised frozen embedder and the pixel-embedder ablation (an embedder that
+is *not* invariant to the style change), and travel with the embedder averaged over two shared
+random views (``--travel-views 2``).
 
 Each run translates 200 held-out A digits, scored by (``digit_data.score_digit_translations``):
 **label accuracy** (an SVM judge fitted on B-style renders of other scans still reads the input's
@@ -34,7 +36,8 @@ no method trains against; the stroke embedder's beside it in the report).
 Outputs in ``out_dir``: ``demo_report.json`` (every seed's row, the per-method summary, the
 references, the settings), ``demo_grid.png`` (one held-out digit per class; input | each method |
 ideal, first seed), ``demo_frontier.png`` (label accuracy against KID, one marker per method and
-seed), the printed table, ``data/`` and ``runs/METHOD/seed_S/`` (the trainer's run folders).
+seed), the printed table, ``data/`` and ``runs/METHOD/seed_S/`` (the trainer's run folders;
+``runs-full/`` for ``digits-full``, whose recipe differs).
 """
 
 from __future__ import annotations
@@ -66,7 +69,9 @@ from reference.studies.digit_data import (
 from reference.studies.runner import TrainerRun, finished_checkpoint, run_trainers, trainer_argv
 from reference.translate import load_generator
 
-__all__ = ["CORE", "FULL", "QUICK", "STRUCTURE", "DigitDemoSettings", "Method", "run_digit_demo", "summarise"]
+__all__ = [
+    "CORE", "FULL", "MAIN_JOB", "QUICK", "STRUCTURE", "DigitDemoSettings", "Method", "run_digit_demo", "summarise"
+]  # fmt: skip
 
 REPORT_NAME = "demo_report.json"
 GRID_NAME = "demo_grid.png"
@@ -114,9 +119,9 @@ CORE: tuple[Method, ...] = (
     Method("gan", 0.0),
     _travel(TRAVEL_LAMBDA),
     Method("identity-l1", IDENTITY_WEIGHT, {"lambda_identity": IDENTITY_WEIGHT}),
-    Method("cycle", 10.0, {"lambda_cycle": 10.0, "lambda_cycle_identity": 0.5}, cost=2.2),
+    Method("cycle", 10.0, {"lambda_cycle": 10.0, "lambda_cycle_identity": 0.5}, cost=4.2),
     # CUT's objective; heads and patch count scaled with the generator (width 16 here, CUT's 64: 256 / 4)
-    Method("patchnce", 1.0, {"lambda_nce": 1.0, "nce_idt": True, "nce_dim": 64, "nce_patches": 64}, cost=1.8),
+    Method("patchnce", 1.0, {"lambda_nce": 1.0, "nce_idt": True, "nce_dim": 64, "nce_patches": 64}, cost=2.6),
 )
 STRUCTURE: tuple[Method, ...] = (  # README: the structure term; in --demo digits-full
     _structure(STRUCTURE_LAMBDA),  # alone: the F-LSeSim-style baseline
@@ -139,20 +144,34 @@ FULL: tuple[Method, ...] = (
 )
 
 
+# The main job's recipe (``--demo``, ``--demo digits``): the digits-demo preset's 500 steps with G's
+# width 8 instead of 16 and batch 16 instead of 32, about 2.2x less compute: 155 s on 2 cores where
+# the preset's took 340-390 s, with the same picture on seeds 0-2 and 3-5 (docs/studies.md).
+# ``--demo digits-full`` (the sweeps and ablations) runs the preset itself.
+MAIN_JOB: dict[str, Any] = {"g_width": 8, "batch_size": 16}
+
+
 @dataclass(frozen=True)
 class DigitDemoSettings:
     """What the study runs: the methods, the trainer recipe (a preset plus overrides), seeds, the grid."""
 
     methods: tuple[Method, ...] = CORE
     preset: str = "digits-demo"  # reference/presets.py: networks, optimiser, budget
-    overrides: Mapping[str, Any] = field(default_factory=dict)  # TrainConfig fields that differ from the preset
+    # TrainConfig fields that differ from the preset (default: the main job's)
+    overrides: Mapping[str, Any] = field(default_factory=lambda: dict(MAIN_JOB))
+    runs: str = "runs"  # the trainer runs' folder under the study's: one per recipe (a run resumes its own)
     seeds: int = 3  # seed, seed + 1, ...: networks' initialisation, data order, B's class order
     grid_rows: int = 10
     workers: int = 2  # trainer runs at once, one thread each
 
     @property
+    def recipe(self) -> dict[str, Any]:
+        """The preset's TrainConfig fields with the overrides applied."""
+        return {**preset_config(self.preset), **self.overrides}
+
+    @property
     def steps(self) -> int:
-        return int({**preset_config(self.preset), **self.overrides}["steps"])
+        return int(self.recipe["steps"])
 
 
 QUICK = DigitDemoSettings(
@@ -172,7 +191,7 @@ def _write_folder(images: Tensor, folder: Path) -> None:
 def _trainer_run(method: Method, settings: DigitDemoSettings, data: Path, out: Path, seed: int) -> TrainerRun:
     """``reference/train.py --preset digits-demo --data-a DATA/trainA --data-b DATA/seed_S/trainB
     --seed S --lambda-travel 0 [method flags] --out OUT/runs/METHOD/seed_S --resume``."""
-    run_dir = out / "runs" / method.key / f"seed_{seed}"
+    run_dir = out / settings.runs / method.key / f"seed_{seed}"
     flags = {
         "lambda_travel": 0.0, "encoder": EMBEDDERS["stroke"], **settings.overrides, **method.flags,
         "data_a": str(data / "trainA"), "data_b": str(data / f"seed_{seed}" / "trainB"), "seed": seed,
@@ -194,8 +213,8 @@ def run_digit_demo(
     """
     if settings is None:
         settings = QUICK if quick else DigitDemoSettings()
-        if full:
-            settings = replace(settings, methods=FULL)
+        if full:  # the preset's own budget: the sweeps' and ablations' tables in docs/studies.md
+            settings = replace(settings, methods=FULL, overrides={}, runs="runs-full")
     return _run_study(Path(out_dir), seed, settings, progress)
 
 
@@ -203,7 +222,7 @@ def _run_study(out: Path, first_seed: int, settings: DigitDemoSettings, progress
     say = print if progress else (lambda *args, **kwargs: None)
     started = time.perf_counter()
     seeds = [first_seed + k for k in range(settings.seeds)]
-    size = int({**preset_config(settings.preset), **settings.overrides}["size"])
+    size = int(settings.recipe["size"])
     domains = {seed: digit_domains(seed=seed, size=size) for seed in seeds}
     data = out / "data"
     if not (data / "trainA").is_dir():
@@ -260,7 +279,11 @@ def _run_study(out: Path, first_seed: int, settings: DigitDemoSettings, progress
     columns += [translations[m.key][rows_of_grid] for m in settings.methods]
     columns.append(reference.a_test_ideal[rows_of_grid])
     labels = ["input (A)", *(f"{m.name}\nweight {m.weight:g}" for m in settings.methods), "ideal"]
-    title = f"seed {first_seed}, {settings.steps} steps: held-out A digits, one per class"
+    recipe = settings.recipe
+    title = (
+        f"seed {first_seed}; {settings.steps} steps x batch {recipe['batch_size']}, G width {recipe['g_width']}: "
+        "held-out A digits"
+    )
     save_labelled_grid(
         [F.interpolate(c, scale_factor=4, mode="nearest") for c in columns], labels, title, out / GRID_NAME
     )
