@@ -280,14 +280,12 @@ def _run_study(out: Path, first_seed: int, settings: DigitDemoSettings, progress
     columns.append(reference.a_test_ideal[rows_of_grid])
     labels = ["input (A)", *(f"{m.name}\nweight {m.weight:g}" for m in settings.methods), "ideal"]
     recipe = settings.recipe
-    title = (
-        f"seed {first_seed}; {settings.steps} steps x batch {recipe['batch_size']}, G width {recipe['g_width']}: "
-        "held-out A digits"
-    )
+    budget = f"{settings.steps} steps x batch {recipe['batch_size']}, G width {recipe['g_width']}"
+    title = f"seed {first_seed}; {budget}: held-out A digits"
     save_labelled_grid(
         [F.interpolate(c, scale_factor=4, mode="nearest") for c in columns], labels, title, out / GRID_NAME
     )
-    plot_frontier(report, out / FRONTIER_NAME)
+    plot_frontier(report, out / FRONTIER_NAME, f"digit study, seeds {seeds[0]}-{seeds[-1]}; {budget}")
     say(format_table(summary, references))
     say(f"grid columns: input | {' | '.join(m.key for m in settings.methods)} | ideal")
     say(f"report: {out / REPORT_NAME}; grid: {out / GRID_NAME}; frontier: {out / FRONTIER_NAME}")
@@ -415,8 +413,9 @@ def _grid_rows(labels: Tensor, count: int) -> list[int]:
     return rows
 
 
-def plot_frontier(report: Mapping[str, Any], path: str | Path) -> Path:
-    """Label accuracy against KID (log scale), one marker per method and seed; the known cases marked."""
+def plot_frontier(report: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
+    """Label accuracy against KID (log scale), one marker per method and seed; the known cases marked;
+    ``title`` above (the seeds and the recipe)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -441,6 +440,7 @@ def plot_frontier(report: Mapping[str, Any], path: str | Path) -> Path:
     axes.set_ylim(-0.03, 1.03)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axes.set_title(title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
