@@ -3,7 +3,7 @@
 A metric record is the mean over a logging interval of each running loss sum, averaged over
 ranks (:func:`log_record`, the one host sync of a logging step); :class:`LogInterval` keeps those
 sums and the interval's clock for the training loop and writes each record. Sample grids show
-``input | translation`` rows (:func:`save_image_grid`).
+``input | translation`` rows under a header that names them (:func:`save_labelled_grid`).
 
 :class:`NonFiniteWatch` keeps, on the device, which logged terms were NaN or infinite at some
 step; :class:`LogInterval` reads it at each logging step and, with the weights' and optimizer
@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter  # optional: imported at run time when tensorboard is there
 
 __all__ = [
+    "GRID_HEADER_LINES",
+    "GRID_LINE_PX",
+    "SAMPLE_MIN_PX",
     "TERM_NAMES",
     "Divergence",
     "LogInterval",
@@ -48,6 +51,7 @@ __all__ = [
     "log_record",
     "progress_bar",
     "save_image_grid",
+    "save_labelled_grid",
     "write_samples",
 ]
 
@@ -81,6 +85,47 @@ def save_image_grid(columns: Sequence[Tensor], path: str | os.PathLike[str], pad
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
     return path
+
+
+GRID_HEADER_LINES = 3  # the title, then up to two lines of each column's label
+GRID_LINE_PX = 13  # the header's line height
+
+
+def save_labelled_grid(
+    columns: Sequence[Tensor], labels: Sequence[str], title: str, path: str | Path, padding: int = 2
+) -> Path:
+    """:func:`save_image_grid`'s PNG of ``columns`` (each (N, 3, H, W) in [-1, 1]) under a
+    white header band: ``title`` on its first line, ``labels[k]`` (up to two lines) centred over column k.
+    The header is ``GRID_HEADER_LINES`` lines of ``GRID_LINE_PX``; a title or label too wide for its place is
+    drawn smaller (down to 6 px)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if len(labels) != len(columns):
+        raise ValueError(f"labels: expected one per column ({len(columns)}), got {len(labels)}: {list(labels)}")
+    if any(len(label.splitlines()) > GRID_HEADER_LINES - 1 for label in labels):
+        raise ValueError(f"labels: expected at most {GRID_HEADER_LINES - 1} lines each, got {list(labels)}")
+    grid = Image.open(save_image_grid(columns, path, padding=padding)).convert("RGB")
+    line = GRID_LINE_PX
+    image = Image.new("RGB", (grid.width, grid.height + GRID_HEADER_LINES * line + padding), "white")
+    image.paste(grid, (0, image.height - grid.height))
+    draw = ImageDraw.Draw(image)
+    room = image.width - 2 * padding
+    fitting = (s for s in range(11, 6, -1) if _widest(draw, title, ImageFont.load_default(size=s)) <= room)
+    draw.text((padding, 0), title, fill="black", font=ImageFont.load_default(size=next(fitting, 6)))
+    cell = columns[0].shape[-1] + padding
+    for index, label in enumerate(labels):
+        fitting = (s for s in range(11, 6, -1) if _widest(draw, label, ImageFont.load_default(size=s)) <= cell)
+        font = ImageFont.load_default(size=next(fitting, 6))
+        for row, text in enumerate(label.splitlines(), start=1):
+            left = padding + index * cell + (cell - padding - draw.textlength(text, font=font)) / 2
+            draw.text((left, row * line), text, fill="black", font=font)
+    image.save(path)
+    return Path(path)
+
+
+def _widest(draw: Any, label: str, font: Any) -> float:
+    """The width in pixels of ``label``'s longest line in ``font``."""
+    return max(draw.textlength(text, font=font) for text in label.splitlines())
 
 
 class MetricsLog:
@@ -137,6 +182,9 @@ def log_record(
     return record
 
 
+SAMPLE_MIN_PX = 64  # sample images are enlarged to at least this width
+
+
 @torch.no_grad()
 def write_samples(
     generator: nn.Module,
@@ -144,15 +192,22 @@ def write_samples(
     path: Path,
     autocast: Callable[[], AbstractContextManager[Any]],
     channels_last: bool,
+    title: str,
 ) -> None:
-    """Translate ``inputs`` (N, 3, H, W) under ``autocast()`` and save the ``input | translation`` grid."""
+    """Translate ``inputs`` (N, 3, H, W) under ``autocast()`` and save the ``input | translation`` grid,
+    its columns named and ``title`` above; images narrower than :data:`SAMPLE_MIN_PX` are enlarged
+    (nearest neighbour, an integer factor) so that the labels fit."""
     device = next(generator.parameters()).device
     batch = inputs.to(device)
     if channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
     with autocast():
         translated = generator(batch)
-    save_image_grid([inputs, translated.float().cpu()], path)
+    columns = [inputs.float().cpu(), translated.float().cpu()]
+    scale = math.ceil(SAMPLE_MIN_PX / inputs.shape[-1])
+    if scale > 1:
+        columns = [torch.nn.functional.interpolate(c, scale_factor=scale, mode="nearest") for c in columns]
+    save_labelled_grid(columns, ["input", "translation"], title, path)
 
 
 # The logged keys of each term of the objective, by the term's name in a divergence message.

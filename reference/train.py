@@ -375,10 +375,11 @@ class TrainingRun:
         return {**g_out, **d_out}
 
     def save_samples(self, step: int, inputs: Tensor) -> None:
-        """OUT/samples/step_S.png: the ``input | translation`` grid of ``inputs`` (G's EMA when kept)."""
+        """OUT/samples/step_S.png: the ``input | translation`` grid of ``inputs`` (G's EMA when kept), labelled."""
         sampler = self.modules["generator"] if self.ema is None else self.ema
         path = Path(self.config.out) / "samples" / f"step_{step:06d}.png"
-        write_samples(sampler, inputs, path, self.options.autocast, self.config.channels_last)
+        title = f"step {step} of {self.config.steps}" + (f", EMA {self.config.g_ema:g}" if self.ema is not None else "")
+        write_samples(sampler, inputs, path, self.options.autocast, self.config.channels_last, title)
 
     def finite_parts(self) -> dict[str, bool]:
         """Whether each module's and optimizer's state is finite, by name (checked before every save)."""

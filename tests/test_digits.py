@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("sklearn")  # the trainer-deps extra's scikit-learn: the digits ship inside it
 
 from reference.checkpoint import load_checkpoint
+from reference.logs import GRID_HEADER_LINES, GRID_LINE_PX
 from reference.losses import generator_adversarial_loss
 from reference.models import PatchDiscriminator, ResnetGenerator
 from reference.studies import digits as digit_demo
@@ -381,10 +382,10 @@ def test_quick_digit_demo_writes_report_grid_and_frontier(tmp_path):
 
     grid = Image.open(tmp_path / "demo" / digit_demo.GRID_NAME)
     rows, columns = digit_demo.QUICK.grid_rows, len(methods) + 2  # input | methods | ideal
-    header = digit_demo.GRID_HEADER_LINES * digit_demo.GRID_LINE_PX + 2  # the title and the column labels
+    header = GRID_HEADER_LINES * GRID_LINE_PX + 2  # the title and the column labels
     assert grid.size == (columns * (64 + 2) + 2, header + rows * (64 + 2) + 2)
     grey = torch.tensor(list(grid.convert("L").getdata())).view(grid.height, grid.width)
-    labels = grey[digit_demo.GRID_LINE_PX : header]  # below the title
+    labels = grey[GRID_LINE_PX:header]  # below the title
     assert all((labels[:, 2 + k * 66 : (k + 1) * 66] < 128).any() for k in range(columns)), "a column without a label"
     assert Image.open(tmp_path / "demo" / digit_demo.FRONTIER_NAME).size[0] > 0
     # a second call continues the finished runs instead of failing on their checkpoints

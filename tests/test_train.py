@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -454,6 +455,36 @@ def test_image_grid_puts_input_and_translation_side_by_side(tmp_path):
     assert grid.shape == (2 * 5 + 1, 2 * 7 + 1, 3)
     assert grid[1, 1].tolist() == [0, 0, 0] and grid[1, 8].tolist() == [255, 255, 255]
     assert grid[6, 1].tolist() == [255, 0, 0]
+
+
+def test_samples_are_labelled_and_small_images_enlarged(tmp_path):
+    """write_samples: input | translation columns under a header naming them and the title; 16 px images
+    enlarged 4x (nearest) so that the labels fit, large ones kept at their size."""
+    import numpy as np
+    from PIL import Image
+
+    from reference.logs import GRID_HEADER_LINES, GRID_LINE_PX, SAMPLE_MIN_PX, write_samples
+
+    identity = torch.nn.Conv2d(3, 3, 1)  # a generator that returns its input exactly
+    with torch.no_grad():
+        identity.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        identity.bias.zero_()
+    header = GRID_HEADER_LINES * GRID_LINE_PX + 2
+    for size, shown in ((16, 64), (80, 80)):
+        inputs = torch.rand(3, 3, size, size) * 2 - 1
+        path = tmp_path / f"step_{size}.png"
+        write_samples(identity, inputs, path, contextlib.nullcontext, False, "step 7 of 9")
+        grey = torch.from_numpy(np.array(Image.open(path).convert("L")))
+        assert tuple(grey.shape) == (header + 3 * (shown + 2) + 2, 2 * (shown + 2) + 2)
+        assert shown >= SAMPLE_MIN_PX
+        assert (grey[:GRID_LINE_PX] < 128).any(), "no title"
+        labels = grey[GRID_LINE_PX:header]
+        assert all((labels[:, 2 + k * (shown + 2) : (k + 1) * (shown + 2)] < 128).any() for k in range(2))
+        first = torch.from_numpy(np.array(Image.open(path).convert("RGB")))[
+            header + 2 : header + 2 + shown, 2 : 2 + shown
+        ]
+        expected = F.interpolate(inputs[:1], size=shown, mode="nearest")[0].permute(1, 2, 0)
+        assert torch.equal(first, ((expected + 1) * 127.5).round().to(torch.uint8))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from torch import Tensor
 
 from reference.evaluate import format_table as evaluate_table
 from reference.evaluate import translate_images
-from reference.logs import save_image_grid
+from reference.logs import save_labelled_grid
 from reference.presets import preset_config
 from reference.studies.digit_data import (
     DigitDomains,
@@ -357,44 +357,6 @@ def format_table(summary: Sequence[Mapping[str, Any]], references: Mapping[str, 
         scores += [f"{known['fidelity_l1']:.3f}", f"{known['realism']:.3f}", ""]
         rows.append(cells(f"({name})", "", scores, ""))
     return evaluate_table(rows, TABLE_COLUMNS, right=("weight", "s/run"))
-
-
-GRID_HEADER_LINES = 3  # the title, then up to two lines of each column's label
-GRID_LINE_PX = 13  # the header's line height
-
-
-def save_labelled_grid(
-    columns: Sequence[Tensor], labels: Sequence[str], title: str, path: str | Path, padding: int = 2
-) -> Path:
-    """``reference.logs.save_image_grid``'s PNG of ``columns`` (each (N, 3, H, W) in [-1, 1]) under a
-    white header band: ``title`` on its first line, ``labels[k]`` (up to two lines) centred over column k.
-    The header is ``GRID_HEADER_LINES`` lines of ``GRID_LINE_PX``; a label too wide for its column is drawn smaller."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    if len(labels) != len(columns):
-        raise ValueError(f"labels: expected one per column ({len(columns)}), got {len(labels)}: {list(labels)}")
-    if any(len(label.splitlines()) > GRID_HEADER_LINES - 1 for label in labels):
-        raise ValueError(f"labels: expected at most {GRID_HEADER_LINES - 1} lines each, got {list(labels)}")
-    grid = Image.open(save_image_grid(columns, path, padding=padding)).convert("RGB")
-    line = GRID_LINE_PX
-    image = Image.new("RGB", (grid.width, grid.height + GRID_HEADER_LINES * line + padding), "white")
-    image.paste(grid, (0, image.height - grid.height))
-    draw = ImageDraw.Draw(image)
-    draw.text((padding, 0), title, fill="black", font=ImageFont.load_default(size=11))
-    cell = columns[0].shape[-1] + padding
-    for index, label in enumerate(labels):
-        fitting = (s for s in range(11, 6, -1) if _widest(draw, label, ImageFont.load_default(size=s)) <= cell)
-        font = ImageFont.load_default(size=next(fitting, 6))
-        for row, text in enumerate(label.splitlines(), start=1):
-            left = padding + index * cell + (cell - padding - draw.textlength(text, font=font)) / 2
-            draw.text((left, row * line), text, fill="black", font=font)
-    image.save(path)
-    return Path(path)
-
-
-def _widest(draw: Any, label: str, font: Any) -> float:
-    """The width in pixels of ``label``'s longest line in ``font``."""
-    return max(draw.textlength(text, font=font) for text in label.splitlines())
 
 
 def _grid_rows(labels: Tensor, count: int) -> list[int]:
