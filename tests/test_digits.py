@@ -449,7 +449,9 @@ def test_the_main_job_runs_its_recipe_and_digits_full_the_presets(tmp_path, monk
     monkeypatch.setattr(digit_demo, "_run_study", lambda out, seed, settings, progress: studied.append(settings))
     digit_demo.run_digit_demo(tmp_path, progress=False)
     digit_demo.run_digit_demo(tmp_path, full=True, progress=False)
-    main_job, full = studied
+    digit_demo.run_digit_demo(tmp_path, full=True, quick=True, progress=False)
+    main_job, full, quick_full = studied
+    assert quick_full.overrides == digit_demo.QUICK.overrides and quick_full.methods == full.methods
     preset = preset_config("digits-demo")
     assert main_job.methods == digit_demo.CORE and all(m in full.methods for m in digit_demo.CORE)
     assert main_job.recipe == {**preset, **digit_demo.MAIN_JOB} and full.recipe == preset

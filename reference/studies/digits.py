@@ -213,8 +213,8 @@ def run_digit_demo(
     """
     if settings is None:
         settings = QUICK if quick else DigitDemoSettings()
-        if full:  # the preset's own budget: the sweeps' and ablations' tables in docs/studies.md
-            settings = replace(settings, methods=FULL, overrides={}, runs="runs-full")
+        if full:  # the preset's own recipe (the tables of docs/studies.md), or the quick one's
+            settings = replace(settings, methods=FULL, overrides=settings.overrides if quick else {}, runs="runs-full")
     return _run_study(Path(out_dir), seed, settings, progress)
 
 
