@@ -120,7 +120,7 @@ CORE: tuple[Method, ...] = (
     _travel(TRAVEL_LAMBDA),
     Method("identity-l1", IDENTITY_WEIGHT, {"lambda_identity": IDENTITY_WEIGHT}),
     Method("cycle", 10.0, {"lambda_cycle": 10.0, "lambda_cycle_identity": 0.5}, cost=4.2),
-    # CUT's objective; heads and patch count scaled with the generator (width 16 here, CUT's 64: 256 / 4)
+    # CUT's objective; heads and patch count scaled with the preset's generator (width 16, CUT's 64: 256 / 4)
     Method("patchnce", 1.0, {"lambda_nce": 1.0, "nce_idt": True, "nce_dim": 64, "nce_patches": 64}, cost=2.6),
 )
 STRUCTURE: tuple[Method, ...] = (  # README: the structure term; in --demo digits-full
@@ -145,8 +145,9 @@ FULL: tuple[Method, ...] = (
 
 
 # The main job's recipe (``--demo``, ``--demo digits``): the digits-demo preset's 500 steps with G's
-# width 8 instead of 16 and batch 16 instead of 32, about 2.2x less compute: 155 s on 2 cores where
-# the preset's took 340-390 s, with the same picture on seeds 0-2 and 3-5 (docs/studies.md).
+# width 8 instead of 16 and batch 16 instead of 32, about 2.2x less compute: 153-165 s on 2 cores
+# where the preset's took 389 s the same day, with the same picture on seeds 0-2 and 3-5
+# (docs/studies.md, "The main job's recipe").
 # ``--demo digits-full`` (the sweeps and ablations) runs the preset itself.
 MAIN_JOB: dict[str, Any] = {"g_width": 8, "batch_size": 16}
 
@@ -190,7 +191,8 @@ def _write_folder(images: Tensor, folder: Path) -> None:
 
 def _trainer_run(method: Method, settings: DigitDemoSettings, data: Path, out: Path, seed: int) -> TrainerRun:
     """``reference/train.py --preset digits-demo --data-a DATA/trainA --data-b DATA/seed_S/trainB
-    --seed S --lambda-travel 0 [method flags] --out OUT/runs/METHOD/seed_S --resume``."""
+    --seed S --lambda-travel 0 [recipe and method flags] --out OUT/RUNS/METHOD/seed_S --resume``
+    (RUNS: ``settings.runs``)."""
     run_dir = out / settings.runs / method.key / f"seed_{seed}"
     flags = {
         "lambda_travel": 0.0, "encoder": EMBEDDERS["stroke"], **settings.overrides, **method.flags,
