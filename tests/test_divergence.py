@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_fault_injection import assert_equal
 
 from reference.checkpoint import finite_parts, load_checkpoint, step_checkpoints
 from reference.config import TrainConfig
@@ -86,21 +87,6 @@ def tensors(value: object) -> list[torch.Tensor]:
 def assert_all_finite(path: Path) -> None:
     floats = [t for t in tensors(load_checkpoint(path)) if t.is_floating_point()]
     assert floats and all(bool(torch.isfinite(t).all()) for t in floats), path
-
-
-def assert_equal(a: object, b: object, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            assert_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for index, (x, y) in enumerate(zip(a, b)):
-            assert_equal(x, y, f"{where}[{index}]")
-    else:
-        assert a == b, (where, a, b)
 
 
 @pytest.fixture(scope="module")

@@ -141,17 +141,18 @@ def _moments(count: int, seed: int = 11) -> list[tuple[str, float | int]]:
     return moments
 
 
-def _assert_equal(a: object, b: object, where: str) -> None:
+def assert_equal(a: object, b: object, where: str) -> None:
+    """``a`` and ``b`` (nested dicts, lists and tuples of tensors and plain values) are equal, bit for bit."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
     elif isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), where
         for key in a:
-            _assert_equal(a[key], b[key], f"{where}.{key}")
+            assert_equal(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where  # type: ignore[arg-type]
-        for index, (x, y) in enumerate(zip(a, b)):  # type: ignore[arg-type]
-            _assert_equal(x, y, f"{where}[{index}]")
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_equal(x, y, f"{where}[{index}]")
     else:
         assert a == b, (where, a, b)
 
@@ -178,7 +179,7 @@ def _kill_and_resume(
     assert not list(out.glob(".*.tmp-*")), "a half-written temporary file was left behind"
     final = load_checkpoint(out / "latest.pt")
     for key in COMPARED:
-        _assert_equal(final[key], uninterrupted.checkpoint[key], f"{moment}: {key}")
+        assert_equal(final[key], uninterrupted.checkpoint[key], f"{moment}: {key}")
     return step
 
 
