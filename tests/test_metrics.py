@@ -23,6 +23,16 @@ def embeddings(n: int, dim: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch
     return src, src + 0.5 * torch.randn(n, dim, generator=generator)
 
 
+def accumulated(src: torch.Tensor, gen: torch.Tensor, cuts: list[int]) -> TravelConsistency:
+    """A TravelConsistency updated with consecutive slices of ``cuts`` rows."""
+    metric = TravelConsistency()
+    start = 0
+    for cut in cuts:
+        metric.update(src[start : start + cut], gen[start : start + cut])
+        start += cut
+    return metric
+
+
 @settings(max_examples=30, deadline=None)
 @given(cuts=st.lists(st.integers(1, 5), min_size=1, max_size=6), seed=st.integers(0, 2**16))
 def test_any_split_into_updates_equals_one_travel_loss_over_the_set(cuts, seed):
@@ -30,11 +40,7 @@ def test_any_split_into_updates_equals_one_travel_loss_over_the_set(cuts, seed):
     if n < 2:
         cuts, n = [*cuts, 1], n + 1
     src, gen = embeddings(n, seed=seed)
-    metric = TravelConsistency()
-    start = 0
-    for cut in cuts:
-        metric.update(src[start : start + cut], gen[start : start + cut])
-        start += cut
+    metric = accumulated(src, gen, cuts)
     assert len(metric) == n
     expected = 1 - travel_loss(src, gen, distance="cosine", reduction="mean")
     torch.testing.assert_close(metric.compute(), expected)
@@ -50,11 +56,7 @@ def test_any_split_into_updates_equals_one_travel_loss_over_the_set(cuts, seed):
 def test_flip_scores_over_updates_equal_one_call_over_the_set_in_input_order(cuts, seed, method):
     n = sum(cuts)
     src, gen = embeddings(n, seed=seed)
-    metric = TravelConsistency()
-    start = 0
-    for cut in cuts:
-        metric.update(src[start : start + cut], gen[start : start + cut])
-        start += cut
+    metric = accumulated(src, gen, cuts)
     scores = metric.flip_scores(method=method, neighbours=3, chunk_size=4)
     torch.testing.assert_close(scores, flip_scores(src, gen, method=method, neighbours=3))
 
