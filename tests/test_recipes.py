@@ -278,6 +278,13 @@ def clear(parameters):
         parameter.grad = None
 
 
+def balanced_lambda(adversarial, travel, weight):
+    """The gradient balance by hand: |d adversarial / d weight| / |d travel / d weight| (one step's ratio)."""
+    (adv_grad,) = torch.autograd.grad(adversarial, weight, retain_graph=True)
+    (travel_grad,) = torch.autograd.grad(travel, weight, retain_graph=True)
+    return float(adv_grad.norm() / travel_grad.norm())
+
+
 # ------------------------------------------------------------------------------------------------
 # CUT
 
@@ -349,11 +356,7 @@ def test_cut_generator_gradient_is_that_of_loss_plus_lambda_travel(recipes, tmp_
     lam = 0.37
     if lambda_travel == "auto":
         CUTModel.compute_G_loss(model)
-        adversarial = model.loss_G_GAN
-        weight = last_layer_weight(model.netG)
-        (adv_grad,) = torch.autograd.grad(adversarial, weight, retain_graph=True)
-        (travel_grad,) = torch.autograd.grad(travel, weight, retain_graph=True)
-        lam = float(adv_grad.norm() / travel_grad.norm())
+        lam = balanced_lambda(model.loss_G_GAN, travel, last_layer_weight(model.netG))
         clear(params)
     travel.backward()
     travel_only = gradients(params)
@@ -397,11 +400,7 @@ def test_cycle_gan_generator_gradient_is_that_of_loss_plus_lambda_travel(
     travel = hand_travel(embed(model, model.real_A), model.travel_encoder(model.fake_B), queued_src, queued_gen)
     lam = 0.37
     if lambda_travel == "auto":
-        weight = last_layer_weight(model.netG_A)
-        adversarial = gan_loss(model.netD_A(model.fake_B), True)
-        (adv_grad,) = torch.autograd.grad(adversarial, weight, retain_graph=True)
-        (travel_grad,) = torch.autograd.grad(travel, weight, retain_graph=True)
-        lam = float(adv_grad.norm() / travel_grad.norm())
+        lam = balanced_lambda(gan_loss(model.netD_A(model.fake_B), True), travel, last_layer_weight(model.netG_A))
     travel.backward()
     travel_only = gradients(params)
 
