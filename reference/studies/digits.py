@@ -145,7 +145,7 @@ FULL: tuple[Method, ...] = (
 
 
 # The main job's recipe (``--demo``, ``--demo digits``): the digits-demo preset's 500 steps with G's
-# width 8 instead of 16 and batch 16 instead of 32, about 2.2x less compute: 153-165 s on 2 cores
+# width 8 instead of 16 and batch 16 instead of 32, about 2.2x less compute: 153-167 s on 2 cores
 # where the preset's took 389 s the same day, with the same picture on seeds 0-2 and 3-5
 # (docs/studies.md, "The main job's recipe").
 # ``--demo digits-full`` (the sweeps and ablations) runs the preset itself.
